@@ -1,0 +1,175 @@
+"""Generic tables whose columns the user names: jsonl, csv (or .tsv) and parquet.
+
+--text-field names the caption column (a string, or a list of strings giving one record
+each); --id-field optionally names the image id column. Parquet written by `ragcap export`
+also carries each caption's vector and its stored payload, so re-ingesting it needs no model.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from pipelines.base import BadRecord, CaptionRecord, ReadOptions
+from pipelines.files import LineSource, bad_line, require_file
+from ragcap.errors import SourceError
+
+# Payload keys of `ragcap export` that map back onto CaptionRecord fields.
+RECORD_FIELDS = ("image_id", "file", "split", "corpus")
+
+
+def check_fields(available: Sequence[str], options: ReadOptions, where: str) -> None:
+    """Fail once, up front, when the options name columns the source does not have."""
+    listed = ", ".join(available) or "(none)"
+    if not options.text_field:
+        raise SourceError(f"{where}: pass --text-field to name the caption column; available fields: {listed}")
+    for flag, name in (("--text-field", options.text_field), ("--id-field", options.id_field), ("--vector-field", options.vector_field)):
+        if name and name not in available:
+            raise SourceError(f"{where}: no field {name!r} ({flag}); available fields: {listed}")
+
+
+def row_records(row: Mapping[str, Any], options: ReadOptions, corpus: str, location: str,
+                split: str | None = None) -> Iterator[CaptionRecord | BadRecord]:
+    """The records of one row: one per caption in the text field (None/empty: none)."""
+    value = row[options.text_field]
+    if isinstance(value, str):
+        captions = [value]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        captions = value
+    elif value is None:
+        return
+    else:
+        yield bad_line(location, f"field {options.text_field!r} holds {type(value).__name__}, not text or a list of texts", options)
+        return
+    image_id = row.get(options.id_field) if options.id_field else None
+    for caption in captions:
+        if caption.strip():
+            yield CaptionRecord(caption=caption, corpus=corpus, split=split, location=location,
+                                image_id=None if image_id is None else str(image_id))
+
+
+def read_jsonl(paths: Sequence[str], options: ReadOptions) -> Iterator[CaptionRecord | BadRecord]:
+    for path in paths:
+        lines = LineSource(path, options)
+        checked = False
+        for line in lines:
+            yield from lines.take_bad()
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield bad_line(lines.location, f"invalid JSON at column {exc.colno}: {exc.msg}", options)
+                continue
+            if not isinstance(row, dict):
+                yield bad_line(lines.location, f"expected a JSON object, found {type(row).__name__}", options)
+                continue
+            if not checked:
+                # A field missing from the first object means the options are wrong, not the line.
+                check_fields(list(row), options, lines.location)
+                checked = True
+            missing = [f for f in (options.text_field, options.id_field) if f and f not in row]
+            if missing:
+                yield bad_line(lines.location, f"no field {missing[0]!r}; this object has: {', '.join(row)}", options)
+                continue
+            yield from row_records(row, options, "jsonl", lines.location)
+        yield from lines.take_bad()
+
+
+def read_csv(paths: Sequence[str], options: ReadOptions) -> Iterator[CaptionRecord | BadRecord]:
+    """CSV with a header row (.tsv: tab-separated); quoted fields may hold commas and newlines."""
+    for path in paths:
+        delimiter = "\t" if ".tsv" in Path(path).suffixes else ","
+        lines = LineSource(path, options)
+        rows = csv_rows(lines, lines, options, delimiter)
+        header = next(rows, None)
+        if header is None:
+            continue
+        check_fields(header, options, f"{path}:1")
+        for row in rows:
+            if isinstance(row, BadRecord):
+                yield row
+            else:
+                yield from row_records(dict(zip(header, row)), options, "csv", lines.location)
+
+
+def csv_rows(text: Iterable[str], lines: LineSource, options: ReadOptions,
+             delimiter: str = ",") -> Iterator[list[str] | BadRecord]:
+    """Rows of a CSV, the header first; rows whose field count differs from it are bad.
+
+    `text` is `lines` itself or its iterator already started (to sniff the format);
+    `lines` supplies locations and the queue of undecodable lines.
+    """
+    # strict: a stray quote is an error instead of silently merging fields.
+    reader = csv.reader(text, delimiter=delimiter, strict=True)
+    width = None
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            yield from lines.take_bad()
+            yield bad_line(lines.location, f"malformed CSV ({exc})", options)
+            continue
+        yield from lines.take_bad()
+        if not row:
+            continue  # blank line
+        if width is None:
+            width = len(row)
+        elif len(row) != width:
+            yield bad_line(lines.location, f"{len(row)} fields where the header has {width}; "
+                                           "quote fields that contain the delimiter", options)
+            continue
+        yield row
+    yield from lines.take_bad()
+
+
+def read_parquet(paths: Sequence[str], options: ReadOptions) -> Iterator[CaptionRecord | BadRecord]:
+    """Parquet read batch by batch (bounded memory); a `payload` JSON column restores metadata."""
+    import pyarrow.parquet as pq  # lazily: pyarrow is slow to import and most runs need no parquet
+
+    for path in paths:
+        try:
+            table = pq.ParquetFile(require_file(path))
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise SourceError(f"{path}: not a readable Parquet file ({exc})") from exc
+        available = table.schema_arrow.names
+        check_fields(available, options, path)
+        columns = [options.text_field, options.id_field, options.vector_field]
+        if "payload" in available:
+            columns.append("payload")
+        columns = list(dict.fromkeys(c for c in columns if c))
+        row_no = 0
+        for batch in table.iter_batches(columns=columns):
+            data = batch.to_pydict()
+            for i in range(batch.num_rows):
+                row = {name: data[name][i] for name in columns}
+                yield from _parquet_row(row, options, f"{path}:row {row_no + i + 1}")
+            row_no += batch.num_rows
+
+
+def _parquet_row(row: dict[str, Any], options: ReadOptions, location: str) -> Iterator[CaptionRecord | BadRecord]:
+    payload: dict[str, Any] = {}
+    if row.get("payload") is not None:
+        try:
+            payload = json.loads(row["payload"])
+        except (json.JSONDecodeError, TypeError) as exc:
+            yield bad_line(location, f"payload is not a JSON object ({exc})", options)
+            return
+    vector = row.get(options.vector_field) if options.vector_field else None
+    if options.vector_field and not vector:
+        yield bad_line(location, f"no vector in field {options.vector_field!r}", options)
+        return
+    for record in row_records(row, options, payload.get("corpus", "parquet"), location):
+        if isinstance(record, CaptionRecord):
+            # --id-field, when given, wins over the exported image_id.
+            if record.image_id is None and payload.get("image_id") is not None:
+                record.image_id = str(payload["image_id"])
+            record.file = payload.get("file")
+            record.split = payload.get("split")
+            record.extra = {k: v for k, v in payload.items() if k not in RECORD_FIELDS and k != "caption"}
+            record.vector = vector
+        yield record

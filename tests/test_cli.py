@@ -1,0 +1,169 @@
+"""End-to-end: the `ragcap` command on the embedded store, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from ragcap.cli import app
+from tests.conftest import shared_path
+
+runner = CliRunner()
+CAPTIONS = [f"a {color} {thing} next to a window" for color in ("red", "blue", "green", "white") for thing in ("car", "cup", "chair", "kite", "boat")]
+
+
+def ragcap(*args: str, ok: bool = True):
+    result = runner.invoke(app, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def last_json(result):
+    """The JSON document a --json command printed (progress bars go to stderr)."""
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text("\n".join(CAPTIONS + CAPTIONS[:3]) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def filled(corpus, tiny_clip_dir):
+    ragcap("ingest", "text", corpus, "--collection", "things", "--model", tiny_clip_dir)
+    return "things"
+
+
+def test_ingest_reports_counts_and_reruns_add_nothing(corpus, tiny_clip_dir):
+    first = last_json(ragcap("ingest", "text", corpus, "-c", "things", "-m", tiny_clip_dir, "--json"))
+    assert (first["read"], first["stored"], first["duplicates"], first["points"]) == (23, 20, 3, 20)
+    again = last_json(ragcap("ingest", "text", corpus, "-c", "things", "--json"))
+    assert (again["stored"], again["already_stored"], again["points"]) == (0, 20, 20)
+    listed = last_json(ragcap("collections", "--json"))
+    assert listed == [{"name": "things", "points": 20, "embedder": first["embedder"], "dim": 32}]
+
+
+def test_search_text_and_image(filled, tmp_path):
+    result = last_json(ragcap("search", CAPTIONS[7], "-c", filled, "--k", "3", "--json"))
+    assert result["kind"] == "text" and len(result["neighbours"]) == 3
+    assert result["neighbours"][0]["caption"] == CAPTIONS[7]
+    assert result["neighbours"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    image = tmp_path / "q.png"
+    Image.new("RGB", (64, 48), "blue").save(image)
+    result = last_json(ragcap("search", image, "-c", filled, "--k", "2", "--json"))
+    assert result["kind"] == "image" and len(result["neighbours"]) == 2
+
+
+def test_export_then_import_round_trip_is_exact(filled, tmp_path):
+    out = tmp_path / "things.parquet"
+    ragcap("export", filled, out)
+    table = pq.read_table(out)
+    assert table.num_rows == 20 and set(table.column_names) == {"id", "caption", "payload", "vector"}
+    imported = last_json(ragcap("ingest", "parquet", out, "-c", "copy", "--text-field", "caption", "--vector-field", "vector", "--json"))
+    assert imported["stored"] == 20
+    original = {c: v for c, v in zip(table.column("caption").to_pylist(), table.column("vector").to_pylist())}
+    ragcap("export", "copy", tmp_path / "copy.parquet")
+    copy = pq.read_table(tmp_path / "copy.parquet")
+    for caption, vector in zip(copy.column("caption").to_pylist(), copy.column("vector").to_pylist()):
+        np.testing.assert_array_equal(np.float32(vector), np.float32(original[caption]))
+
+
+def test_drop(filled):
+    ragcap("drop", filled, "--yes")
+    assert last_json(ragcap("collections", "--json")) == []
+
+
+def test_unknown_source_lists_the_sources(corpus):
+    result = ragcap("ingest", "nonsense", corpus, ok=False)
+    assert result.exit_code == 1
+    for name in ("coco-captions", "flickr", "cc3m", "text", "jsonl", "csv", "parquet", "hf"):
+        assert name in result.output
+
+
+def test_missing_file_is_a_clear_error(tmp_path, tiny_clip_dir):
+    result = ragcap("ingest", "text", tmp_path / "nope.txt", "-m", tiny_clip_dir, ok=False)
+    assert result.exit_code == 1 and "nope.txt" in result.output and "Traceback" not in result.output
+
+
+def test_empty_corpus_leaves_no_collection(tmp_path, tiny_clip_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    result = ragcap("ingest", "text", empty, "-c", "empty", "-m", tiny_clip_dir, ok=False)
+    assert result.exit_code == 1 and "no collection was created" in result.output
+    assert last_json(ragcap("collections", "--json")) == []
+
+
+def test_malformed_line_names_file_and_line_and_skip_bad_counts(tmp_path, tiny_clip_dir):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "a cat on a mat"}\n{"text": broken\n{"text": "a dog in a fog"}\n')
+    result = ragcap("ingest", "jsonl", path, "--text-field", "text", "-m", tiny_clip_dir, ok=False)
+    assert result.exit_code == 1 and f"{path}:2" in result.output
+    summary = last_json(ragcap("ingest", "jsonl", path, "--text-field", "text", "-m", tiny_clip_dir, "--skip-bad", "--json"))
+    assert (summary["skipped_bad"], summary["stored"]) == (1, 2)
+
+
+def test_unreachable_server_names_the_url():
+    result = ragcap("collections", "--qdrant-url", "http://127.0.0.1:9", ok=False)
+    assert result.exit_code == 1
+    assert "http://127.0.0.1:9" in result.output and "Traceback" not in result.output
+
+
+def test_collection_of_another_embedder_is_refused(filled, corpus, tmp_path):
+    other = tmp_path / "other"
+    ragcap("models", "save-random", tiny_config(tmp_path), other, "--seed", "3")
+    result = ragcap("ingest", "text", corpus, "-c", filled, "-m", other, ok=False)
+    assert result.exit_code == 1 and str(other.resolve()) in result.output
+
+
+def tiny_config(tmp_path):
+    from tests.helpers import TINY_CLIP_CONFIG
+
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY_CLIP_CONFIG))
+    return path
+
+
+def test_caption_folder_reports_bad_files_and_exits_nonzero(filled, tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i, color in enumerate(("red", "green")):
+        Image.new("RGB", (40, 30), color).save(images / f"{i}.jpg")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    result = ragcap("caption", images, "-c", filled, "--mode", "clipre", "--format", "jsonl", "--neighbours", "2", ok=False)
+    assert result.exit_code == 1
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert {l["file"].rsplit("/", 1)[-1] for l in lines if "error" in l} == {"broken.jpg"}
+    good = [l for l in lines if "error" not in l]
+    assert len(good) == 2 and all(l["caption"] in CAPTIONS and len(l["neighbours"]) == 2 for l in good)
+
+
+def test_flickr_csv_real_corpus_end_to_end(tiny_clip_dir, tmp_path):
+    captions = shared_path("data", "flickr8k", "captions.txt")
+    test_ids = tmp_path / "exclude.txt"
+    test_ids.write_text("1000268201_693b08cb0e.jpg\n")
+    summary = last_json(ragcap("ingest", "flickr", captions, "-c", "f8k", "-m", tiny_clip_dir, "--limit", "200",
+                               "--exclude-images", test_ids, "--json"))
+    assert summary["read"] == 200 and summary["excluded"] == 5
+    assert summary["points"] == summary["stored"] == 200 - 5 - summary["duplicates"]
+
+
+def test_prompt_mode_completes_with_a_small_gpt2(filled, tmp_path):
+    tokenizer = shared_path("models", "gpt2-tokenizer")
+    lm = tmp_path / "lm"
+    ragcap("models", "save-random-lm", lm, "--tokenizer", tokenizer, "--layers", "2", "--width", "64", "--heads", "2")
+    result = ragcap("caption", "--text", "a red car", "--text", "a blue boat", "-c", filled, "--mode", "prompt,clipre",
+                    "--lm", lm, "--json", "--neighbours", "4")
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(l["text"], l["mode"]) for l in lines] == [("a red car", "prompt"), ("a red car", "clipre"),
+                                                       ("a blue boat", "prompt"), ("a blue boat", "clipre")]
+    for line in lines:
+        assert isinstance(line["caption"], str) and "\n" not in line["caption"]
+        assert [n["caption"] for n in line["neighbours"]][0] in CAPTIONS

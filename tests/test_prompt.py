@@ -1,0 +1,119 @@
+"""SmallCap prompt, 25-token filter and batched causal-LM captioning (ragcap.prompt)."""
+
+from pathlib import Path
+
+import pytest
+
+from ragcap.errors import ModelError
+from ragcap.prompt import PromptCaptioner, build_prompt, first_sentence, save_random_lm, select_captions
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TOKENIZER_DIR = SHARED / "models" / "gpt2-tokenizer"
+needs_tokenizer = pytest.mark.skipif(
+    not (TOKENIZER_DIR / "vocab.json").is_file(),
+    reason="real GPT-2 tokenizer (../shared/models/gpt2-tokenizer/vocab.json + merges.txt) is absent",
+)
+
+NEIGHBOURS = [
+    "a man riding a wave on top of a surfboard",
+    "a surfer rides a large wave in the ocean",
+    "a person on a surfboard in the water",
+    "a surfer is riding a big wave",
+    "a man surfing on a wave at the beach",
+]
+
+
+def test_prompt_is_smallcaps_template_byte_for_byte():
+    # SmallCap: template.txt read with .strip() + ' ', "||" -> '\n\n'.join(caps[:k]) + '.'
+    expected = (
+        "Similar images show\n\n"
+        "a man riding a wave on top of a surfboard\n\n"
+        "a surfer rides a large wave in the ocean\n\n"
+        "a person on a surfboard in the water\n\n"
+        "a surfer is riding a big wave.\n\n"
+        "This image shows "
+    )
+    assert build_prompt(NEIGHBOURS[:4]) == expected
+
+
+def test_prompt_without_neighbours_is_smallcaps_no_retrieval_prefix():
+    assert build_prompt([]) == "This image shows "
+
+
+def test_first_sentence_cuts_at_period_or_newline():
+    assert first_sentence(" a dog on a couch. It sleeps.") == "a dog on a couch"
+    assert first_sentence("a red bus\n\nSimilar images show") == "a red bus"
+    assert first_sentence("  no end at all ") == "no end at all"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import GPT2TokenizerFast
+
+    return GPT2TokenizerFast.from_pretrained(str(TOKENIZER_DIR))
+
+
+@needs_tokenizer
+def test_filter_keeps_25_gpt2_tokens_and_skips_26(tokenizer):
+    exactly_25 = "dog" + " dog" * 24
+    exactly_26 = "dog" + " dog" * 25
+    assert len(tokenizer.encode(exactly_25)) == 25 and len(tokenizer.encode(exactly_26)) == 26
+    picked = select_captions([exactly_26, "a cat", exactly_25, "a bird", "a cow", "a pig"], tokenizer, k=4)
+    assert picked == ["a cat", exactly_25, "a bird", "a cow"]
+
+
+@needs_tokenizer
+def test_select_normalises_like_smallcaps_datastore(tokenizer):
+    # Raw COCO captions carry whitespace and final periods; Karpathy-tokenised ones do not.
+    picked = select_captions(["A dog on a bed. \n", "   ", ".", "Two cats."], tokenizer, k=4)
+    assert picked == ["A dog on a bed", "Two cats"]
+
+
+@pytest.fixture(scope="module")
+def captioner(tmp_path_factory):
+    if not (TOKENIZER_DIR / "vocab.json").is_file():
+        pytest.skip("real GPT-2 tokenizer (../shared/models/gpt2-tokenizer) is absent")
+    lm_dir = save_random_lm(tmp_path_factory.mktemp("lm"), TOKENIZER_DIR, n_layer=2, n_embd=64, n_head=2)
+    return PromptCaptioner(str(lm_dir), device="cpu", batch_size=4)
+
+
+# Prompts of different lengths, so batches are left-padded.
+IMAGES = [
+    NEIGHBOURS[:4],
+    ["a cat"],
+    ["a plate of food with broccoli and rice on a wooden table next to a glass of water", "a meal"],
+    [],
+    NEIGHBOURS[2:],
+]
+
+
+def test_random_gpt2_completes_prompt_with_one_clean_sentence(captioner):
+    captions = captioner.caption(IMAGES)
+    assert len(captions) == len(IMAGES)
+    for caption in captions:
+        assert isinstance(caption, str) and caption == caption.strip()
+        assert "\n" not in caption and "." not in caption
+
+
+def test_batched_equals_one_at_a_time(captioner):
+    # Left padding is only harmless if position ids skip the pads; wrong ids change padded rows.
+    batched = captioner.caption(IMAGES, beam_size=3, max_new_tokens=12)
+    single = [captioner.caption([image], beam_size=3, max_new_tokens=12)[0] for image in IMAGES]
+    assert batched == single
+
+
+def test_greedy_is_beam_size_one(captioner):
+    assert captioner.caption(IMAGES[:2], beam_size=1, max_new_tokens=6) == [
+        captioner.caption([image], beam_size=1, max_new_tokens=6)[0] for image in IMAGES[:2]
+    ]
+
+
+def test_missing_lm_dir_is_a_model_error(tmp_path):
+    with pytest.raises(ModelError, match="GPT-2 weights not found.*--lm DIR"):
+        PromptCaptioner(str(tmp_path / "no-such-model"))
+
+
+def test_dir_without_weights_is_a_model_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="GPT-2 weights not found"):
+        PromptCaptioner(str(tmp_path))

@@ -1,0 +1,287 @@
+"""The caption memory, run against both the embedded edge store and qdrant-client ":memory:"."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ragcap.embedder_info import EmbedderInfo
+from ragcap.errors import EmbedderMismatch, StoreError
+from ragcap.store import open_store, point_id
+from ragcap.store.edge import SIDECAR, EdgeIndexConfig, EdgeStore
+
+DIM = 32
+CLIP = EmbedderInfo("ViT-B-32:openai", DIM)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def unit_vectors(n: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def fill(store, name: str = "mem", n: int = 300, seed: int = 0):
+    vectors = unit_vectors(n, seed)
+    captions = [f"caption {i}" for i in range(n)]
+    ids = [point_id(name, c) for c in captions]
+    store.create(name, CLIP)
+    store.upsert(name, ids, vectors, [{"caption": c, "i": i} for i, c in enumerate(captions)])
+    return ids, vectors
+
+
+@pytest.fixture(params=["edge", "memory"])
+def store(request, tmp_path):
+    s = open_store(path=tmp_path / "home") if request.param == "edge" else open_store(memory=True)
+    yield s
+    s.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_point_id_is_deterministic_uuid_and_collection_dependent():
+    a = point_id("coco", "a dog on a bench")
+    assert a == point_id("coco", "a dog on a bench")
+    assert uuid.UUID(a).version == 5
+    assert a != point_id("flickr", "a dog on a bench")
+    assert a != point_id("coco", "a dog on a bench.")
+
+
+def test_open_store_defaults_to_edge_under_ragcap_home(ragcap_home):
+    with open_store() as s:
+        assert isinstance(s, EdgeStore)
+        s.create("c", CLIP)
+    assert (ragcap_home / "collections" / "c" / SIDECAR).is_file()
+
+
+def test_create_records_embedder_and_lists_collection(store):
+    store.create("coco", CLIP)
+    assert store.exists("coco") and not store.exists("other")
+    assert store.embedder("coco") == CLIP
+    [info] = store.collections()
+    assert (info.name, info.points, info.embedder) == ("coco", 0, CLIP)
+    with pytest.raises(StoreError, match="already exists"):
+        store.create("coco", CLIP)
+
+
+def test_other_embedder_is_refused_naming_both(store):
+    store.create("coco", CLIP)
+    store.check_embedder("coco", EmbedderInfo("ViT-B-32:openai", DIM))
+    with pytest.raises(EmbedderMismatch) as e:
+        store.check_embedder("coco", EmbedderInfo("st:all-MiniLM-L6-v2", 384))
+    assert "ViT-B-32:openai" in str(e.value) and "st:all-MiniLM-L6-v2" in str(e.value)
+
+
+def test_missing_collection_message(store):
+    for call in (lambda: store.embedder("nope"), lambda: store.count("nope"),
+                 lambda: store.search("nope", unit_vectors(1), 3), lambda: store.drop("nope")):
+        with pytest.raises(StoreError, match=r"no collection 'nope'; `ragcap collections` lists them"):
+            call()
+
+
+def test_bad_name_and_wrong_dim_are_store_errors(store):
+    with pytest.raises(StoreError, match="bad collection name"):
+        store.create("../escape", CLIP)
+    store.create("c", CLIP)
+    with pytest.raises(StoreError, match=r"shape \(n, 32\)"):
+        store.upsert("c", ["x"], np.zeros((1, 8), np.float32), [{"caption": "x"}])
+
+
+def test_upsert_twice_adds_nothing_and_overwrites_payload(store):
+    ids, vectors = fill(store)
+    assert store.count("mem") == 300
+    store.upsert("mem", ids[:50], vectors[:50], [{"caption": "new"}] * 50)
+    assert store.count("mem") == 300
+    [[hit]] = store.search("mem", vectors[:1], 1)
+    assert hit.id == ids[0] and hit.payload == {"caption": "new"}
+
+
+def test_existing_tells_which_ids_are_stored(store):
+    ids, _ = fill(store, n=40)
+    absent = [point_id("mem", "never stored"), point_id("other", "caption 3")]
+    assert store.existing("mem", ids[10:20] + absent) == set(ids[10:20])
+    assert store.existing("mem", []) == set()
+
+
+def test_search_matches_brute_force_order_and_scores(store):
+    ids, vectors = fill(store)
+    queries = unit_vectors(7, seed=1)
+    exact = queries @ vectors.T
+    results = store.search("mem", queries, k=10)
+    store.optimize("mem")  # edge: the compressed index path must give the same answer
+    for hits in (results, store.search("mem", queries, k=10)):
+        assert len(hits) == 7
+        for row, row_hits in zip(exact, hits):
+            order = np.argsort(-row)[:10]
+            assert [h.id for h in row_hits] == [ids[i] for i in order]
+            np.testing.assert_allclose([h.score for h in row_hits], row[order], atol=1e-5)
+            assert row_hits[0].payload["caption"] == f"caption {order[0]}"
+
+
+@pytest.mark.parametrize("quantization", ["turbo4", "int8", "none"])
+def test_edge_compressed_index_keeps_exact_top_k(tmp_path, quantization):
+    # A 1 KB threshold makes optimize() compress even this small collection, so the
+    # quantized scan + rescoring path is the one answering.
+    config = EdgeIndexConfig(quantization=quantization, indexing_threshold_kb=1)
+    with EdgeStore(tmp_path, config) as s:
+        ids, vectors = fill(s, n=2000)
+        s.optimize("mem")
+        assert s._shard("mem").info().indexed_vectors_count == 2000
+        queries = unit_vectors(20, seed=4)
+        exact = queries @ vectors.T
+        for row, hits in zip(exact, s.search("mem", queries, k=10)):
+            assert [h.id for h in hits] == [ids[i] for i in np.argsort(-row)[:10]]
+
+
+def test_edge_search_builds_index_when_many_points_wait(tmp_path):
+    config = EdgeIndexConfig(index_after=100, indexing_threshold_kb=1)
+    with EdgeStore(tmp_path, config) as s:
+        fill(s, n=500)
+    with EdgeStore(tmp_path, config) as s:  # a fresh process that never saw the upserts
+        assert s._shard("mem").info().indexed_vectors_count == 0
+        s.search("mem", unit_vectors(1), k=3)
+        assert s._shard("mem").info().indexed_vectors_count == 500
+
+
+def test_batched_search_equals_single_queries(store):
+    fill(store)
+    queries = unit_vectors(5, seed=2)
+    batched = store.search("mem", queries, k=4)
+    single = [store.search("mem", q[None], k=4)[0] for q in queries]
+    assert [[h.id for h in hs] for hs in batched] == [[h.id for h in hs] for hs in single]
+
+
+def test_with_vectors_returns_stored_float32_vectors(store):
+    ids, vectors = fill(store)
+    stored = {i: v for batch_ids, batch_vectors, _ in store.scroll("mem") for i, v in zip(batch_ids, batch_vectors)}
+    by_id = dict(zip(ids, vectors))
+    for hits in store.search("mem", unit_vectors(3, seed=3), k=5, with_vectors=True):
+        for h in hits:
+            assert h.vector.dtype == np.float32 and h.vector.shape == (DIM,)
+            # Within an ulp: qdrant-client's local mode renormalises on some paths but not others.
+            np.testing.assert_allclose(h.vector, stored[h.id], rtol=0, atol=6e-8)
+            np.testing.assert_allclose(h.vector, by_id[h.id], atol=1e-6)
+    assert all(h.vector is None for h in store.search("mem", vectors[:1], k=2)[0])
+
+
+def test_scroll_yields_every_point_once(store):
+    ids, vectors = fill(store)
+    batches = list(store.scroll("mem", batch_size=64))
+    assert len(batches) == 5
+    seen = [i for batch_ids, _, _ in batches for i in batch_ids]
+    assert sorted(seen) == sorted(ids)
+    by_id = dict(zip(ids, range(len(ids))))
+    for batch_ids, batch_vectors, payloads in batches:
+        assert batch_vectors.dtype == np.float32
+        for i, v, p in zip(batch_ids, batch_vectors, payloads):
+            assert p["i"] == by_id[i]
+            np.testing.assert_allclose(v, vectors[by_id[i]], atol=1e-6)
+    ids_only = list(store.scroll("mem", batch_size=1000, with_vectors=False))
+    assert ids_only[0][1].shape == (300, 0)
+
+
+def test_drop_removes_collection(store):
+    fill(store, n=10)
+    store.drop("mem")
+    assert not store.exists("mem") and store.collections() == []
+    store.drop("mem", missing_ok=True)
+    fill(store, n=5)
+    assert store.count("mem") == 5
+
+
+def test_edge_half_created_collection_is_invisible_and_replaced(tmp_path):
+    root = tmp_path / "home"
+    with open_store(path=root) as s:
+        (root / "collections" / "half" / "shard").mkdir(parents=True)
+        assert not s.exists("half") and s.collections() == []
+        s.create("half", CLIP)
+        assert s.embedder("half") == CLIP
+        s.drop("half")
+        assert not (root / "collections" / "half").exists()
+
+
+def test_edge_persists_across_reopen_and_processes(tmp_path):
+    root = tmp_path / "home"
+    with open_store(path=root) as s:
+        ids, vectors = fill(s, n=200)
+        s.optimize("mem")
+        expected = [h.id for h in s.search("mem", vectors[:1], 5)[0]]
+    with open_store(path=root) as s:
+        assert s.count("mem") == 200 and s.embedder("mem") == CLIP
+        assert [h.id for h in s.search("mem", vectors[:1], 5)[0]] == expected
+    code = (
+        "import json, sys, numpy as np\n"
+        "from ragcap.store import open_store\n"
+        f"s = open_store(path={str(root)!r})\n"
+        "q = np.array(json.loads(sys.stdin.read()), dtype=np.float32)\n"
+        "print(json.dumps([s.count('mem'), [h.id for h in s.search('mem', q, 5)[0]]]))\n"
+        "s.close()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], input=json.dumps(vectors[:1].tolist()),
+        capture_output=True, text=True, cwd=REPO, check=True,
+    )
+    assert json.loads(out.stdout) == [200, expected]
+
+
+def test_edge_second_process_gets_clear_error_while_open(tmp_path):
+    root = tmp_path / "home"
+    with open_store(path=root) as s:
+        fill(s, n=3)
+        code = (
+            "from ragcap.errors import StoreError\n"
+            "from ragcap.store import open_store\n"
+            f"s = open_store(path={str(root)!r})\n"
+            "try:\n    s.count('mem')\nexcept StoreError as e:\n    print(e)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+        assert "in use by another process" in out.stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout == ""
+
+
+@pytest.mark.parametrize("written,shown", [("http://127.0.0.1:{port}", "http://127.0.0.1:{port}"),
+                                           ("127.0.0.1:{port}", "http://127.0.0.1:{port}")])
+def test_unreachable_url_names_it(written, shown):
+    port = closed_port()
+    with pytest.raises(StoreError) as e:
+        open_store(url=written.format(port=port))
+    assert shown.format(port=port) in str(e.value) and "cannot reach Qdrant" in str(e.value)
+
+
+def test_url_and_api_key_come_from_env(monkeypatch, tmp_path):
+    import ragcap.store.client as client
+
+    seen = []
+
+    class FakeClient:
+        def __init__(self, **kwargs):
+            seen.append(kwargs)
+
+        def get_collections(self):
+            return None
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(client, "QdrantClient", FakeClient)
+    monkeypatch.setenv("RAGCAP_QDRANT_URL", "https://qdrant.example:6333")
+    monkeypatch.setenv("RAGCAP_QDRANT_API_KEY", "secret")
+    s = open_store()
+    assert isinstance(s, client.ClientStore) and s.where == "https://qdrant.example:6333"
+    assert all(k["url"] == "https://qdrant.example:6333" and k["api_key"] == "secret" for k in seen)
+    open_store(url="http://other:6333", api_key="k2")
+    assert seen[-1]["url"] == "http://other:6333" and seen[-1]["api_key"] == "k2"
+    # An explicit path means the embedded store even when a server is configured.
+    with open_store(path=tmp_path) as edge:
+        assert isinstance(edge, EdgeStore)
