@@ -311,6 +311,10 @@ def train_decoder(
     batch_size: Annotated[Optional[int], typer.Option(help="Captions per step.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate.")] = None,
     noise: Annotated[Optional[float], typer.Option(help="Std of Gaussian noise on the embeddings (CapDec); 0 = off.")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing of the cross-entropy (DeCap: 0.1).")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout in the decoder (GPT-2: 0.1).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps (at most 10% of the run).")] = None,
+    prune_vocab: Annotated[bool, typer.Option("--prune-vocab/--full-vocab", help="Output only the CLIP tokens the captions use (same captions, several times faster).")] = True,
     val_fraction: Annotated[Optional[float], typer.Option(help="Held-out fraction for the per-epoch validation loss.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for the split, initialisation and batches.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last complete epoch in --out.")] = False,
@@ -326,7 +330,8 @@ def train_decoder(
         raise RagcapError("pass exactly one of --collection NAME or --parquet FILE")
     captions, vectors, info = _training_data(collection, parquet, qdrant_url, qdrant_api_key)
     given = dict(n_layer=layers, n_head=heads, n_embd=width, max_tokens=max_tokens, epochs=epochs, batch_size=batch_size,
-                 lr=lr, noise_std=noise, val_fraction=val_fraction, seed=seed)
+                 lr=lr, noise_std=noise, val_fraction=val_fraction, seed=seed, label_smoothing=label_smoothing,
+                 dropout=dropout, warmup_steps=warmup_steps, prune_vocab=prune_vocab)
     config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
     bar = progress(None, "train-decoder", "steps")
 

@@ -19,9 +19,10 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,25 @@ class DecoderConfig:
     vocab_size: int = 49408
     sot_id: int = 49406
     eot_id: int = 49407
+    # The CLIP BPE ids the decoder writes (sorted), or None for all of them; see with_vocab().
+    vocab: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.vocab is not None:  # JSON gives a list; keep the config hashable
+            object.__setattr__(self, "vocab", tuple(self.vocab))
+
+    def with_vocab(self, clip_ids: set[int]) -> "DecoderConfig":
+        """This config restricted to the given CLIP ids (plus the two specials).
+
+        A caption corpus uses a small part of CLIP's 49408 ids (COCO: about 10k), and the output
+        layer over the vocabulary is most of the arithmetic of a decoder this small: 768 x 49408
+        multiply-adds per token against ~7M for each transformer layer. Keeping only the ids the
+        training captions use makes training and decoding several times faster and changes
+        nothing else: the decoder could never learn to write the other ids anyway.
+        """
+        full = CaptionTokenizer()
+        vocab = tuple(sorted(set(clip_ids) | {full.sot_id, full.eot_id}))
+        return replace(self, vocab=vocab, vocab_size=len(vocab), sot_id=vocab.index(full.sot_id), eot_id=vocab.index(full.eot_id))
 
     @property
     def n_positions(self) -> int:
@@ -71,22 +91,40 @@ def _bpe(path: str) -> SimpleTokenizer:
 
 
 class CaptionTokenizer:
-    """CLIP's BPE without the special tokens: lowercases and normalises whitespace."""
+    """CLIP's BPE without the special tokens: lowercases and normalises whitespace.
 
-    def __init__(self, bpe_path: str | Path | None = None):
+    With `vocab` (a pruned decoder's CLIP ids) the ids it speaks are positions in that list.
+    """
+
+    def __init__(self, bpe_path: str | Path | None = None, vocab: Sequence[int] | None = None):
         self.bpe_path = Path(bpe_path or default_bpe())
         self._bpe = _bpe(str(self.bpe_path))
-        self.sot_id = self._bpe.sot_token_id
-        self.eot_id = self._bpe.eot_token_id
-        self.vocab_size = self._bpe.vocab_size
+        self._to_clip = None if vocab is None else list(vocab)
+        self._to_local = None if vocab is None else {clip: i for i, clip in enumerate(vocab)}
+        self.sot_id = self._local(self._bpe.sot_token_id)
+        self.eot_id = self._local(self._bpe.eot_token_id)
+        self.vocab_size = self._bpe.vocab_size if vocab is None else len(vocab)
+
+    def _local(self, clip_id: int) -> int:
+        if self._to_local is None:
+            return clip_id
+        if clip_id not in self._to_local:
+            raise ModelError(f"'{self._bpe.decode([clip_id])}' is not in this decoder's vocabulary (it was pruned to its training captions)")
+        return self._to_local[clip_id]
 
     def encode(self, text: str) -> list[int]:
         # A caption may literally contain "<end_of_text>", which the BPE maps to the special id.
-        return [i for i in self._bpe.encode(text) if i not in (self.sot_id, self.eot_id)]
+        specials = (self._bpe.sot_token_id, self._bpe.eot_token_id)
+        return [self._local(i) for i in self._bpe.encode(text) if i not in specials]
 
     def decode(self, ids: list[int]) -> str:
-        text = self._bpe.decode([i for i in ids if i not in (self.sot_id, self.eot_id)])
+        kept = [i for i in ids if i not in (self.sot_id, self.eot_id)]
+        text = self._bpe.decode(kept if self._to_clip is None else [self._to_clip[i] for i in kept])
         return " ".join(text.split())
+
+    def clip_ids(self, text: str) -> set[int]:
+        """The CLIP BPE ids of a text (for choosing a pruned vocabulary)."""
+        return set(self._bpe.encode(text))
 
     def normalise(self, text: str) -> str:
         """The text as the decoder can reproduce it: decode(encode(text))."""
@@ -101,7 +139,7 @@ class CaptionDecoder(nn.Module):
         self.config = config
         self.embedder = embedder
         self.source: Path | None = None  # directory it was loaded from, for messages
-        self.tokenizer = CaptionTokenizer(bpe_path)
+        self.tokenizer = CaptionTokenizer(bpe_path, config.vocab)
         if self.tokenizer.vocab_size != config.vocab_size:
             raise ModelError(f"tokenizer {self.tokenizer.bpe_path} has {self.tokenizer.vocab_size} ids, the decoder expects {config.vocab_size}")
         self.project = nn.Linear(config.embed_dim, config.n_embd)  # DeCap: one linear layer
