@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,10 +31,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "coco"
-from ragcap.caption import DEFAULT_K, CaptionSettings, Captioner
-from ragcap.decoder import CaptionDecoder, DecoderConfig
+PROMPT_K = 4  # SmallCap's retrieved captions per prompt
+from ragcap.caption import DEFAULT_K, PROMPT_SEARCH_FACTOR, CaptionSettings, Captioner
+from ragcap.decoder import CaptionDecoder, CaptionTokenizer, DecoderConfig
 from ragcap.embed import load_embedder, save_random
 from ragcap.images import load_image
+from ragcap.prompt import PromptCaptioner, first_sentence, save_random_lm
 from ragcap.retrieve import DEFAULT_TAU, FullMemory, project_hits
 from ragcap.store import open_store, point_id
 
@@ -47,7 +48,7 @@ def real_images(n: int) -> list[str]:
     return [files[i % len(files)] for i in range(n)]
 
 
-def fill_memory(store, collection: str, info, n: int, seed: int = 0) -> None:
+def fill_memory(store, collection: str, info, n: int, seed: int = 0) -> list[str]:
     captions = [c for caps in json.loads((SHARED / "captions_val2014_by_image.json").read_text()).values() for c in caps]
     captions = list(dict.fromkeys(" ".join(c.split()) for c in captions))[:n]
     rng = np.random.default_rng(seed)
@@ -57,6 +58,8 @@ def fill_memory(store, collection: str, info, n: int, seed: int = 0) -> None:
         vectors = rng.standard_normal((len(chunk), info.dim)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         store.upsert(collection, [point_id(collection, c) for c in chunk], vectors, [{"caption": c} for c in chunk])
+    store.optimize(collection)  # as `ragcap ingest` does at its end
+    return captions
 
 
 @torch.inference_mode()
@@ -78,14 +81,59 @@ def reference_caption(path: str, embedder, memory: torch.Tensor, decoder: Captio
     return decoder.tokenizer.decode(tokens[1:])
 
 
-def peak_memory_of_cli(home: str, collection: str, decoder_dir: str, paths: list[str]) -> float:
-    """Peak RSS (GB) of `ragcap caption` over the given images, in a child process."""
+@torch.inference_mode()
+def reference_prompt_caption(path: str, embedder, store, prompter) -> str:
+    """SmallCap's per-image procedure: encode one image, retrieve, one `generate` call."""
+    query = embedder.encode_images([load_image(path)])
+    hits = store.search("bench", query, PROMPT_K * PROMPT_SEARCH_FACTOR)[0]
+    prompt = prompter.prompts([[h.payload["caption"] for h in hits]], k=PROMPT_K)[0]
+    inputs = prompter.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(prompter.device)
+    out = prompter.model.generate(**inputs, **prompter.generation_kwargs(3, 25))
+    return first_sentence(prompter.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+
+
+def prompt_rates(paths, embedder, store, tmp: str, batch_size: int) -> dict:
+    """`prompt` mode end to end (images/s) with a GPT-2-small-size LM (random weights, real tokenizer)."""
+    tokenizer = ROOT.parent / "shared" / "models" / "gpt2-tokenizer"
+    prompter = PromptCaptioner(str(save_random_lm(Path(tmp) / "gpt2", tokenizer)))
+    captioner = Captioner(store, "bench", embedder, CaptionSettings(modes=("prompt",), batch_size=batch_size), prompter=prompter)
+    reference_prompt_caption(paths[0], embedder, store, prompter)
+    t0 = time.perf_counter()
+    reference = [reference_prompt_caption(p, embedder, store, prompter) for p in paths]
+    reference_rate = len(paths) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    batched = [r.caption for r in captioner.caption_images(paths)]
+    rate = len(paths) / (time.perf_counter() - t0)
+    return {"images": len(paths), "reference_images_per_s": round(reference_rate, 2), "ragcap_images_per_s": round(rate, 2),
+            "speedup": round(rate / reference_rate, 2), "same_captions": sum(a == b for a, b in zip(reference, batched)) / len(paths)}
+
+
+def peak_memory_of_cli(home: str, collection: str, decoder_dir: str, paths: list[str]) -> dict:
+    """Peak memory (GB) of `ragcap caption` over the given images, in a child process.
+
+    rss: the kernel's peak resident set (getrusage). anon: peak private memory (RssAnon, sampled
+    every 50 ms), i.e. without the shared libraries' file-backed pages, which for the CUDA build of
+    torch installed here are ~0.65 GB of mapped code whether or not a GPU is used.
+    """
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as listing:
         listing.write("\n".join(paths))
     cmd = [sys.executable, "-m", "ragcap.cli", "caption", f"@{listing.name}", "-c", collection, "--mode", "pd",
            "--decoder", decoder_dir, "--format", "jsonl", "-o", os.devnull]
-    subprocess.run(cmd, check=True, env={**os.environ, "RAGCAP_HOME": home}, stderr=subprocess.DEVNULL)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+    child = subprocess.Popen(cmd, env={**os.environ, "RAGCAP_HOME": home}, stderr=subprocess.DEVNULL)
+    # Sampled rather than getrusage(RUSAGE_CHILDREN): that counts the forked child before exec,
+    # when it still maps all of this (large) benchmark process.
+    peak = {"VmHWM": 0, "RssAnon": 0}
+    while child.poll() is None:
+        try:
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{child.pid}/status").read_text().splitlines())
+            for key in peak:
+                peak[key] = max(peak[key], int(status[key].split()[0]))
+        except (OSError, KeyError, ValueError):
+            pass
+        time.sleep(0.05)
+    if child.returncode != 0:
+        raise SystemExit(f"ragcap caption failed with exit code {child.returncode}")
+    return {"rss": round(peak["VmHWM"] / 1024**2, 2), "anon": round(peak["RssAnon"] / 1024**2, 2)}
 
 
 def main() -> None:
@@ -94,18 +142,26 @@ def main() -> None:
     parser.add_argument("--memory", type=int, default=200_000, help="captions in the collection")
     parser.add_argument("--memory-images", type=int, default=1000, help="images for the peak-memory run (0: skip)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--full-vocab", action="store_true", help="decoder over all 49408 CLIP ids (DeCap exactly)")
+    parser.add_argument("--prompt-images", type=int, default=64, help="images for the prompt-mode comparison (0: skip)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="ragcap-bench-")
     os.environ["RAGCAP_HOME"] = tmp
     embedder = load_embedder(str(save_random("ViT-B-32", Path(tmp) / "vit-b-32")))
-    decoder = CaptionDecoder(DecoderConfig(embed_dim=embedder.info.dim), embedder.info).eval()
-    decoder_dir = str(decoder.save(Path(tmp) / "decoder"))
     store = open_store()
     t0 = time.perf_counter()
-    fill_memory(store, "bench", embedder.info, args.memory)
+    captions = fill_memory(store, "bench", embedder.info, args.memory)
     fill_seconds = time.perf_counter() - t0
+    # DeCap's size (4 layers, 4 heads, width 768) with the vocabulary `ragcap train-decoder`
+    # gives it by default: the CLIP tokens of the memory's captions (see DecoderConfig.with_vocab).
+    config = DecoderConfig(embed_dim=embedder.info.dim)
+    if not args.full_vocab:
+        tokenizer = CaptionTokenizer()
+        config = config.with_vocab(set().union(*(tokenizer.clip_ids(c) for c in captions)))
+    decoder = CaptionDecoder(config, embedder.info).eval()
+    decoder_dir = str(decoder.save(Path(tmp) / "decoder"))
     paths = real_images(args.images)
 
     memory = torch.from_numpy(FullMemory(store, "bench").vectors)
@@ -127,9 +183,10 @@ def main() -> None:
     topk = np.stack([project_hits(h, DEFAULT_TAU) for h in hits])
     exact = FullMemory(store, "bench").project(queries, DEFAULT_TAU)
     cosines = np.sum(topk * exact, axis=1)
+    prompt = prompt_rates(paths[: args.prompt_images], embedder, store, tmp, args.batch_size) if args.prompt_images else None
     store.close()
 
-    peak_gb = peak_memory_of_cli(tmp, "bench", decoder_dir, real_images(args.memory_images)) if args.memory_images else None
+    peak = peak_memory_of_cli(tmp, "bench", decoder_dir, real_images(args.memory_images)) if args.memory_images else None
     report = {
         "images": len(paths),
         "memory_captions": args.memory,
@@ -140,8 +197,10 @@ def main() -> None:
         "k": DEFAULT_K,
         "cosine_topk_vs_full_min": round(float(cosines.min()), 6),
         "cosine_topk_vs_full_mean": round(float(cosines.mean()), 6),
-        "peak_rss_gb_caption_cli": round(peak_gb, 2) if peak_gb is not None else None,
+        "peak_gb_caption_cli": peak,
         "peak_run_images": args.memory_images,
+        "decoder_vocab": decoder.config.vocab_size,
+        "prompt_mode": prompt,
         "threads": torch.get_num_threads(),
     }
     if args.json:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import sys
 from pathlib import Path
 from typing import IO, Any, Iterator
 from urllib.parse import urlparse
@@ -20,7 +21,12 @@ from ragcap.errors import SourceError
 SKIP_HINT = "use --skip-bad to skip such lines"
 
 
+STDIN = "-"  # line formats (text, jsonl, csv, flickr, cc3m) also read a pipe: `... | ragcap ingest text -`
+
+
 def require_file(path: str | Path) -> Path:
+    if str(path) == STDIN:
+        return Path(STDIN)
     path = Path(path)
     if path.is_dir():
         raise SourceError(f"{path}: is a directory, expected a file")
@@ -32,6 +38,8 @@ def require_file(path: str | Path) -> Path:
 def open_binary(path: str | Path) -> IO[bytes]:
     """Open a file (or its .gz) as bytes; decoding is per line so bad bytes get a line number."""
     path = require_file(path)
+    if str(path) == STDIN:
+        return sys.stdin.buffer
     return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
 
 

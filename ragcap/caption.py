@@ -42,7 +42,7 @@ PROMPT_SEARCH_FACTOR = 3  # retrieve 3x --prompt-k so skipping over-long caption
 @dataclass
 class CaptionSettings:
     modes: tuple[str, ...] = ("pd",)
-    k: int = DEFAULT_K
+    k: int | None = None  # None: DEFAULT_K, or the whole collection when it is smaller
     tau: float = DEFAULT_TAU
     beam_size: int = 1  # 1 = greedy, as DeCap decodes
     max_tokens: int | None = None  # decoder length cap; None = the decoder's training length
@@ -109,18 +109,19 @@ class Captioner:
         if "prompt" in modes and prompter is None:
             raise RagcapError("mode prompt needs a language model: pass --lm NAME_OR_DIR")
         self.search_k = 0
-        if modes & set(MEMORY_MODES):
+        if modes & set(MEMORY_MODES) or settings.neighbours:
             store.check_embedder(collection, embedder.info)
             size = store.count(collection)
             if size == 0:
                 raise RagcapError(f"collection '{collection}' is empty: fill it with `ragcap ingest`")
+            if settings.k is not None and settings.k > size:
+                raise RagcapError(f"--k {settings.k} is larger than collection '{collection}' ({size} captions); use --k {size} or less")
+            self.k = min(DEFAULT_K, size) if settings.k is None else settings.k
             wanted = max(
-                settings.k if "pd" in modes and not settings.full_memory else 1,
+                self.k if "pd" in modes and not settings.full_memory else 1,
                 settings.prompt_k * PROMPT_SEARCH_FACTOR if "prompt" in modes else 1,
                 settings.neighbours,
             )
-            if "pd" in modes and not settings.full_memory and settings.k > size:
-                raise RagcapError(f"--k {settings.k} is larger than collection '{collection}' ({size} captions); use --k {size} or less")
             self.search_k = min(wanted, size)
         self.full_memory = FullMemory(store, collection) if settings.full_memory and "pd" in modes else None
 
@@ -152,7 +153,7 @@ class Captioner:
             if self.full_memory is not None:
                 prefixes["pd"] = self.full_memory.project(queries, settings.tau)
             else:
-                prefixes["pd"] = np.stack([project_hits(h[: settings.k], settings.tau) for h in hits])
+                prefixes["pd"] = np.stack([project_hits(h[: self.k], settings.tau) for h in hits])
         if "nnd" in settings.modes:
             prefixes["nnd"] = np.stack([h[0].vector for h in hits])
         if "vd" in settings.modes:

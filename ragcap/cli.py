@@ -112,11 +112,13 @@ def ingest(
     if shard is not None:
         options.shard = filters.parse_shard(shard)
 
-    # A first pass counts the records for the progress bar's ETA (and fails fast on a missing
-    # file); parsing is cheap next to embedding.
-    total = sum(1 for _ in reader(paths, ReadOptions(**{**vars(read_options), "skip_bad": True})))
+    # A first pass over regular files counts the records for the progress bar's ETA (and fails
+    # fast on a bad path); parsing is cheap next to embedding. Pipes and hub names are read once.
+    total = None
+    if paths and all(os.path.isfile(p) for p in paths):
+        total = sum(1 for _ in reader(paths, ReadOptions(**{**vars(read_options), "skip_bad": True})))
     if limit is not None:
-        total = min(total, limit)
+        total = limit if total is None else min(total, limit)
     store = _store(qdrant_url, qdrant_api_key)
     try:
         info, load = _ingest_embedder(store, collection, model, device, source, paths, vector_field)
@@ -383,7 +385,7 @@ def caption(
     decoder: Annotated[Optional[Path], typer.Option(help="Trained decoder directory (pd, nnd, vd).")] = None,
     lm: Annotated[str, typer.Option(help="Causal LM for prompt mode: hub name or directory.")] = "gpt2",
     text: Annotated[Optional[list[str]], typer.Option("--text", help="Caption from this text instead of images (repeatable).")] = None,
-    k: Annotated[int, typer.Option("--k", "-k", help="Neighbours in the pd projection.")] = 256,
+    k: Annotated[Optional[int], typer.Option("--k", "-k", help="Neighbours in the pd projection [default: 256, or the whole collection if smaller].")] = None,
     tau: Annotated[float, typer.Option(help="Softmax temperature of the projection (DeCap: 0.01).")] = 0.01,
     beam: Annotated[int, typer.Option(help="Decoder beam size (1 = greedy).")] = 1,
     max_tokens: Annotated[Optional[int], typer.Option(help="Decoder length cap (default: its training length).")] = None,
@@ -475,7 +477,7 @@ def evaluate(
     lm: Annotated[str, typer.Option(help="Causal LM for prompt mode.")] = "gpt2",
     ref_format: Annotated[Optional[str], typer.Option("--ref-format", help="Reference format (default: detected).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Karpathy split to score (default: test).")] = None,
-    k: Annotated[int, typer.Option("--k", "-k", help="Neighbours in the pd projection.")] = 256,
+    k: Annotated[Optional[int], typer.Option("--k", "-k", help="Neighbours in the pd projection [default: 256, or the whole collection if smaller].")] = None,
     tau: Annotated[float, typer.Option(help="Softmax temperature of the projection.")] = 0.01,
     beam: Annotated[int, typer.Option(help="Decoder beam size (1 = greedy).")] = 1,
     spice: Annotated[bool, typer.Option(help="Also score SPICE when its jars are installed (slow).")] = True,

@@ -394,6 +394,9 @@ def _load_sentence_transformer(spec: ModelSpec, device: torch.device) -> Sentenc
             sources.append((packaged, True))
         if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "no", ""):
             sources.append((hub_id, False))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar would interleave with ragcap's own
     errors = []
     for source, local_only in sources:
         try:

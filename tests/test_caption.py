@@ -140,3 +140,12 @@ def test_inputs_expand_directories_globs_and_lists(tmp_path, monkeypatch):
     got = list(iter_inputs([str(tmp_path), str(tmp_path / "*.jpg"), f"@{listed}"]))
     assert got == [str(tmp_path / "a.PNG"), str(tmp_path / "b.jpg"), str(tmp_path / "sub" / "c.webp"),
                    str(tmp_path / "b.jpg"), str(tmp_path / "b.jpg")]
+
+
+def test_default_k_is_capped_by_a_small_collection(store, embedder):
+    decoder = RecordingDecoder()
+    captioner = Captioner(store, "mem", embedder, CaptionSettings(modes=("pd",)), decoder=decoder)
+    assert captioner.k == len(CAPTIONS)
+    list(captioner.caption_texts(["a dog"]))
+    query = embedder.encode_text(["a dog"]).vectors[0]
+    np.testing.assert_allclose(decoder.prefixes[0][0], decap_formula(query, memory_of(store), 0.01), atol=1e-5)

@@ -191,3 +191,54 @@ def test_trained_decoder_reproduces_real_coco_captions_from_their_embeddings(tin
     tokenizer = CaptionDecoder.load(decoder).tokenizer
     exact = sum(generated[c] == tokenizer.decode(tokenizer.encode(c)[:20]) for c in stored)
     assert exact >= 0.9 * len(stored), f"only {exact}/{len(stored)} reproduced"
+
+
+def test_killed_ingest_resumes_to_exactly_the_right_count(tiny_clip_dir, tmp_path):
+    """SIGKILL a real `ragcap ingest` after some batches are stored; the rerun completes the set."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    lines = [f"caption number {i} of a killed ingest" for i in range(64)]
+    cmd = [sys.executable, "-m", "ragcap.cli", "ingest", "text", "-", "-c", "killed", "-m", str(tiny_clip_dir), "--batch-size", "16"]
+    child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=os.environ)
+    progress = []
+    reader = threading.Thread(target=lambda: progress.extend(iter(lambda: child.stderr.read(1), "")), daemon=True)
+    reader.start()
+    child.stdin.write("\n".join(lines[:48]) + "\n")
+    child.stdin.flush()  # the stream stays open: the ingest is mid-corpus when it dies
+    stored_when_killed = 0
+    for _ in range(1200):
+        done = [int(n) for n in re.findall(r"(\d+)captions", "".join(progress))]
+        if done and max(done) >= 32:
+            stored_when_killed = max(done)
+            break
+        threading.Event().wait(0.1)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert stored_when_killed >= 32, "".join(progress)[-2000:]
+
+    corpus = tmp_path / "all.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    summary = last_json(ragcap("ingest", "text", corpus, "-c", "killed", "--json"))
+    assert summary["already_stored"] >= 32 and summary["already_stored"] + summary["stored"] == 64
+    assert summary["points"] == 64
+
+
+def test_decoder_of_another_embedder_and_empty_collection_are_refused(filled, tmp_path):
+    from ragcap.decoder import CaptionDecoder, DecoderConfig
+    from ragcap.embedder_info import EmbedderInfo
+    from ragcap.store import open_store
+
+    other = EmbedderInfo(spec="st:some-other-model", dim=32)
+    CaptionDecoder(DecoderConfig(embed_dim=32, n_layer=1, n_head=2, n_embd=32, max_tokens=8), other).save(tmp_path / "dec")
+    result = ragcap("caption", "--text", "a cup", "-c", filled, "--mode", "vd", "--decoder", tmp_path / "dec", ok=False)
+    assert result.exit_code == 1 and "st:some-other-model" in result.output and "train-decoder" in result.output
+
+    with open_store() as store:
+        store.create("hollow", store.embedder(filled))
+    result = ragcap("caption", "--text", "a cup", "-c", "hollow", "--mode", "clipre", ok=False)
+    assert result.exit_code == 1 and "'hollow' is empty" in result.output
