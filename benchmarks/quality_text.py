@@ -144,7 +144,7 @@ def main() -> None:
         "memory_captions": summary.stored + summary.already_stored,
         "memory_seconds": round(memory_seconds, 1),
         "train_seconds": None if train_seconds is None else round(train_seconds, 1),
-        "decoder": {k: v for k, v in json.loads((decoder_dir / "config.json").read_text()).items() if k != "embedder"},
+        "decoder": {k: v for k, v in decoder.config.__dict__.items() if k != "vocab"},
         "caption_seconds": round(caption_seconds, 1),
         "scores": {m: s.to_dict() for m, s in rows.items()},
         "cider_vs_human": {m: round(s.metrics["CIDEr"] / human, 3) for m, s in rows.items()},

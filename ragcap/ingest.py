@@ -17,7 +17,7 @@ import numpy as np
 from pipelines import filters
 from pipelines.base import BadRecord, CaptionRecord
 from ragcap.embedder_info import EmbedderInfo
-from ragcap.errors import SourceError
+from ragcap.errors import SourceError, StoreError
 from ragcap.store import Store, point_id
 
 
@@ -136,7 +136,7 @@ def ingest(
                 embedder = load_embedder()
             vectors, embedded = _vectors_for(todo, embedder, embedder_info, summary, tick)
             if not store.exists(collection):
-                store.create(collection, embedder_info)
+                _create(store, collection, embedder_info)
             store.upsert(collection, [pid for pid, _ in todo], vectors, [rec.payload() for _, rec in todo])
             summary.stored += len(todo)
         consumed = summary.read + summary.skipped_bad
@@ -148,6 +148,16 @@ def ingest(
     if summary.stored:
         store.optimize(collection)  # build the search index once, not while points stream in
     return summary
+
+
+def _create(store: Store, collection: str, info: EmbedderInfo) -> None:
+    """Create the collection, or join it when a parallel worker (--shard) created it first."""
+    try:
+        store.create(collection, info)
+    except StoreError:
+        if not store.exists(collection):
+            raise
+        store.check_embedder(collection, info)
 
 
 def _vectors_for(todo, embedder, info: EmbedderInfo, summary: IngestSummary, tick) -> tuple[np.ndarray, int]:

@@ -218,3 +218,13 @@ def test_sentence_transformer_is_text_only(minilm):
     assert not minilm.supports_images
     with pytest.raises(ModelError, match="st:all-MiniLM-L6-v2 is a text-only embedder; image commands need an open_clip model"):
         minilm.encode_images([Image.new("RGB", (8, 8))])
+
+
+def test_long_context_text_tower_like_long_clip(tmp_path):
+    """Long-CLIP stretches the text context to 248 tokens; such a checkpoint loads like any local
+    directory, and a 100-token caption is embedded whole (not truncated) and equals open_clip."""
+    embedder = load_embedder(str(make_tiny_clip(tmp_path, seed=2, text_cfg={"context_length": 248})), device="cpu")
+    captions = ["word " * 100, "a dog on a beach", "word " * 247]
+    encoded = embedder.encode_text(captions)
+    assert encoded.truncated.tolist() == [False, False, True]
+    assert np.abs(encoded.vectors - reference_text(embedder, captions)).max() <= 1e-5

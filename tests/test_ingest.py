@@ -7,7 +7,7 @@ import pytest
 
 from pipelines.base import BadRecord, CaptionRecord
 from ragcap.embed import load_embedder
-from ragcap.errors import EmbedderMismatch, SourceError
+from ragcap.errors import EmbedderMismatch, SourceError, StoreError
 from ragcap.ingest import IngestOptions, ingest
 from ragcap.store import open_store, point_id
 
@@ -145,3 +145,20 @@ def test_precomputed_vectors_are_stored_without_an_embedder(store, embedder):
     _, stored, payloads = next(store.scroll("c"))
     by_caption = {p["caption"]: v for p, v in zip(payloads, stored)}
     np.testing.assert_allclose(by_caption[CAPTIONS[1]], vectors[1], atol=1e-7)  # ":memory:" re-normalises
+
+
+def test_a_worker_joins_a_collection_another_worker_created_meanwhile(store, embedder):
+    """Parallel --shard workers race to create the collection; the loser joins it."""
+
+    class Racing:
+        """A store where someone else creates the collection just before we do."""
+
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def create(self, name, info):
+            store.create(name, info)
+            raise StoreError(f"collection '{name}' already exists")
+
+    summary = ingest(records(CAPTIONS[:8]), Racing(), "c", embedder.info, lambda: embedder, IngestOptions())
+    assert summary.stored == 8 and store.count("c") == 8

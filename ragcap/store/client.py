@@ -10,6 +10,7 @@ from typing import Iterator
 
 import numpy as np
 from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import UnexpectedResponse
 
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import StoreError
@@ -73,15 +74,21 @@ class ClientStore(Store):
     def create(self, name: str, embedder: EmbedderInfo) -> None:
         if self.exists(name):
             raise StoreError(f"collection '{name}' already exists at {self.where}; drop it or choose another name")
-        self.client.create_collection(
-            name,
-            vectors_config=models.VectorParams(
-                size=embedder.dim,
-                distance=models.Distance.COSINE,
-                hnsw_config=models.HnswConfigDiff(m=HNSW_M, ef_construct=HNSW_EF_CONSTRUCT),
-            ),
-            metadata={META_KEY: embedder.to_dict()},
-        )
+        try:
+            self.client.create_collection(
+                name,
+                vectors_config=models.VectorParams(
+                    size=embedder.dim,
+                    distance=models.Distance.COSINE,
+                    hnsw_config=models.HnswConfigDiff(m=HNSW_M, ef_construct=HNSW_EF_CONSTRUCT),
+                ),
+                metadata={META_KEY: embedder.to_dict()},
+            )
+        except UnexpectedResponse as e:
+            # Parallel `--shard` workers race to create the collection; the losers get a conflict.
+            if self.client.collection_exists(name):
+                raise StoreError(f"collection '{name}' already exists at {self.where}") from e
+            raise
         if self._from_metadata(self.client.get_collection(name)) != embedder:
             self.client.delete_collection(name)
             raise StoreError(
