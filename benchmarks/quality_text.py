@@ -16,7 +16,7 @@ Everything lands in --work (memory, decoder, result.json), so a rerun reuses the
 decoder (ingest resumes; training is skipped when the decoder exists).
 
     python benchmarks/quality_text.py                 # full run
-    python benchmarks/quality_text.py --eval-images 50 --memory-images 500 --epochs 1 --work /tmp/q  # smoke run
+    python benchmarks/quality_text.py --eval-images 50 --memory-images 500 --epochs 1 --work benchmarks/out/smoke  # smoke run
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class EmbedderInfo:
-    spec: str  # canonical model spec: "ViT-B-32:openai", "hf-hub:org/name", "/abs/dir", "st:NAME"
+    spec: str  # canonical model spec: "ViT-B-32:openai", "hf-hub:org/name", "local:/abs/dir", "st:NAME"
     dim: int
     normalized: bool = True  # vectors are L2-normalised, so cosine == dot product
 
