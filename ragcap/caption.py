@@ -126,16 +126,22 @@ class Captioner:
         self.full_memory = FullMemory(store, collection) if settings.full_memory and "pd" in modes else None
 
     def caption_images(self, paths: Iterable[str]) -> Iterator[CaptionResult]:
+        """Results in input order: a file that fails to load gets one error result in its place."""
+        per_input = len(self.settings.modes)
         for chunk in _chunks(paths, self.settings.batch_size):
-            images, sources = [], []
-            for path in chunk:
+            images, errors = [], {}
+            for i, path in enumerate(chunk):
                 try:
                     images.append(load_image(path))
-                    sources.append(path)
                 except ImageError as err:
-                    yield CaptionResult(source=path, error=str(err))
-            if images:
-                yield from self._caption(sources, self.embedder.encode_images(images))
+                    errors[i] = CaptionResult(source=path, error=str(err))
+            loaded = [path for i, path in enumerate(chunk) if i not in errors]
+            results = iter(self._caption(loaded, self.embedder.encode_images(images)) if images else [])
+            for i in range(len(chunk)):
+                if i in errors:
+                    yield errors[i]
+                else:
+                    yield from itertools.islice(results, per_input)
 
     def caption_texts(self, texts: Sequence[str]) -> Iterator[CaptionResult]:
         for chunk in _chunks(texts, self.settings.batch_size):

@@ -117,6 +117,7 @@ def test_bad_files_are_reported_and_the_rest_captioned(store, embedder, tmp_path
     results = list(Captioner(store, "mem", embedder, settings).caption_images(inputs))
     errors = {r.source: r.error for r in results if r.error}
     assert set(errors) == {inputs[0], inputs[2], inputs[3]}
+    assert [r.source for r in results] == inputs  # input order, one result per input and mode
     assert [r.caption in CAPTIONS for r in results if r.error is None] == [True]
 
 
