@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "coco"
 PROMPT_K = 4  # SmallCap's retrieved captions per prompt
 from ragcap.caption import DEFAULT_K, PROMPT_SEARCH_FACTOR, CaptionSettings, Captioner
-from ragcap.decoder import CaptionDecoder, CaptionTokenizer, DecoderConfig
+from ragcap.decoder import CaptionDecoder, DecoderConfig
 from ragcap.embed import load_embedder, save_random
 from ragcap.images import load_image
 from ragcap.prompt import PromptCaptioner, first_sentence, save_random_lm
@@ -155,11 +155,10 @@ def main() -> None:
     captions = fill_memory(store, "bench", embedder.info, args.memory)
     fill_seconds = time.perf_counter() - t0
     # DeCap's size (4 layers, 4 heads, width 768) with the vocabulary `ragcap train-decoder`
-    # gives it by default: the CLIP tokens of the memory's captions (see DecoderConfig.with_vocab).
+    # gives it by default: the CLIP tokens of the memory's captions (see DecoderConfig.pruned_to).
     config = DecoderConfig(embed_dim=embedder.info.dim)
     if not args.full_vocab:
-        tokenizer = CaptionTokenizer()
-        config = config.with_vocab(set().union(*(tokenizer.clip_ids(c) for c in captions)))
+        config = config.pruned_to(captions)
     decoder = CaptionDecoder(config, embedder.info).eval()
     decoder_dir = str(decoder.save(Path(tmp) / "decoder"))
     paths = real_images(args.images)

@@ -22,7 +22,7 @@ import shutil
 from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,24 +58,25 @@ class DecoderConfig:
     vocab_size: int = 49408
     sot_id: int = 49406
     eot_id: int = 49407
-    # The CLIP BPE ids the decoder writes (sorted), or None for all of them; see with_vocab().
+    # The CLIP BPE ids the decoder writes (sorted), or None for all of them; see pruned_to().
     vocab: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.vocab is not None:  # JSON gives a list; keep the config hashable
             object.__setattr__(self, "vocab", tuple(self.vocab))
 
-    def with_vocab(self, clip_ids: set[int]) -> "DecoderConfig":
-        """This config restricted to the given CLIP ids (plus the two specials).
+    def pruned_to(self, captions: Iterable[str]) -> "DecoderConfig":
+        """This config restricted to the CLIP ids the captions use (plus the two specials).
 
-        A caption corpus uses a small part of CLIP's 49408 ids (COCO: about 10k), and the output
+        A caption corpus uses a small part of CLIP's 49408 ids (COCO: about 12k), and the output
         layer over the vocabulary is most of the arithmetic of a decoder this small: 768 x 49408
         multiply-adds per token against ~7M for each transformer layer. Keeping only the ids the
         training captions use makes training and decoding several times faster and changes
         nothing else: the decoder could never learn to write the other ids anyway.
         """
         full = CaptionTokenizer()
-        vocab = tuple(sorted(set(clip_ids) | {full.sot_id, full.eot_id}))
+        clip_ids = set().union(*(full.clip_ids(c) for c in captions))
+        vocab = tuple(sorted(clip_ids | {full.sot_id, full.eot_id}))
         return replace(self, vocab=vocab, vocab_size=len(vocab), sot_id=vocab.index(full.sot_id), eot_id=vocab.index(full.eot_id))
 
     @property

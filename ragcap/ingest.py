@@ -117,7 +117,9 @@ def ingest(
     """
     options = options or IngestOptions()
     summary = IngestSummary()
-    if store.exists(collection):
+    # Asked once: afterwards only this run creates it (or joins a parallel worker's, see _create).
+    exists = store.exists(collection)
+    if exists:
         store.check_embedder(collection, embedder_info)
     embedder = None
     mapper = _Mapper(collection, options, summary)
@@ -127,7 +129,7 @@ def ingest(
     tick = on_progress or (lambda n: None)
     for batch in _batches(mapper(records), options.batch_size):
         ids = [pid for pid, _ in batch]
-        stored = store.existing(collection, ids) if store.exists(collection) else set()
+        stored = store.existing(collection, ids) if exists else set()
         summary.already_stored += len(stored)
         todo = [(pid, rec) for pid, rec in batch if pid not in stored]
         embedded = 0
@@ -135,15 +137,16 @@ def ingest(
             if any(rec.vector is None for _, rec in todo) and embedder is None:
                 embedder = load_embedder()
             vectors, embedded = _vectors_for(todo, embedder, embedder_info, summary, tick)
-            if not store.exists(collection):
+            if not exists:
                 _create(store, collection, embedder_info)
+                exists = True
             store.upsert(collection, [pid for pid, _ in todo], vectors, [rec.payload() for _, rec in todo])
             summary.stored += len(todo)
         consumed = summary.read + summary.skipped_bad
         tick(consumed - reported - embedded)
         reported = consumed
     tick(summary.read + summary.skipped_bad - reported)
-    if not store.exists(collection):
+    if not exists:
         raise SourceError(_nothing_to_store(summary))
     if summary.stored:
         store.optimize(collection)  # build the search index once, not while points stream in
