@@ -88,6 +88,7 @@ def ingest(
     skip_bad: Annotated[bool, typer.Option(help="Skip and count malformed lines instead of stopping.")] = False,
     shard: Annotated[Optional[str], typer.Option(help="I/N: ingest only the I-th of N disjoint slices (parallel workers).")] = None,
     batch_size: Annotated[int, typer.Option(help="Captions embedded and upserted together (the resume granularity).")] = 4096,
+    vector_dtype: Annotated[str, typer.Option(help="Storage of a new collection: float16 (half the memory) or float32.")] = "float16",
     device: Device = None,
     qdrant_url: QdrantUrl = None,
     qdrant_api_key: QdrantKey = None,
@@ -99,11 +100,13 @@ def ingest(
     from pipelines.base import ReadOptions
     from ragcap.ingest import IngestOptions, ingest as run_ingest
     from ragcap.report import emit_json, progress
+    from ragcap.store import check_vector_dtype
 
     reader = get_reader(source)
     paths = paths or []
     read_options = ReadOptions(text_field=text_field, id_field=id_field, vector_field=vector_field, split=split, skip_bad=skip_bad)
-    options = IngestOptions(limit=limit, batch_size=batch_size)
+    check_vector_dtype(vector_dtype)
+    options = IngestOptions(limit=limit, batch_size=batch_size, vector_dtype=vector_dtype)
     if exclude_images is not None:
         options.exclude_images = frozenset(filters.load_image_ids(exclude_images))
     if max_tokens is not None:
@@ -416,7 +419,7 @@ def caption(
     store = _store(qdrant_url, qdrant_api_key)
     out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
     try:
-        captioner = _captioner(store, collection, settings, decoder, lm, model, device)
+        captioner = _captioner(store, collection, settings, decoder, lm, model, device, image_only=not text)
         writer = CaptionWriter(out, fmt, key="text" if text else "file")
         failed = write_all(captioner.caption_texts(text), writer) if text else 0
         if paths:
@@ -442,12 +445,12 @@ def _counting(results, bar):
         yield result
 
 
-def _captioner(store, collection, settings, decoder_dir, lm, model, device):
+def _captioner(store, collection, settings, decoder_dir, lm, model, device, image_only):
     from ragcap.caption import DECODER_MODES, Captioner
     from ragcap.embed import load_embedder
 
     modes = set(settings.modes)
-    embedder = load_embedder(model or store.embedder(collection).spec, device)
+    embedder = load_embedder(model or store.embedder(collection).spec, device, image_only=image_only)
     decoder = prompter = None
     if modes & set(DECODER_MODES) and decoder_dir is not None:
         from ragcap.decoder import CaptionDecoder, check_compatible
@@ -512,7 +515,7 @@ def evaluate(
                     "which inflates every score; rebuild it with `ragcap ingest ... --exclude-images FILE` "
                     "(a file of the evaluated image ids) or pass --allow-leakage"
                 )
-        captioner = _captioner(store, collection, settings, decoder, lm, model, device)
+        captioner = _captioner(store, collection, settings, decoder, lm, model, device, image_only=True)
         key_of = {str(path): key for key, path in matched.pairs.items()}
         captions: dict[str, dict[str, str]] = {m: {} for m in settings.modes}
         failed: dict[str, str] = {}

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer, default_bpe
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
@@ -39,6 +39,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 FORMAT = "ragcap-decoder/1"
+TIED = ("gpt.transformer.wte.weight", "gpt.lm_head.weight")
 
 
 @dataclass(frozen=True)
@@ -346,11 +347,20 @@ class CaptionDecoder(nn.Module):
         for name in (WEIGHTS_FILE, BPE_FILE):
             if not (src / name).is_file():
                 raise ModelError(f"{src} is incomplete: {name} is missing; {hint}")
-        model = cls(config, embedder, bpe_path=src / BPE_FILE)
+        # Built on the meta device (no random init), then the file's tensors are assigned in
+        # place: memory-mapped, never copied, so loading takes no transient second copy.
+        with torch.device("meta"):
+            model = cls(config, embedder, bpe_path=src / BPE_FILE)
         try:
-            load_model(model, str(src / WEIGHTS_FILE), strict=True)
+            state = load_file(src / WEIGHTS_FILE)
+            # save_model stores GPT-2's tied output layer and token embedding once, under either name.
+            tied = state.get(TIED[0], state.get(TIED[1]))
+            if tied is not None:
+                state.update(dict.fromkeys(TIED, tied))
+            model.load_state_dict(state, strict=True, assign=True)
         except (SafetensorError, RuntimeError, OSError) as e:
             raise ModelError(f"{src / WEIGHTS_FILE} cannot be loaded ({e}); {hint}") from e
+        model.gpt.tie_weights()
         model.source = src
         return model.to(default_device(device)).eval()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import itertools
 import json
 import logging
 import os
@@ -195,13 +196,22 @@ class OpenClipEmbedder(Embedder):
     supports_images = True
 
     def __init__(self, spec: ModelSpec, model, preprocess, tokenizer, device: torch.device):
+        """tokenizer None: an image-only embedder (see _load_image_tower); encode_text refuses."""
         self.spec, self.model, self.preprocess, self.tokenizer, self.device = spec, model, preprocess, tokenizer, device
-        self.context_length = int(getattr(tokenizer, "context_length", None) or model.context_length)
-        self._tower = _text_tower(model)
-        # The pad id as this tokenizer writes it: the last slot of an empty caption.
-        self._pad_id = int(tokenizer([""], context_length=self.context_length)[0, -1])
-        dim = int(self._encode_full(tokenizer(["a photo"]).to(device)).shape[-1])
-        self.info = EmbedderInfo(spec=spec.canonical, dim=dim)
+        if tokenizer is None:
+            with torch.inference_mode():
+                dim = model.encode_image(preprocess(Image.new("RGB", (8, 8))).unsqueeze(0).to(device)).shape[-1]
+        else:
+            self.context_length = int(getattr(tokenizer, "context_length", None) or model.context_length)
+            self._tower = _text_tower(model)
+            # The pad id as this tokenizer writes it: the last slot of an empty caption.
+            self._pad_id = int(tokenizer([""], context_length=self.context_length)[0, -1])
+            dim = self._encode_full(tokenizer(["a photo"]).to(device)).shape[-1]
+        self.info = EmbedderInfo(spec=spec.canonical, dim=int(dim))
+
+    @property
+    def has_text(self) -> bool:
+        return self.tokenizer is not None
 
     # -- text
 
@@ -247,6 +257,8 @@ class OpenClipEmbedder(Embedder):
     def encode_text(
         self, texts: Sequence[str], batch_size: int = 256, on_batch: Callable[[int], None] | None = None
     ) -> TextEncoding:
+        if not self.has_text:
+            raise ModelError(f"model {self.info.spec} was loaded for images only; load it with image_only=False to encode text")
         texts = list(texts)
         tick = on_batch or (lambda n: None)
         out = np.empty((len(texts), self.info.dim), dtype=np.float32)
@@ -339,18 +351,67 @@ def _check_local_dir(path: Path, spec: str) -> None:
         raise ModelError(f"model {spec!r}: {path} has {CONFIG_NAME} but no weights ({WEIGHTS_NAME})")
 
 
-def _load_open_clip(spec: ModelSpec, device: torch.device) -> OpenClipEmbedder:
+def _factory_args(spec: ModelSpec) -> tuple[str, str | None, bool]:
+    """open_clip's (model_name, pretrained, force_quick_gelu) for a spec."""
+    if spec.kind == "local":
+        return f"local-dir:{spec.name}", None, False
+    if spec.kind == "hf-hub":
+        return spec.canonical, None, False
+    # open_clip only warns when a tag was trained with QuickGELU (OpenAI's weights) but the
+    # architecture uses GELU; the embeddings are then wrong, so follow the tag.
+    return spec.name, spec.tag, bool(open_clip.get_pretrained_cfg(spec.name, spec.tag).get("quick_gelu", False))
+
+
+def _checkpoint_file(spec: ModelSpec) -> str:
+    """The weights file open_clip's factory loads for a spec (fetched into the cache if need be)."""
+    from open_clip.factory import _find_checkpoint_in_dir  # private, but it is create_model's own choice
+    from open_clip.pretrained import download_pretrained, download_pretrained_from_hf
+
+    if spec.kind == "local":
+        return _find_checkpoint_in_dir(Path(spec.name))
+    if spec.kind == "hf-hub":
+        return download_pretrained_from_hf(spec.name)
+    return download_pretrained(open_clip.get_pretrained_cfg(spec.name, spec.tag))
+
+
+def _load_image_tower(spec: ModelSpec, device: torch.device) -> OpenClipEmbedder | None:
+    """CLIP's image tower alone, its weights resident once: for runs that embed only images.
+
+    Captioning images never runs the text tower (the memory holds text vectors already), and
+    it is 40% of ViT-B-32. The model is built on the meta device (no memory, no random init);
+    open_clip's own load_checkpoint, with all its format conversions, then hands the state dict
+    to an override that assigns the image tower's tensors in place, without copying (safetensors
+    are memory-mapped), and leaves the text tower meta, i.e. absent. None when the image tower
+    would still hold a meta tensor (a buffer no checkpoint stores, or a format open_clip copies
+    in place): the caller then loads the whole model the ordinary way.
+    """
+    name, pretrained, quick_gelu = _factory_args(spec)
+    with torch.device("meta"), _quiet_open_clip():
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, load_weights=False, device="meta", force_quick_gelu=quick_gelu
+        )
+
+    def assign_image_tower(state_dict, strict=True):
+        tower = {k.removeprefix("visual."): v for k, v in state_dict.items() if k.startswith("visual.")}
+        return model.visual.load_state_dict(tower, strict=strict, assign=True)
+
+    model.load_state_dict = assign_image_tower
+    open_clip.load_checkpoint(model, _checkpoint_file(spec))
+    del model.load_state_dict
+    if any(t.is_meta for t in itertools.chain(model.visual.parameters(), model.visual.buffers())):
+        return None
+    model.visual.to(device)
+    model.eval().requires_grad_(False)
+    return OpenClipEmbedder(spec, model, preprocess, None, device)
+
+
+def _load_open_clip(spec: ModelSpec, device: torch.device, image_only: bool = False) -> OpenClipEmbedder:
     if spec.kind == "local":
         _check_local_dir(Path(spec.name), spec.canonical)
-        name, pretrained, quick_gelu = f"local-dir:{spec.name}", None, False
-    elif spec.kind == "hf-hub":
-        name, pretrained, quick_gelu = spec.canonical, None, False
-    else:
-        name, pretrained = spec.name, spec.tag
-        # open_clip only warns when a tag was trained with QuickGELU (OpenAI's weights) but the
-        # architecture uses GELU; the embeddings are then wrong, so follow the tag.
-        quick_gelu = bool(open_clip.get_pretrained_cfg(spec.name, spec.tag).get("quick_gelu", False))
+    name, pretrained, quick_gelu = _factory_args(spec)
     try:
+        if image_only and (embedder := _load_image_tower(spec, device)):
+            return embedder
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu
         )
@@ -410,17 +471,27 @@ def _load_sentence_transformer(spec: ModelSpec, device: torch.device) -> Sentenc
     )
 
 
-_CACHE: dict[tuple[str, str], Embedder] = {}
+_CACHE: dict[tuple[str, str, bool], Embedder] = {}
 
 
-def load_embedder(spec: str, device: str | None = None) -> Embedder:
-    """Load the embedder for a model spec; one instance per (canonical spec, device) per process."""
+def load_embedder(spec: str, device: str | None = None, image_only: bool = False) -> Embedder:
+    """Load the embedder for a model spec; one instance per (canonical spec, device) per process.
+
+    image_only: skip the text tower (less memory, no load-time copy) when only images will be
+    encoded; a whole embedder already loaded serves such requests too.
+    """
     parsed = parse_spec(spec)
     dev = _default_device(device)
-    key = (parsed.canonical, str(dev))
+    image_only = image_only and parsed.kind != "st"
+    whole = (parsed.canonical, str(dev), False)
+    key = (parsed.canonical, str(dev), image_only)
+    if whole in _CACHE:
+        return _CACHE[whole]
     if key not in _CACHE:
-        loader = _load_sentence_transformer if parsed.kind == "st" else _load_open_clip
-        _CACHE[key] = loader(parsed, dev)
+        if parsed.kind == "st":
+            _CACHE[key] = _load_sentence_transformer(parsed, dev)
+        else:
+            _CACHE[key] = _load_open_clip(parsed, dev, image_only)
     return _CACHE[key]
 
 

@@ -31,6 +31,7 @@ class IngestOptions:
     # Records embedded and upserted together, also the resume granularity. Large, because the
     # embedder sorts each call's captions by length: at 4096 padding costs ~5%, at 1000 ~30%.
     batch_size: int = 4096
+    vector_dtype: str = "float16"  # storage of a collection this run creates (see ragcap.store)
 
 
 @dataclass
@@ -138,7 +139,7 @@ def ingest(
                 embedder = load_embedder()
             vectors, embedded = _vectors_for(todo, embedder, embedder_info, summary, tick)
             if not exists:
-                _create(store, collection, embedder_info)
+                _create(store, collection, embedder_info, options.vector_dtype)
                 exists = True
             store.upsert(collection, [pid for pid, _ in todo], vectors, [rec.payload() for _, rec in todo])
             summary.stored += len(todo)
@@ -153,10 +154,10 @@ def ingest(
     return summary
 
 
-def _create(store: Store, collection: str, info: EmbedderInfo) -> None:
+def _create(store: Store, collection: str, info: EmbedderInfo, vector_dtype: str) -> None:
     """Create the collection, or join it when a parallel worker (--shard) created it first."""
     try:
-        store.create(collection, info)
+        store.create(collection, info, vector_dtype)
     except StoreError:
         if not store.exists(collection):
             raise

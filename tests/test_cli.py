@@ -77,6 +77,20 @@ def test_export_then_import_round_trip_is_exact(filled, tmp_path):
         np.testing.assert_array_equal(np.float32(vector), np.float32(original[caption]))
 
 
+def test_vector_dtype_float16_by_default_float32_on_request(filled, corpus, tiny_clip_dir, tmp_path):
+    from ragcap.embed import load_embedder
+
+    ragcap("ingest", "text", corpus, "-c", "exact", "-m", tiny_clip_dir, "--vector-dtype", "float32")
+    embedded = load_embedder(str(tiny_clip_dir)).encode_text(CAPTIONS).vectors
+    for name, expected in (("exact", embedded), (filled, embedded.astype(np.float16).astype(np.float32))):
+        ragcap("export", name, tmp_path / f"{name}.parquet")
+        table = pq.read_table(tmp_path / f"{name}.parquet")
+        stored = dict(zip(table.column("caption").to_pylist(), table.column("vector").to_pylist()))
+        np.testing.assert_allclose([stored[c] for c in CAPTIONS], expected, rtol=0, atol=1e-7)
+    result = ragcap("ingest", "text", corpus, "-c", "bad", "-m", tiny_clip_dir, "--vector-dtype", "int8", ok=False)
+    assert result.exit_code == 1 and "unknown vector dtype 'int8'; choose from float16, float32" in result.output
+
+
 def test_drop(filled):
     ragcap("drop", filled, "--yes")
     assert last_json(ragcap("collections", "--json")) == []

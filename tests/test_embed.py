@@ -1,6 +1,8 @@
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -228,3 +230,64 @@ def test_long_context_text_tower_like_long_clip(tmp_path):
     encoded = embedder.encode_text(captions)
     assert encoded.truncated.tolist() == [False, False, True]
     assert np.abs(encoded.vectors - reference_text(embedder, captions)).max() <= 1e-5
+
+
+# -- image-only loading and hub-cache loading
+
+
+def _photos() -> list[Image.Image]:
+    rng = np.random.default_rng(5)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(70, 90), (64, 64)]]
+
+
+def test_image_only_load_equals_the_whole_model_without_its_text_tower(tmp_path):
+    directory = str(make_tiny_clip(tmp_path / "clip", seed=2))
+    image_only = load_embedder(directory, device="cpu", image_only=True)
+    text_side = [p for name, p in image_only.model.named_parameters() if not name.startswith("visual.")]
+    assert text_side and all(p.is_meta for p in text_side)  # never allocated
+    assert not any(p.is_meta for p in image_only.model.visual.parameters())
+    with pytest.raises(ModelError, match="loaded for images only"):
+        image_only.encode_text(["a dog"])
+    whole = load_embedder(directory, device="cpu")
+    assert whole is not image_only and whole.info == image_only.info
+    assert np.array_equal(image_only.encode_images(_photos()), whole.encode_images(_photos()))
+    assert load_embedder(directory, device="cpu", image_only=True) is whole  # a whole one serves both
+
+
+def _hub_cache(root: Path, repo: str, checkpoint: Path) -> Path:
+    """huggingface_hub's cache layout after a download of `repo` (what users have offline)."""
+    revision = "0" * 40
+    entry = root / f"models--{repo.replace('/', '--')}"
+    snapshot = entry / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name in (embed.CONFIG_NAME, embed.WEIGHTS_NAME):
+        shutil.copy(checkpoint / name, snapshot / name)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(revision)
+    return root
+
+
+@pytest.mark.parametrize("image_only", [False, True])
+def test_hub_and_pretrained_tag_specs_load_from_the_hub_cache(tmp_path, monkeypatch, image_only):
+    """hf-hub:ORG/NAME and ARCH:TAG resolve through huggingface_hub's cache, as after a real download."""
+    import huggingface_hub.constants
+    import open_clip.pretrained
+
+    checkpoint = make_tiny_clip(tmp_path / "clip", seed=3)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(_hub_cache(tmp_path / "hub", "ragcap-test/tiny", checkpoint)))
+    # A pretrained tag for the tiny architecture, registered the way open_clip lists its own.
+    arch = tmp_path / "configs" / "tiny-test-arch.json"
+    arch.parent.mkdir()
+    arch.write_text(json.dumps(json.loads((checkpoint / embed.CONFIG_NAME).read_text())["model_cfg"]))
+    open_clip.add_model_config(arch)
+    tags = {"hubtag": open_clip.pretrained._pcfg(hf_hub="ragcap-test/tiny/")}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "tiny-test-arch", tags)
+
+    local = load_embedder(str(checkpoint), device="cpu")
+    for spec in ("hf-hub:ragcap-test/tiny", "tiny-test-arch:hubtag"):
+        embed._CACHE.clear()
+        loaded = load_embedder(spec, device="cpu", image_only=image_only)
+        assert loaded.info.spec == spec and loaded.info.dim == local.info.dim
+        assert np.array_equal(loaded.encode_images(_photos()), local.encode_images(_photos()))
+        if not image_only:
+            assert np.array_equal(loaded.encode_text(["a dog"]).vectors, local.encode_text(["a dog"]).vectors)

@@ -27,11 +27,12 @@ def unit_vectors(n: int, seed: int = 0) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def fill(store, name: str = "mem", n: int = 300, seed: int = 0):
+def fill(store, name: str = "mem", n: int = 300, seed: int = 0, vector_dtype: str = "float32"):
+    """float32 by default: these tests compare with exact arithmetic on the inserted vectors."""
     vectors = unit_vectors(n, seed)
     captions = [f"caption {i}" for i in range(n)]
     ids = [point_id(name, c) for c in captions]
-    store.create(name, CLIP)
+    store.create(name, CLIP, vector_dtype)
     store.upsert(name, ids, vectors, [{"caption": c, "i": i} for i, c in enumerate(captions)])
     return ids, vectors
 
@@ -172,6 +173,30 @@ def test_with_vectors_returns_stored_float32_vectors(store):
             np.testing.assert_allclose(h.vector, stored[h.id], rtol=0, atol=6e-8)
             np.testing.assert_allclose(h.vector, by_id[h.id], atol=1e-6)
     assert all(h.vector is None for h in store.search("mem", vectors[:1], k=2)[0])
+
+
+def test_float16_collections_store_rounded_vectors_and_rank_by_them(store):
+    def stored(name, ids):
+        rows = {i: v for batch_ids, batch_vectors, _ in store.scroll(name) for i, v in zip(batch_ids, batch_vectors)}
+        return np.stack([rows[i] for i in ids])
+
+    ids, vectors = fill(store, "f16", vector_dtype="float16")
+    half, full = stored("f16", ids), stored("f32", fill(store, "f32", vector_dtype="float32")[0])
+    np.testing.assert_allclose(full, vectors, rtol=0, atol=1e-7)
+    assert np.abs(half - vectors).max() > 3e-5  # rounded, not kept
+    # Qdrant stores float16 exactly; ":memory:" renormalises the rounded vector (relative ~2e-4).
+    np.testing.assert_allclose(half, vectors.astype(np.float16).astype(np.float32), rtol=5e-4, atol=1e-6)
+    queries = unit_vectors(5, seed=7)
+    for row, hits in zip(queries @ half.T, store.search("f16", queries, k=10)):
+        assert [h.id for h in hits] == [ids[i] for i in np.argsort(-row)[:10]]
+        # Qdrant also scores with a float16 copy of the query
+        np.testing.assert_allclose([h.score for h in hits], np.sort(row)[::-1][:10], atol=5e-4)
+
+
+def test_unknown_vector_dtype_is_refused(store):
+    with pytest.raises(StoreError, match="unknown vector dtype 'int4'; choose from float16, float32"):
+        store.create("mem", CLIP, "int4")
+    assert not store.exists("mem")
 
 
 def test_scroll_yields_every_point_once(store):

@@ -14,7 +14,7 @@ from qdrant_client.http.exceptions import UnexpectedResponse
 
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import StoreError
-from ragcap.store import CollectionInfo, Hit, Store, check_name, missing_collection
+from ragcap.store import CollectionInfo, Hit, Store, check_name, check_vector_dtype, missing_collection
 
 META_KEY = "ragcap_embedder"
 UPSERT_BATCH = 512  # 512 x 512-d floats is ~1 MB of JSON per request
@@ -34,6 +34,8 @@ class ClientStore(Store):
         self.client = client
         self.where = where  # for messages: the URL or ":memory:"
         self._embedders: dict[str, EmbedderInfo] = {}
+        # Local mode ignores the datatype a server applies: the float16 collections it rounds itself.
+        self._rounded_locally: set[str] = set()
 
     @classmethod
     def in_memory(cls) -> "ClientStore":
@@ -71,7 +73,8 @@ class ClientStore(Store):
         check_name(name)
         return self.client.collection_exists(name)
 
-    def create(self, name: str, embedder: EmbedderInfo) -> None:
+    def create(self, name: str, embedder: EmbedderInfo, vector_dtype: str = "float16") -> None:
+        check_vector_dtype(vector_dtype)
         if self.exists(name):
             raise StoreError(f"collection '{name}' already exists at {self.where}; drop it or choose another name")
         try:
@@ -80,6 +83,7 @@ class ClientStore(Store):
                 vectors_config=models.VectorParams(
                     size=embedder.dim,
                     distance=models.Distance.COSINE,
+                    datatype=models.Datatype.FLOAT16 if vector_dtype == "float16" else models.Datatype.FLOAT32,
                     hnsw_config=models.HnswConfigDiff(m=HNSW_M, ef_construct=HNSW_EF_CONSTRUCT),
                 ),
                 metadata={META_KEY: embedder.to_dict()},
@@ -95,6 +99,8 @@ class ClientStore(Store):
                 f"Qdrant at {self.where} did not keep collection metadata; ragcap needs Qdrant >= 1.16"
             )
         self._embedders[name] = embedder
+        if self.where == ":memory:" and vector_dtype == "float16":
+            self._rounded_locally.add(name)
 
     def embedder(self, name: str) -> EmbedderInfo:
         if name not in self._embedders:
@@ -113,6 +119,8 @@ class ClientStore(Store):
         vectors = self._check_vectors(name, vectors, "vectors")
         if not (len(ids) == len(vectors) == len(payloads)):
             raise StoreError(f"upsert into '{name}': {len(ids)} ids, {len(vectors)} vectors, {len(payloads)} payloads")
+        if name in self._rounded_locally:
+            vectors = vectors.astype(np.float16).astype(np.float32)
         starts = range(0, len(ids), UPSERT_BATCH)
         for start in starts:
             stop = start + UPSERT_BATCH
@@ -131,8 +139,7 @@ class ClientStore(Store):
             found.update(str(r.id) for r in records)
         return found
 
-    def search(self, name: str, queries: np.ndarray, k: int, with_vectors: bool = False) -> list[list[Hit]]:
-        queries = self._check_vectors(name, queries, "queries")
+    def _search(self, name: str, queries: np.ndarray, k: int, with_vectors: bool) -> list[list[Hit]]:
         requests = [
             models.QueryRequest(
                 query=q.tolist(),
@@ -188,6 +195,7 @@ class ClientStore(Store):
             raise missing_collection(name)
         self.client.delete_collection(name)
         self._embedders.pop(name, None)
+        self._rounded_locally.discard(name)
 
     def close(self) -> None:
         self.client.close()

@@ -20,7 +20,7 @@ import qdrant_edge as qe
 
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import StoreError
-from ragcap.store import CollectionInfo, Hit, Store, check_name, missing_collection
+from ragcap.store import CollectionInfo, Hit, Store, check_name, check_vector_dtype, missing_collection
 
 SIDECAR = "ragcap.json"
 FORMAT = 1
@@ -58,9 +58,10 @@ class EdgeIndexConfig:
             return None
         raise ValueError(f"unknown quantization {self.quantization!r}: use turbo4, int8 or none")
 
-    def shard_config(self, dim: int) -> qe.EdgeConfig:
+    def shard_config(self, dim: int, vector_dtype: str = "float16") -> qe.EdgeConfig:
+        datatype = {"float16": qe.VectorStorageDatatype.Float16, "float32": qe.VectorStorageDatatype.Float32}
         return qe.EdgeConfig(
-            vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine),
+            vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine, datatype=datatype[vector_dtype]),
             # full_scan_threshold is in KB: with m=0 every segment is scanned anyway.
             hnsw_config=qe.HnswIndexConfig(
                 m=self.hnsw_m, ef_construct=self.hnsw_ef_construct, full_scan_threshold=10_000
@@ -115,7 +116,8 @@ class EdgeStore(Store):
     def exists(self, name: str) -> bool:
         return (self._dir(name) / SIDECAR).is_file()
 
-    def create(self, name: str, embedder: EmbedderInfo) -> None:
+    def create(self, name: str, embedder: EmbedderInfo, vector_dtype: str = "float16") -> None:
+        check_vector_dtype(vector_dtype)
         d = self._dir(name)
         if self.exists(name):
             raise StoreError(f"collection '{name}' already exists at {d}; drop it or choose another name")
@@ -123,7 +125,7 @@ class EdgeStore(Store):
             shutil.rmtree(d)
         d.mkdir(parents=True)
         try:
-            self._shards[name] = qe.EdgeShard.create(str(d / "shard"), self.config.shard_config(embedder.dim))
+            self._shards[name] = qe.EdgeShard.create(str(d / "shard"), self.config.shard_config(embedder.dim, vector_dtype))
             sidecar = {"format": FORMAT, "embedder": embedder.to_dict()}
             _write_atomic(d / SIDECAR, json.dumps(sidecar, indent=2) + "\n")
         except BaseException:
@@ -189,8 +191,7 @@ class EdgeStore(Store):
         shard.flush()
         self._maybe_unindexed.discard(name)
 
-    def search(self, name: str, queries: np.ndarray, k: int, with_vectors: bool = False) -> list[list[Hit]]:
-        queries = self._check_vectors(name, queries, "queries")
+    def _search(self, name: str, queries: np.ndarray, k: int, with_vectors: bool) -> list[list[Hit]]:
         shard = self._shard(name)
         if name in self._maybe_unindexed:
             info = shard.info()
