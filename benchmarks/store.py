@@ -55,14 +55,14 @@ def latencies(search_one, queries: np.ndarray) -> tuple[list[list[str]], np.ndar
     return found, np.array(ms)
 
 
-def bench_edge(n: int, dim: int, queries: np.ndarray, k: int, rng, workdir: Path) -> dict:
+def bench_edge(n: int, dim: int, queries: np.ndarray, k: int, rng, workdir: Path, vector_dtype: str) -> dict:
     vectors = unit_vectors(n, dim, rng)
     ids = [point_id(COLLECTION, f"caption {i}") for i in range(n)]
     payloads = [{"caption": f"caption {i}"} for i in range(n)]
     truth = exact_top_k(queries, vectors, k)
     root = workdir / "edge"
     store = EdgeStore(root)
-    store.create(COLLECTION, EmbedderInfo("random", dim))
+    store.create(COLLECTION, EmbedderInfo("random", dim), vector_dtype)
     start = time.perf_counter()
     for s in range(0, n, 10_000):  # the ingest runner's chunk size order of magnitude
         store.upsert(COLLECTION, ids[s : s + 10_000], vectors[s : s + 10_000], payloads[s : s + 10_000])
@@ -84,7 +84,7 @@ def bench_edge(n: int, dim: int, queries: np.ndarray, k: int, rng, workdir: Path
     store.close()
     config = EdgeIndexConfig()
     return {
-        "backend": f"qdrant-edge ({config.quantization}, oversampling {config.oversampling}, hnsw m={config.hnsw_m})",
+        "backend": f"qdrant-edge ({vector_dtype}, {config.quantization}, oversampling {config.oversampling}, hnsw m={config.hnsw_m})",
         "n": n,
         "upsert_points_per_s": n / upsert_s,
         "index_build_s": index_s,
@@ -143,6 +143,7 @@ def main() -> None:
     p.add_argument("--baseline-queries", type=int, default=20, help="the baseline answers a few queries/s")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vector-dtype", default="float16", help="edge store vector storage (recall is against exact float32)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = p.parse_args()
     warnings.filterwarnings("ignore", module="qdrant_client")
@@ -151,7 +152,7 @@ def main() -> None:
     queries = unit_vectors(args.queries, args.dim, rng)
     workdir = Path(tempfile.mkdtemp(prefix="ragcap-bench-store-"))
     try:
-        rows = [bench_edge(args.n, args.dim, queries, args.k, rng, workdir)]
+        rows = [bench_edge(args.n, args.dim, queries, args.k, rng, workdir, args.vector_dtype)]
         if args.baseline_n:
             rows.append(
                 bench_client_local(args.baseline_n, args.dim, queries[: args.baseline_queries], args.k, rng, workdir)

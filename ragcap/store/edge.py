@@ -28,12 +28,12 @@ FORMAT = 1
 
 @dataclass(frozen=True)
 class EdgeIndexConfig:
-    # Full scan over 4-bit TurboQuant codes, then exact float32 rescoring of the best
-    # k * oversampling. Measured on 200k random 512-d vectors (benchmarks/store.py):
-    # ~5 ms per query at recall@10 = 1.0, index built in ~4 s. HNSW (m=16) reached only
+    # Full scan over 4-bit TurboQuant codes, then rescoring of the best k * oversampling
+    # with the stored vectors. Measured on 200k random 512-d vectors (benchmarks/store.py):
+    # ~6 ms per query at recall@10 = 1.0 (float32) / 0.9995 (float16), index built in ~6 s. HNSW (m=16) reached only
     # recall 0.58 at ef=512 on such data and took a minute per 50k points to build on 2
     # cores; int8 scalar codes give the same recall but scan twice the bytes (~9 ms).
-    quantization: str = "turbo4"  # "turbo4" | "int8" | "none" (plain float32 scan)
+    quantization: str = "turbo4"  # "turbo4" | "int8" | "none" (plain scan of the stored vectors)
     oversampling: float = 8.0  # 4.0 gave recall 0.999, 8.0 gave 1.0 at the same latency
     # 0 = no graph. Set e.g. 16 for memories of millions of points, where a linear scan of
     # even compressed codes grows past tens of ms; real embeddings (low intrinsic dimension)
@@ -41,7 +41,7 @@ class EdgeIndexConfig:
     hnsw_m: int = 0
     hnsw_ef_construct: int = 128
     hnsw_ef: int = 256
-    # Freshly upserted points sit in an unindexed (plain float32) segment until optimize();
+    # Freshly upserted points sit in an unindexed (plain) segment until optimize();
     # search builds the index first when more than this many are waiting (~3 ms of plain scan).
     index_after: int = 20_000
     # Segments above this many KB get compressed codes on optimize(): small, so that nearly
