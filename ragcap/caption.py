@@ -33,9 +33,10 @@ DECODER_MODES = ("pd", "nnd", "vd")
 MEMORY_MODES = ("pd", "nnd", "clipre", "prompt")
 
 # Top-k for the projection. With tau = 0.01 a neighbour 0.05 less similar than the best
-# weighs e^-5 ~ 0.7% as much, so a few hundred neighbours carry all but a sliver of the
-# mass; BENCHMARKS.md reports the cosine to the exact whole-memory projection at this k.
-DEFAULT_K = 256
+# weighs e^-5 ~ 0.7% as much, yet when similarities bunch together (512-d random vectors,
+# the worst case) 256 neighbours left cosine 0.998 to DeCap's exact whole-memory projection
+# and 1024 leave 0.9998 (benchmarks/caption.py), for ~20% of pd's speed.
+DEFAULT_K = 1024
 PROMPT_SEARCH_FACTOR = 3  # retrieve 3x --prompt-k so skipping over-long captions still leaves k
 
 
