@@ -191,6 +191,7 @@ def collections(qdrant_url: QdrantUrl = None, qdrant_api_key: QdrantKey = None, 
                 "points": c.points,
                 "embedder": c.embedder.spec if c.embedder else "?",
                 "dim": c.embedder.dim if c.embedder else "?",
+                "vectors": c.vector_dtype,
             }
             for c in store.collections()
         ]
@@ -199,7 +200,7 @@ def collections(qdrant_url: QdrantUrl = None, qdrant_api_key: QdrantKey = None, 
     if json_out:
         emit_json(rows)
     elif rows:
-        print_table(rows, ["name", "points", "embedder", "dim"])
+        print_table(rows, ["name", "points", "embedder", "dim", "vectors"])
     else:
         typer.echo("no collections; create one with `ragcap ingest`")
 

@@ -182,6 +182,7 @@ def test_float16_collections_store_rounded_vectors_and_rank_by_them(store):
 
     ids, vectors = fill(store, "f16", vector_dtype="float16")
     half, full = stored("f16", ids), stored("f32", fill(store, "f32", vector_dtype="float32")[0])
+    assert [(c.name, c.vector_dtype) for c in store.collections()] == [("f16", "float16"), ("f32", "float32")]
     np.testing.assert_allclose(full, vectors, rtol=0, atol=1e-7)
     assert np.abs(half - vectors).max() > 3e-5  # rounded, not kept
     # Qdrant stores float16 exactly; ":memory:" renormalises the rounded vector (relative ~2e-4).
@@ -233,6 +234,18 @@ def test_edge_half_created_collection_is_invisible_and_replaced(tmp_path):
         assert s.embedder("half") == CLIP
         s.drop("half")
         assert not (root / "collections" / "half").exists()
+
+
+def test_edge_vector_dtype_survives_reopen_and_older_collections_are_float32(tmp_path):
+    with EdgeStore(tmp_path) as s:
+        fill(s, "half", n=5, vector_dtype="float16")
+        fill(s, "old", n=5)
+    sidecar = tmp_path / "collections" / "old" / SIDECAR  # as written before float16 storage
+    record = json.loads(sidecar.read_text())
+    del record["vector_dtype"]
+    sidecar.write_text(json.dumps(record))
+    with EdgeStore(tmp_path) as s:
+        assert {c.name: c.vector_dtype for c in s.collections()} == {"half": "float16", "old": "float32"}
 
 
 def test_edge_persists_across_reopen_and_processes(tmp_path):

@@ -62,6 +62,7 @@ class CollectionInfo:
     name: str
     points: int
     embedder: EmbedderInfo | None  # None: a collection on a shared server that ragcap did not create
+    vector_dtype: str  # "float16" or "float32", how its vectors are stored
 
 
 def point_id(collection: str, normalised_caption: str) -> str:

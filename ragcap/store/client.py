@@ -61,7 +61,10 @@ class ClientStore(Store):
         infos = []
         for name in names:
             info = self.client.get_collection(name)
-            infos.append(CollectionInfo(name, info.points_count or 0, self._from_metadata(info)))
+            # None is Qdrant's default, float32; a foreign collection may have named vectors (a dict).
+            datatype = getattr(info.config.params.vectors, "datatype", None)
+            vector_dtype = "float16" if datatype == models.Datatype.FLOAT16 else "float32"
+            infos.append(CollectionInfo(name, info.points_count or 0, self._from_metadata(info), vector_dtype))
         return infos
 
     @staticmethod

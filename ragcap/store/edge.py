@@ -99,6 +99,7 @@ class EdgeStore(Store):
         self.config = config or EdgeIndexConfig()
         self._shards: dict[str, qe.EdgeShard] = {}
         self._embedders: dict[str, EmbedderInfo] = {}
+        self._vector_dtypes: dict[str, str] = {}  # read with the embedder, from the sidecar
         self._maybe_unindexed: set[str] = set()
         try:
             (self.root / "collections").mkdir(parents=True, exist_ok=True)
@@ -111,7 +112,7 @@ class EdgeStore(Store):
 
     def collections(self) -> list[CollectionInfo]:
         names = sorted(p.parent.name for p in (self.root / "collections").glob(f"*/{SIDECAR}"))
-        return [CollectionInfo(n, self.count(n), self.embedder(n)) for n in names]
+        return [CollectionInfo(n, self.count(n), self.embedder(n), self._vector_dtypes[n]) for n in names]
 
     def exists(self, name: str) -> bool:
         return (self._dir(name) / SIDECAR).is_file()
@@ -126,18 +127,22 @@ class EdgeStore(Store):
         d.mkdir(parents=True)
         try:
             self._shards[name] = qe.EdgeShard.create(str(d / "shard"), self.config.shard_config(embedder.dim, vector_dtype))
-            sidecar = {"format": FORMAT, "embedder": embedder.to_dict()}
+            sidecar = {"format": FORMAT, "embedder": embedder.to_dict(), "vector_dtype": vector_dtype}
             _write_atomic(d / SIDECAR, json.dumps(sidecar, indent=2) + "\n")
         except BaseException:
             self.drop(name, missing_ok=True)
             raise
         self._embedders[name] = embedder
+        self._vector_dtypes[name] = vector_dtype
 
     def embedder(self, name: str) -> EmbedderInfo:
         if name not in self._embedders:
             path = self._dir(name) / SIDECAR
             try:
-                self._embedders[name] = EmbedderInfo.from_dict(json.loads(path.read_text())["embedder"])
+                sidecar = json.loads(path.read_text())
+                self._embedders[name] = EmbedderInfo.from_dict(sidecar["embedder"])
+                # Collections from before float16 storage have no entry: they are float32.
+                self._vector_dtypes[name] = sidecar.get("vector_dtype", "float32")
             except FileNotFoundError:
                 raise missing_collection(name) from None
             except (OSError, ValueError, KeyError, TypeError) as e:
@@ -249,6 +254,7 @@ class EdgeStore(Store):
         if shard is not None:
             shard.close()
         self._embedders.pop(name, None)
+        self._vector_dtypes.pop(name, None)
         self._maybe_unindexed.discard(name)
         # Sidecar first: if rmtree is interrupted, what remains is a half-created
         # collection that nothing lists and the next create() clears.
