@@ -291,3 +291,22 @@ def test_hub_and_pretrained_tag_specs_load_from_the_hub_cache(tmp_path, monkeypa
         assert np.array_equal(loaded.encode_images(_photos()), local.encode_images(_photos()))
         if not image_only:
             assert np.array_equal(loaded.encode_text(["a dog"]).vectors, local.encode_text(["a dog"]).vectors)
+
+
+def test_image_only_falls_back_to_the_whole_load_when_a_tensor_is_not_in_the_checkpoint(tmp_path, monkeypatch):
+    from open_clip.transformer import VisionTransformer
+
+    directory = str(make_tiny_clip(tmp_path / "clip", seed=4))
+    expected = load_embedder(directory, device="cpu").encode_images(_photos())
+    embed._CACHE.clear()
+    build = VisionTransformer.__init__
+
+    def with_derived_buffer(self, *args, **kwargs):  # like a RoPE table: computed, never saved
+        build(self, *args, **kwargs)
+        self.register_buffer("derived", torch.ones(3), persistent=False)
+
+    monkeypatch.setattr(VisionTransformer, "__init__", with_derived_buffer)
+    loaded = load_embedder(directory, device="cpu", image_only=True)
+    assert loaded.has_text  # the ordinary whole-model load took over
+    assert not loaded.model.visual.derived.is_meta
+    assert np.array_equal(loaded.encode_images(_photos()), expected)
