@@ -374,7 +374,9 @@ def _checkpoint_file(spec: ModelSpec) -> str:
     return download_pretrained(open_clip.get_pretrained_cfg(spec.name, spec.tag))
 
 
-def _load_image_tower(spec: ModelSpec, device: torch.device) -> OpenClipEmbedder | None:
+def _load_image_tower(
+    spec: ModelSpec, factory_args: tuple[str, str | None, bool], device: torch.device
+) -> OpenClipEmbedder | None:
     """CLIP's image tower alone, its weights resident once: for runs that embed only images.
 
     Captioning images never runs the text tower (the memory holds text vectors already), and
@@ -385,7 +387,7 @@ def _load_image_tower(spec: ModelSpec, device: torch.device) -> OpenClipEmbedder
     would still hold a meta tensor (a buffer no checkpoint stores, or a format open_clip copies
     in place): the caller then loads the whole model the ordinary way.
     """
-    name, pretrained, quick_gelu = _factory_args(spec)
+    name, pretrained, quick_gelu = factory_args
     with torch.device("meta"), _quiet_open_clip():
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, load_weights=False, device="meta", force_quick_gelu=quick_gelu
@@ -408,9 +410,9 @@ def _load_image_tower(spec: ModelSpec, device: torch.device) -> OpenClipEmbedder
 def _load_open_clip(spec: ModelSpec, device: torch.device, image_only: bool = False) -> OpenClipEmbedder:
     if spec.kind == "local":
         _check_local_dir(Path(spec.name), spec.canonical)
-    name, pretrained, quick_gelu = _factory_args(spec)
+    factory_args = name, pretrained, quick_gelu = _factory_args(spec)
     try:
-        if image_only and (embedder := _load_image_tower(spec, device)):
+        if image_only and (embedder := _load_image_tower(spec, factory_args, device)):
             return embedder
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu

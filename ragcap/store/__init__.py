@@ -126,7 +126,7 @@ class Store(ABC):
         """Top-k neighbours of each row of `queries` (b, dim), best first, in batched calls."""
         queries = self._check_vectors(name, queries, "queries")
         # One call per batch, except that returned vectors arrive as Python lists (~32 bytes a
-        # component until converted): 32 queries x k=256 x 512-d would be ~130 MB at once.
+        # component until converted): 32 queries x k=1024 x 512-d would be ~500 MB at once.
         step = max(1, VECTORS_PER_CALL // k) if with_vectors else max(1, len(queries))
         return [
             hits

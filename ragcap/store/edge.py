@@ -30,9 +30,10 @@ FORMAT = 1
 class EdgeIndexConfig:
     # Full scan over 4-bit TurboQuant codes, then rescoring of the best k * oversampling
     # with the stored vectors. Measured on 200k random 512-d vectors (benchmarks/store.py):
-    # ~6 ms per query at recall@10 = 1.0 (float32) / 0.9995 (float16), index built in ~6 s. HNSW (m=16) reached only
-    # recall 0.58 at ef=512 on such data and took a minute per 50k points to build on 2
-    # cores; int8 scalar codes give the same recall but scan twice the bytes (~9 ms).
+    # ~6 ms per query at recall@10 = 1.0 (float32) / 0.9995 (float16), index built in ~6 s.
+    # HNSW (m=16) reached only recall 0.58 at ef=512 on such data and took a minute per 50k
+    # points to build on 2 cores; int8 scalar codes give the same recall but scan twice the
+    # bytes (~9 ms).
     quantization: str = "turbo4"  # "turbo4" | "int8" | "none" (plain scan of the stored vectors)
     oversampling: float = 8.0  # 4.0 gave recall 0.999, 8.0 gave 1.0 at the same latency
     # 0 = no graph. Set e.g. 16 for memories of millions of points, where a linear scan of
@@ -112,7 +113,7 @@ class EdgeStore(Store):
 
     def collections(self) -> list[CollectionInfo]:
         names = sorted(p.parent.name for p in (self.root / "collections").glob(f"*/{SIDECAR}"))
-        return [CollectionInfo(n, self.count(n), self.embedder(n), self._vector_dtypes[n]) for n in names]
+        return [CollectionInfo(n, self.count(n), self.embedder(n), self._vector_dtype(n)) for n in names]
 
     def exists(self, name: str) -> bool:
         return (self._dir(name) / SIDECAR).is_file()
@@ -148,6 +149,10 @@ class EdgeStore(Store):
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise StoreError(f"{path}: unreadable collection record ({e!r}); drop the collection") from None
         return self._embedders[name]
+
+    def _vector_dtype(self, name: str) -> str:
+        self.embedder(name)  # reads the sidecar, which records both
+        return self._vector_dtypes[name]
 
     def _shard(self, name: str) -> qe.EdgeShard:
         shard = self._shards.get(name)
