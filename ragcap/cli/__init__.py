@@ -1,0 +1,17 @@
+"""The `ragcap` command: option parsing and output only; the work is done by ragcap.api.
+
+One module per group of commands registers on the shared Typer app:
+    memory    ingest, collections, search, drop, export
+    decode    train-decoder, caption, eval
+    models    models list / save-random / save-random-lm
+"""
+
+from ragcap.cli import decode, memory, models  # noqa: F401  (registration)
+from ragcap.cli.common import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

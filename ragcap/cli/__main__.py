@@ -1,0 +1,3 @@
+from ragcap.cli import main
+
+main()

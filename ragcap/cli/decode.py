@@ -1,0 +1,207 @@
+"""Commands that write captions: train-decoder, caption, eval."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ragcap.cli.common import Collection, Device, Json, Model, QdrantKey, QdrantUrl, app, command, store
+from ragcap.errors import RagcapError
+
+
+@command(app, "train-decoder")
+def train_decoder(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the trained decoder (and its checkpoints).")],
+    collection: Annotated[Optional[str], typer.Option("--collection", "-c", help="Train on this collection's captions and vectors.")] = None,
+    parquet: Annotated[Optional[Path], typer.Option(help="Or train on a `ragcap export` Parquet file.")] = None,
+    layers: Annotated[int, typer.Option(help="Decoder layers (DeCap: 4).")] = 4,
+    heads: Annotated[int, typer.Option(help="Attention heads (DeCap: 4).")] = 4,
+    width: Annotated[int, typer.Option(help="Hidden size (DeCap: 768).")] = 768,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Captions are cut to this many tokens.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Captions per step.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate.")] = None,
+    noise: Annotated[Optional[float], typer.Option(help="Std of Gaussian noise on the embeddings (CapDec); 0 = off.")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing of the cross-entropy (DeCap: 0.1).")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout in the decoder (GPT-2: 0.1).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps (at most 10% of the run).")] = None,
+    prune_vocab: Annotated[bool, typer.Option("--prune-vocab/--full-vocab", help="Output only the CLIP tokens the captions use (same captions, several times faster).")] = True,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Held-out fraction for the per-epoch validation loss.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for the split, initialisation and batches.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last complete epoch in --out.")] = False,
+    qdrant_url: QdrantUrl = None,
+    qdrant_api_key: QdrantKey = None,
+    json_out: Json = False,
+):
+    """Train DeCap's decoder on text only: reproduce each caption from its own stored embedding."""
+    from ragcap.report import emit_json, progress
+    from ragcap.train import TrainConfig, train_decoder as train
+
+    from ragcap import api
+
+    with store(qdrant_url, qdrant_api_key) as st:
+        captions, vectors, info = api.training_data(st, collection, parquet)
+    given = dict(n_layer=layers, n_head=heads, n_embd=width, max_tokens=max_tokens, epochs=epochs, batch_size=batch_size,
+                 lr=lr, noise_std=noise, val_fraction=val_fraction, seed=seed, label_smoothing=label_smoothing,
+                 dropout=dropout, warmup_steps=warmup_steps, prune_vocab=prune_vocab)
+    config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    bar = progress(None, "train-decoder", "steps")
+
+    def report(step: int, total: int, loss: float) -> None:
+        bar.total = total
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        bar.refresh()
+
+    with bar:
+        result = train(captions, vectors, info, out, config, resume=resume, progress=report)
+    if json_out:
+        emit_json({"out": str(out), "captions": len(captions), "embedder": info.spec, **result})
+    else:
+        typer.echo(f"decoder for {info.spec} written to {out} ({len(captions)} captions)")
+
+
+@command(app)
+def caption(
+    inputs: Annotated[Optional[list[str]], typer.Argument(help="Images, directories, globs, @list files, or - for paths on stdin.")] = None,
+    collection: Collection = "captions",
+    mode: Annotated[str, typer.Option("--mode", help="Comma-separated: pd, nnd, clipre, vd, prompt.")] = "pd",
+    decoder: Annotated[Optional[Path], typer.Option(help="Trained decoder directory (pd, nnd, vd).")] = None,
+    lm: Annotated[str, typer.Option(help="Causal LM for prompt mode: hub name or directory.")] = "gpt2",
+    text: Annotated[Optional[list[str]], typer.Option("--text", help="Caption from this text instead of images (repeatable).")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", "-k", help="Neighbours in the pd projection [default: 1024, or the whole collection if smaller].")] = None,
+    tau: Annotated[float, typer.Option(help="Softmax temperature of the projection (DeCap: 0.01).")] = 0.01,
+    beam: Annotated[int, typer.Option(help="Decoder beam size (1 = greedy).")] = 1,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Decoder length cap (default: its training length).")] = None,
+    prompt_k: Annotated[int, typer.Option(help="Retrieved captions in the prompt (SmallCap: 4).")] = 4,
+    full_memory: Annotated[bool, typer.Option(help="Exact pd over every stored caption (slow; for checking).")] = False,
+    neighbours: Annotated[int, typer.Option(help="Also report this many retrieved captions with scores.")] = 0,
+    fmt: Annotated[str, typer.Option("--format", help="text, jsonl or csv.")] = "text",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results here instead of stdout.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    model: Model = None,
+    device: Device = None,
+    qdrant_url: QdrantUrl = None,
+    qdrant_api_key: QdrantKey = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Same as --format jsonl.")] = False,
+):
+    """Caption images (or texts) with one or more modes."""
+    from ragcap import api
+    from ragcap.caption import CaptionSettings, iter_inputs, parse_modes
+    from ragcap.report import CAPTION_FORMATS, CaptionWriter, progress, write_all
+
+    fmt = "jsonl" if json_out else fmt
+    if fmt not in CAPTION_FORMATS:
+        raise RagcapError(f"unknown --format {fmt!r}; choose from {', '.join(CAPTION_FORMATS)}")
+    if not inputs and not text:
+        raise RagcapError("nothing to caption: give image paths, a directory, - for stdin, or --text")
+    settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, beam_size=beam, max_tokens=max_tokens,
+                               prompt_k=prompt_k, full_memory=full_memory, batch_size=batch_size, neighbours=neighbours)
+    paths = list(iter_inputs(inputs or []))
+    st = store(qdrant_url, qdrant_api_key)
+    out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
+    try:
+        captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device, image_only=not text)
+        writer = CaptionWriter(out, fmt, key="text" if text else "file")
+        failed = write_all(captioner.caption_texts(text), writer) if text else 0
+        if paths:
+            with progress(len(paths), "caption", "images") as bar:
+                results = captioner.caption_images(paths)
+                failed += write_all(_counting(results, bar), writer)
+    finally:
+        if output:
+            out.close()
+        st.close()
+    if failed:
+        typer.echo(f"ragcap: {failed} input(s) failed; see the error lines", err=True)
+        raise typer.Exit(1)
+
+
+def _counting(results, bar):
+    """Advance the bar once per input (a failed input has one result, a captioned one one per mode)."""
+    last = None
+    for result in results:
+        if result.source != last:
+            bar.update(1)
+            last = result.source
+        yield result
+
+
+# ---------------------------------------------------------------------------- evaluate
+
+
+@command(app, "eval")
+def evaluate(
+    references: Annotated[Path, typer.Argument(help="Human references: COCO JSON, Karpathy JSON, COCO by-image JSON, Flickr token/CSV, or a JSONL manifest.")],
+    images: Annotated[Path, typer.Option("--images", help="Folder of the images to caption (matched to references by id or file name).")],
+    collection: Collection = "captions",
+    mode: Annotated[str, typer.Option("--mode", help="Comma-separated modes to score: pd, nnd, clipre, vd, prompt.")] = "pd",
+    decoder: Annotated[Optional[Path], typer.Option(help="Trained decoder directory (pd, nnd, vd).")] = None,
+    lm: Annotated[str, typer.Option(help="Causal LM for prompt mode.")] = "gpt2",
+    ref_format: Annotated[Optional[str], typer.Option("--ref-format", help="Reference format (default: detected).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Karpathy split to score (default: test).")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", "-k", help="Neighbours in the pd projection [default: 1024, or the whole collection if smaller].")] = None,
+    tau: Annotated[float, typer.Option(help="Softmax temperature of the projection.")] = 0.01,
+    beam: Annotated[int, typer.Option(help="Decoder beam size (1 = greedy).")] = 1,
+    spice: Annotated[bool, typer.Option(help="Also score SPICE when its jars are installed (slow).")] = True,
+    allow_leakage: Annotated[bool, typer.Option(help="Score even if the memory holds the evaluated images' own captions.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    model: Model = None,
+    device: Device = None,
+    qdrant_url: QdrantUrl = None,
+    qdrant_api_key: QdrantKey = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print scores and per-image captions as JSON.")] = False,
+):
+    """Caption a set of images with one or more modes and score them with the COCO metrics."""
+    from ragcap import api
+    from ragcap import evaluate as ev
+    from ragcap.caption import CaptionSettings, parse_modes
+    from ragcap.report import emit_json, progress
+
+    ev.require_java()  # fail before minutes of captioning, not after
+    refs = ev.load_references(references, ref_format, split)
+    matched = ev.match_images(refs, images)
+    absent = sorted(set(refs) - set(matched.pairs))
+    if not matched.pairs:
+        raise RagcapError(f"none of the {len(refs)} images in {references} is in {images}; check --images and --split")
+    settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, beam_size=beam, batch_size=batch_size)
+    with store(qdrant_url, qdrant_api_key) as st:
+        if not allow_leakage:
+            leaked = api.find_leakage(st, collection, matched.pairs)
+            if leaked:
+                raise RagcapError(
+                    f"collection '{collection}' holds {leaked} captions of the {len(matched.pairs)} images under evaluation, "
+                    "which inflates every score; rebuild it with `ragcap ingest ... --exclude-images FILE` "
+                    "(a file of the evaluated image ids) or pass --allow-leakage"
+                )
+        captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device)
+        key_of = {str(path): key for key, path in matched.pairs.items()}
+        captions: dict[str, dict[str, str]] = {m: {} for m in settings.modes}
+        failed: dict[str, str] = {}
+        with progress(len(key_of), "caption", "images") as bar:
+            for result in _counting(captioner.caption_images(list(key_of)), bar):
+                if result.error is not None:
+                    failed[result.source] = result.error
+                else:
+                    captions[result.mode][key_of[result.source]] = result.caption
+    if not any(captions.values()):
+        raise RagcapError(f"no image could be captioned ({len(failed)} failed)")
+    scores = {m: ev.score(captions[m], refs, spice=spice) for m in settings.modes}
+    if json_out:
+        emit_json({
+            "references": str(references), "collection": collection, "images_scored": len(next(iter(captions.values()))),
+            "images_missing": absent, "images_failed": failed,
+            "scores": {m: s.to_dict() for m, s in scores.items()},
+            "captions": {key: {m: captions[m].get(key) for m in settings.modes} for key in sorted(matched.pairs)},
+        })
+    else:
+        typer.echo(ev.format_table(scores))
+    for path, error in failed.items():
+        typer.echo(f"ragcap: could not caption {path}: {error}", err=True)
+    if absent:
+        typer.echo(f"ragcap: {len(absent)} referenced images are not in {images} (e.g. {', '.join(absent[:3])}); scored the rest", err=True)
+    if failed or absent:
+        raise typer.Exit(1)

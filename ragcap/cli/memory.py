@@ -1,0 +1,169 @@
+"""Commands on the caption memory: ingest, collections, search, drop, export."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ragcap.cli.common import Collection, Device, Json, Model, QdrantKey, QdrantUrl, app, command, store
+
+
+@command(app)
+def ingest(
+    source: Annotated[str, typer.Argument(help="Corpus kind: coco-captions, flickr, cc3m, text, jsonl, csv, parquet, hf.")],
+    paths: Annotated[Optional[list[str]], typer.Argument(help="Files, a directory, or a Hugging Face data set name.")] = None,
+    collection: Collection = "captions",
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Embedder spec (default: the collection's, else ViT-B-32:openai).")] = None,
+    text_field: Annotated[Optional[str], typer.Option(help="jsonl/csv/parquet/hf: the caption field.")] = None,
+    id_field: Annotated[Optional[str], typer.Option(help="jsonl/csv/parquet/hf: the image id field.")] = None,
+    vector_field: Annotated[Optional[str], typer.Option(help="parquet: pre-computed vectors (from `ragcap export`); no re-embedding.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Karpathy or Hugging Face split.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Read at most N captions from the source.")] = None,
+    exclude_images: Annotated[Optional[Path], typer.Option(help="File of image ids (one per line or a JSON list) whose captions stay out.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Skip captions longer than N GPT-2 tokens (SmallCap uses 25).")] = None,
+    tokenizer: Annotated[str, typer.Option(help="GPT-2 tokenizer (hub name or directory) for --max-tokens.")] = "gpt2",
+    skip_bad: Annotated[bool, typer.Option(help="Skip and count malformed lines instead of stopping.")] = False,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: ingest only the I-th of N disjoint slices (parallel workers).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Captions embedded and upserted together (the resume granularity).")] = 4096,
+    vector_dtype: Annotated[str, typer.Option(help="Storage of a new collection: float16 (half the memory) or float32.")] = "float16",
+    device: Device = None,
+    qdrant_url: QdrantUrl = None,
+    qdrant_api_key: QdrantKey = None,
+    json_out: Json = False,
+):
+    """Read a caption corpus, embed every caption and store it in a Qdrant collection."""
+    from pipelines import ReadOptions, filters, get_reader
+    from ragcap import api
+    from ragcap.ingest import IngestOptions
+    from ragcap.report import emit_json, progress
+    from ragcap.store import check_vector_dtype
+
+    reader = get_reader(source)
+    paths = paths or []
+    read_options = ReadOptions(text_field=text_field, id_field=id_field, vector_field=vector_field, split=split, skip_bad=skip_bad)
+    check_vector_dtype(vector_dtype)
+    options = IngestOptions(limit=limit, batch_size=batch_size, vector_dtype=vector_dtype)
+    if exclude_images is not None:
+        options.exclude_images = frozenset(filters.load_image_ids(exclude_images))
+    if max_tokens is not None:
+        counter = filters.GPT2TokenCounter(tokenizer)
+        options.max_tokens, options.token_counter = max_tokens, lambda caption: counter.count([caption])[0]
+    if shard is not None:
+        options.shard = filters.parse_shard(shard)
+
+    # A first pass over regular files counts the records for the progress bar's ETA (and fails
+    # fast on a bad path); parsing is cheap next to embedding. Pipes and hub names are read once.
+    total = None
+    if paths and all(os.path.isfile(p) for p in paths):
+        total = sum(1 for _ in reader(paths, ReadOptions(**{**vars(read_options), "skip_bad": True})))
+    if limit is not None:
+        total = limit if total is None else min(total, limit)
+    with store(qdrant_url, qdrant_api_key) as st, progress(total, f"ingest {collection}", "captions") as bar:
+        info, summary = api.ingest_corpus(st, source, paths, collection, model, read_options, options, device, bar.update)
+        points = st.count(collection)
+    result = {"collection": collection, "embedder": info.spec, "points": points, **summary.to_dict()}
+    if json_out:
+        emit_json(result)
+    else:
+        typer.echo(
+            f"{collection}: read {summary.read}, stored {summary.stored}, already stored {summary.already_stored}, "
+            f"duplicates {summary.duplicates}, excluded {summary.excluded}, too long {summary.too_long}, "
+            f"other shards {summary.other_shards}, skipped bad {summary.skipped_bad}, truncated {summary.truncated}; "
+            f"{points} points in the collection"
+        )
+        for line in summary.bad:
+            typer.echo(f"  skipped {line}", err=True)
+
+
+@command(app)
+def collections(qdrant_url: QdrantUrl = None, qdrant_api_key: QdrantKey = None, json_out: Json = False):
+    """List collections with their size and the embedder that filled them."""
+    from ragcap.report import emit_json, print_table
+
+    with store(qdrant_url, qdrant_api_key) as st:
+        rows = [
+            {
+                "name": c.name,
+                "points": c.points,
+                "embedder": c.embedder.spec if c.embedder else "?",
+                "dim": c.embedder.dim if c.embedder else "?",
+                "vectors": c.vector_dtype,
+            }
+            for c in st.collections()
+        ]
+    if json_out:
+        emit_json(rows)
+    elif rows:
+        print_table(rows, ["name", "points", "embedder", "dim", "vectors"])
+    else:
+        typer.echo("no collections; create one with `ragcap ingest`")
+
+
+@command(app)
+def search(
+    query: Annotated[str, typer.Argument(help="Query text, or the path of an image.")],
+    collection: Collection = "captions",
+    k: Annotated[int, typer.Option("--k", "-k", help="Number of neighbours.")] = 10,
+    model: Model = None,
+    device: Device = None,
+    qdrant_url: QdrantUrl = None,
+    qdrant_api_key: QdrantKey = None,
+    json_out: Json = False,
+):
+    """Show the captions nearest to a text or an image."""
+    from ragcap.embed import load_embedder
+    from ragcap.images import IMAGE_EXTENSIONS, load_image
+    from ragcap.report import emit_json
+
+    with store(qdrant_url, qdrant_api_key) as st:
+        embedder = load_embedder(model or st.embedder(collection).spec, device)
+        st.check_embedder(collection, embedder.info)
+        is_image = Path(query).suffix.lower() in IMAGE_EXTENSIONS and Path(query).exists()
+        vector = embedder.encode_images([load_image(query)]) if is_image else embedder.encode_text([query]).vectors
+        hits = st.search(collection, vector, k)[0]
+    rows = [{"score": round(float(h.score), 6), **h.payload} for h in hits]
+    if json_out:
+        emit_json({"query": query, "kind": "image" if is_image else "text", "neighbours": rows})
+    else:
+        for row in rows:
+            typer.echo(f"{row['score']:.4f}  {row['caption']}")
+
+
+@command(app)
+def drop(
+    name: Annotated[str, typer.Argument(help="Collection to delete.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    qdrant_url: QdrantUrl = None,
+    qdrant_api_key: QdrantKey = None,
+):
+    """Delete a collection."""
+    with store(qdrant_url, qdrant_api_key) as st:
+        points = st.count(name)
+        if not yes and not typer.confirm(f"delete collection '{name}' ({points} points)?"):
+            raise typer.Exit(1)
+        st.drop(name)
+    typer.echo(f"dropped {name} ({points} points)")
+
+
+@command(app)
+def export(
+    name: Annotated[str, typer.Argument(help="Collection to export.")],
+    out: Annotated[Path, typer.Argument(help="Parquet file to write.")],
+    qdrant_url: QdrantUrl = None,
+    qdrant_api_key: QdrantKey = None,
+    json_out: Json = False,
+):
+    """Write captions, payloads and vectors to Parquet (load elsewhere with `ingest parquet --vector-field vector`)."""
+    from ragcap.export import export_collection
+    from ragcap.report import emit_json, progress
+
+    with store(qdrant_url, qdrant_api_key) as st, progress(st.count(name), f"export {name}", "points") as bar:
+        rows = export_collection(st, name, out, bar.update)
+        spec = st.embedder(name).spec
+    if json_out:
+        emit_json({"collection": name, "file": str(out), "points": rows, "embedder": spec})
+    else:
+        typer.echo(f"wrote {rows} points of {name} to {out}")

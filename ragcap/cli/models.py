@@ -1,0 +1,53 @@
+"""`ragcap models ...`: list model specs, and write random models for offline use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ragcap.cli.common import Json, command, models_app
+
+
+@command(models_app, "list")
+def list_models(
+    contains: Annotated[Optional[str], typer.Argument(help="Only specs containing this text (case-insensitive).")] = None,
+    json_out: Json = False,
+):
+    """Every open_clip ARCH:TAG spec (weights download on first use)."""
+    from ragcap.embed import list_pretrained_specs
+    from ragcap.report import emit_json
+
+    specs = [s for s in list_pretrained_specs() if contains is None or contains.lower() in s.lower()]
+    if json_out:
+        emit_json(specs)
+    else:
+        typer.echo("\n".join(specs))
+
+
+@command(models_app, "save-random")
+def save_random(
+    arch: Annotated[str, typer.Argument(help="open_clip architecture (e.g. ViT-B-32) or a model-config JSON file.")],
+    out: Annotated[Path, typer.Argument(help="Directory to write (a local checkpoint, usable as --model DIR).")],
+    seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
+):
+    """Write a randomly initialised open_clip model in the on-disk form of a real checkpoint."""
+    from ragcap.embed import save_random as write
+
+    typer.echo(str(write(arch, out, seed=seed)))
+
+
+@command(models_app, "save-random-lm")
+def save_random_lm(
+    out: Annotated[Path, typer.Argument(help="Directory to write (usable as --lm DIR).")],
+    tokenizer: Annotated[Path, typer.Option(help="Directory with GPT-2's vocab.json and merges.txt.")],
+    layers: Annotated[int, typer.Option(help="Transformer layers (GPT-2 small: 12).")] = 12,
+    width: Annotated[int, typer.Option(help="Hidden size (GPT-2 small: 768).")] = 768,
+    heads: Annotated[int, typer.Option(help="Attention heads (GPT-2 small: 12).")] = 12,
+    seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
+):
+    """Write a randomly initialised GPT-2 with a real tokenizer (for offline tests and benchmarks)."""
+    from ragcap.prompt import save_random_lm as write
+
+    typer.echo(str(write(out, tokenizer, n_layer=layers, n_embd=width, n_head=heads, seed=seed)))

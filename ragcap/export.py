@@ -1,0 +1,58 @@
+"""`ragcap export`: a collection as Parquet (captions, payloads, vectors, the embedder in the metadata).
+
+The file is the portable form of a memory: embed on a GPU box, `ingest parquet FILE
+--vector-field vector` on a server elsewhere, or keep it as a backup. It is written under a
+temporary name and renamed when complete, so an interrupted export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from ragcap.embedder_info import EmbedderInfo
+from ragcap.errors import RagcapError
+from ragcap.store import Store
+from ragcap.util import atomic_path
+
+# Schema metadata key under which an export records its embedder (read back by ingest and training).
+EMBEDDER_METADATA_KEY = b"ragcap.embedder"
+
+
+def parquet_embedder(path: str | Path) -> EmbedderInfo | None:
+    """The embedder a Parquet file records, or None for a file ragcap did not write."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(path).metadata or {}
+    raw = metadata.get(EMBEDDER_METADATA_KEY)
+    return EmbedderInfo.from_dict(json.loads(raw)) if raw else None
+
+
+def export_collection(store: Store, name: str, out: str | Path, on_progress: Callable[[int], None] | None = None) -> int:
+    """Write every point of `name` to the Parquet file `out`; returns the number of points."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise RagcapError(f"cannot write {out}: the folder {out.parent} does not exist; create it first")
+    info = store.embedder(name)
+    schema = pa.schema(
+        [("id", pa.string()), ("caption", pa.string()), ("payload", pa.string()), ("vector", pa.list_(pa.float32(), info.dim))],
+        metadata={EMBEDDER_METADATA_KEY: json.dumps(info.to_dict())},
+    )
+    rows = 0
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for ids, vectors, payloads in store.scroll(name, with_vectors=True):
+            columns = [
+                pa.array(ids, pa.string()),
+                pa.array([p["caption"] for p in payloads], pa.string()),
+                pa.array([json.dumps(p, ensure_ascii=False) for p in payloads], pa.string()),
+                pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), info.dim),
+            ]
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+            rows += len(ids)
+            if on_progress is not None:
+                on_progress(len(ids))
+    return rows
