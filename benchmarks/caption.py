@@ -32,11 +32,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "coco"
 PROMPT_K = 4  # SmallCap's retrieved captions per prompt
-from ragcap.caption import DEFAULT_K, PROMPT_SEARCH_FACTOR, CaptionSettings, Captioner
-from ragcap.decoder import CaptionDecoder, DecoderConfig
+from ragcap.caption import DEFAULT_K, CaptionSettings, Captioner
+from ragcap.decoders import DeCapConfig, DeCapDecoder
+from ragcap.decoders.lm_prompt import PromptCaptioner, first_sentence, save_random_lm
 from ragcap.embed import load_embedder, save_random
 from ragcap.images import load_image
-from ragcap.prompt import PromptCaptioner, first_sentence, save_random_lm
+from ragcap.modes import PROMPT_SEARCH_FACTOR
 from ragcap.retrieve import DEFAULT_TAU, FullMemory, project_hits
 from ragcap.store import open_store, point_id
 
@@ -63,7 +64,7 @@ def fill_memory(store, collection: str, info, n: int, seed: int = 0) -> list[str
 
 
 @torch.inference_mode()
-def reference_caption(path: str, embedder, memory: torch.Tensor, decoder: CaptionDecoder) -> str:
+def reference_caption(path: str, embedder, memory: torch.Tensor, decoder: DeCapDecoder) -> str:
     """DeCap's per-image loop: batch of one, whole-memory softmax, greedy without a KV cache."""
     image = embedder.preprocess(load_image(path)).unsqueeze(0).to(embedder.device)
     v = embedder.model.encode_image(image).float()
@@ -88,7 +89,7 @@ def reference_prompt_caption(path: str, embedder, store, prompter) -> str:
     hits = store.search("bench", query, PROMPT_K * PROMPT_SEARCH_FACTOR)[0]
     prompt = prompter.prompts([[h.payload["caption"] for h in hits]], k=PROMPT_K)[0]
     inputs = prompter.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(prompter.device)
-    out = prompter.model.generate(**inputs, **prompter.generation_kwargs(3, 25))
+    out = prompter.model.generate(**inputs, **prompter.generate_kwargs())
     return first_sentence(prompter.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
@@ -155,11 +156,11 @@ def main() -> None:
     captions = fill_memory(store, "bench", embedder.info, args.memory)
     fill_seconds = time.perf_counter() - t0
     # DeCap's size (4 layers, 4 heads, width 768) with the vocabulary `ragcap train-decoder`
-    # gives it by default: the CLIP tokens of the memory's captions (see DecoderConfig.pruned_to).
-    config = DecoderConfig(embed_dim=embedder.info.dim)
+    # gives it by default: the CLIP tokens of the memory's captions (see DeCapConfig.pruned_to).
+    config = DeCapConfig(embed_dim=embedder.info.dim)
     if not args.full_vocab:
         config = config.pruned_to(captions)
-    decoder = CaptionDecoder(config, embedder.info).eval()
+    decoder = DeCapDecoder(config, embedder.info).eval()
     decoder_dir = str(decoder.save(Path(tmp) / "decoder"))
     paths = real_images(args.images)
 

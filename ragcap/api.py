@@ -139,23 +139,19 @@ def load_captioner(
     image_only: load only CLIP's image tower (captioning images never runs the text tower);
     pass False to caption texts.
     """
-    from ragcap.caption import DECODER_MODES
     from ragcap.embed import load_embedder
+    from ragcap.modes import modes_needing
 
     settings = settings or CaptionSettings()
-    modes = set(settings.modes)
     embedder = load_embedder(model or store.embedder(collection).spec, device, image_only=image_only)
     loaded_decoder = prompter = None
-    if modes & set(DECODER_MODES) and decoder is not None:
-        from ragcap.decoder import CaptionDecoder, check_compatible
+    if modes_needing("decoder", settings.modes) and decoder is not None:
+        from ragcap.decoders import load_decoder
 
-        loaded_decoder = CaptionDecoder.load(decoder, device=device)
-        check_compatible(loaded_decoder, embedder.info, collection)
-    if "prompt" in modes:
-        from transformers.utils import logging as hf_logging
+        loaded_decoder = load_decoder(decoder, device=device)
+        loaded_decoder.check_embedder(embedder.info, collection)
+    if modes_needing("lm", settings.modes):
+        from ragcap.decoders.lm_prompt import PromptCaptioner
 
-        from ragcap.prompt import PromptCaptioner
-
-        hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with ours
         prompter = PromptCaptioner(lm, device=device)
     return Captioner(store, collection, embedder, settings, decoder=loaded_decoder, prompter=prompter)

@@ -201,9 +201,9 @@ def test_trained_decoder_reproduces_real_coco_captions_from_their_embeddings(tin
     result = ragcap("caption", *args, "-c", "coco", "--mode", "vd", "--decoder", decoder, "--json")
     generated = {l["text"]: l["caption"] for l in map(json.loads, result.stdout.splitlines())}
 
-    from ragcap.decoder import CaptionDecoder
+    from ragcap.decoders import load_decoder
 
-    tokenizer = CaptionDecoder.load(decoder).tokenizer
+    tokenizer = load_decoder(decoder).tokenizer
     exact = sum(generated[c] == tokenizer.decode(tokenizer.encode(c)[:20]) for c in stored)
     assert exact >= 0.9 * len(stored), f"only {exact}/{len(stored)} reproduced"
 
@@ -243,12 +243,12 @@ def test_killed_ingest_resumes_to_exactly_the_right_count(tiny_clip_dir, tmp_pat
 
 
 def test_decoder_of_another_embedder_and_empty_collection_are_refused(filled, tmp_path):
-    from ragcap.decoder import CaptionDecoder, DecoderConfig
+    from ragcap.decoders import DeCapConfig, DeCapDecoder
     from ragcap.embedder_info import EmbedderInfo
     from ragcap.store import open_store
 
     other = EmbedderInfo(spec="st:some-other-model", dim=32)
-    CaptionDecoder(DecoderConfig(embed_dim=32, n_layer=1, n_head=2, n_embd=32, max_tokens=8), other).save(tmp_path / "dec")
+    DeCapDecoder(DeCapConfig(embed_dim=32, n_layer=1, n_head=2, n_embd=32, max_tokens=8), other).save(tmp_path / "dec")
     result = ragcap("caption", "--text", "a cup", "-c", filled, "--mode", "vd", "--decoder", tmp_path / "dec", ok=False)
     assert result.exit_code == 1 and "st:some-other-model" in result.output and "train-decoder" in result.output
 
