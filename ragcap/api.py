@@ -13,6 +13,7 @@ turns requests into them, so a behaviour can never live in only one of them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -29,6 +30,8 @@ __all__ = [
     "CaptionSettings",
     "Captioner",
     "IngestOptions",
+    "TrainingExamples",
+    "embed_images",
     "export_collection",
     "find_leakage",
     "ingest_corpus",
@@ -36,6 +39,7 @@ __all__ = [
     "load_captioner",
     "open_store",
     "training_data",
+    "training_examples",
 ]
 
 DEFAULT_MODEL = "ViT-B-32:openai"
@@ -114,6 +118,68 @@ def training_data(
     if not captions:
         raise RagcapError(f"collection '{collection}' is empty: fill it with `ragcap ingest`")
     return captions, np.concatenate(chunks), info
+
+
+@dataclass
+class TrainingExamples:
+    """Captions, one vector each, and what the training loop needs to know about their origin."""
+
+    captions: list[str]
+    vectors: np.ndarray  # (n, dim) float32: the image's embedding (paired) or the caption's own (text)
+    embedder: EmbedderInfo
+    groups: list[str]  # the held-out split keeps a group together: an image's captions
+    noisy: np.ndarray  # bool (n,): text rows, which get --noise; image rows get none
+    paired: int  # how many rows come from image features
+
+
+def training_examples(
+    store: Store | None = None, collection: str | None = None, parquet: str | Path | None = None, features: str | Path | None = None
+) -> TrainingExamples:
+    """Paired examples from an `embed-images` features file and/or text-only ones from a
+    collection or an export, all of one embedder."""
+    if features is None and collection is None and parquet is None:
+        raise RagcapError("nothing to train on: pass --features FILE (paired), and/or --collection NAME or --parquet FILE (text only)")
+    captions: list[str] = []
+    chunks: list[np.ndarray] = []
+    groups: list[str] = []
+    info = None
+    if features is not None:
+        from ragcap.features import read_features
+
+        loaded = read_features(features)
+        captions, vectors, images = loaded.pairs()
+        chunks, groups, info = [vectors], [f"image:{i}" for i in images], loaded.embedder
+    paired = len(captions)
+    if collection is not None or parquet is not None:
+        texts, vectors, text_info = training_data(store, collection, parquet)
+        if info is not None and text_info != info:
+            raise RagcapError(f"{features} holds features of {info.spec} (dim {info.dim}) but {collection or parquet} "
+                              f"was embedded with {text_info.spec} (dim {text_info.dim}); use data of one embedder")
+        captions, info = captions + texts, text_info
+        chunks.append(vectors)
+        groups += [f"text:{i}" for i in range(len(texts))]
+    noisy = np.arange(len(captions)) >= paired
+    return TrainingExamples(captions, np.concatenate(chunks), info, groups, noisy, paired)
+
+
+def embed_images(
+    refs,
+    pairs: dict[str, Path],
+    out: str | Path,
+    model: str | None = None,
+    device: str | None = None,
+    batch_size: int = 64,
+    on_progress: Callable[[int], None] | None = None,
+):
+    """Encode the referenced images into a features file (ragcap.features.embed_images). The
+    embedder is, in order: the one asked for, the one an existing `out` records, DEFAULT_MODEL."""
+    from ragcap.embed import load_embedder
+    from ragcap import features
+
+    if model is None and Path(out).is_file():
+        model = features.read_features(out).embedder.spec
+    embedder = load_embedder(model or DEFAULT_MODEL, device, image_only=True)
+    return features.embed_images(refs, pairs, out, embedder, batch_size, on_progress)
 
 
 def find_leakage(store: Store, collection: str, image_keys: Iterable[str]) -> int:

@@ -2,11 +2,12 @@
 
 One module per group of commands registers on the shared Typer app:
     memory    ingest, collections, search, drop, export
-    decode    train-decoder, caption, eval
-    models    models list / save-random / save-random-lm
+    decode    train-decoder, train-clipcap, caption, eval
+    features  embed-images
+    models    models list / save-random / save-random-lm / import
 """
 
-from ragcap.cli import decode, memory, models  # noqa: F401  (registration)
+from ragcap.cli import decode, features, memory, models  # noqa: F401  (registration)
 from ragcap.cli.common import app
 
 

@@ -1,4 +1,4 @@
-"""`ragcap models ...`: list model specs, and write random models for offline use."""
+"""`ragcap models ...`: list model specs, write random models for offline use, import published checkpoints."""
 
 from __future__ import annotations
 
@@ -51,3 +51,19 @@ def save_random_lm(
     from ragcap.decoders.lm_prompt import save_random_lm as write
 
     typer.echo(str(write(out, tokenizer, n_layer=layers, n_embd=width, n_head=heads, seed=seed)))
+
+
+@command(models_app, "import")
+def import_model(
+    kind: Annotated[str, typer.Argument(help="What the checkpoint is: clipcap.")],
+    source: Annotated[Path, typer.Argument(help="The published checkpoint file (e.g. ClipCap's coco_weights.pt).")],
+    out: Annotated[Path, typer.Argument(help="Directory to write (usable as --decoder DIR).")],
+    mapping: Annotated[str, typer.Option(help="clipcap: the checkpoint's mapping network, mlp or transformer.")] = "mlp",
+    lm: Annotated[str, typer.Option(help="clipcap: the LM's config and tokenizer (hub name or directory); weights come from the checkpoint.")] = "gpt2",
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="clipcap: embedder to record [default: ViT-B-32:openai for 512-d, RN50x4:openai for 640-d].")] = None,
+    prefix_scale: Annotated[float, typer.Option(help="clipcap: scale of the unit embeddings fed to the mapping (the MLP checkpoints saw raw CLIP embeddings).")] = 1.0,
+):
+    """Convert another project's published checkpoint into a ragcap model directory."""
+    from ragcap.importers import run_import
+
+    typer.echo(str(run_import(kind, source, out, mapping=mapping, lm=lm, model=model, prefix_scale=prefix_scale)))
