@@ -179,7 +179,7 @@ def embed_images(
     if model is None and Path(out).is_file():
         model = features.read_features(out).embedder.spec
     embedder = load_embedder(model or DEFAULT_MODEL, device, image_only=True)
-    return features.embed_images(refs, pairs, out, embedder, batch_size, on_progress)
+    return features.embed_images(refs, pairs, embedder, out, batch_size, on_progress)
 
 
 def find_leakage(store: Store, collection: str, image_keys: Iterable[str]) -> int:
