@@ -19,10 +19,17 @@ from pathlib import Path
 
 import torch
 
-from ragcap.embedder_info import CLIP_CONTEXT, LONG_CONTEXT
+from ragcap.embed import (
+    CONFIG_NAME,
+    load_embedder,
+    model_config,
+    parse_spec,
+    preprocess_config,
+    text_tower,
+    write_checkpoint,
+)
+from ragcap.embedder_info import LONG_CONTEXT
 from ragcap.errors import ModelError
-
-__all__ = ["CLIP_CONTEXT", "KEEP", "LONG_CONTEXT", "require_new_model_dir", "stretch_model", "stretch_positions", "stretch_ratio"]
 
 KEEP = 20  # Long-CLIP's kept positions (its mask1 / mask2 split the table here)
 
@@ -57,17 +64,16 @@ def stretch_positions(table: torch.Tensor, context: int, keep: int = KEEP) -> to
 
 def stretch_model(spec: str, out: str | Path, context: int = LONG_CONTEXT, keep: int = KEEP, device: str | None = None) -> Path:
     """Write `spec` (any open_clip CLIP) with its text context stretched to `context` as a model directory."""
-    from ragcap.embed import load_embedder, model_config, parse_spec, preprocess_config, text_tower, write_checkpoint
-
     parsed = parse_spec(spec)
     cfg = model_config(parsed)
     if cfg["text_cfg"].get("hf_model_name") or cfg["text_cfg"].get("hf_tokenizer_name"):
         raise ModelError(f"model {spec}: Long-CLIP's stretch applies to CLIP's own text transformer and tokenizer, not a Hugging Face one")
+    stretch_ratio(cfg["text_cfg"].get("context_length", 77), context, keep)  # refuse a bad --context before loading
+    require_new_model_dir(out)
     model = load_embedder(spec, device).model
     found = text_tower(model)
     if found is None:
         raise ModelError(f"model {spec}: Long-CLIP's stretch needs a causal CLIP text tower pooled at the end token")
-    require_new_model_dir(out)
     tower = found[0]
     key = "positional_embedding" if tower is model else "text.positional_embedding"
     table = tower.positional_embedding.detach().cpu()
@@ -82,8 +88,6 @@ def stretch_model(spec: str, out: str | Path, context: int = LONG_CONTEXT, keep:
 
 def require_new_model_dir(out: str | Path) -> None:
     """Refuse to overwrite a model directory (its config is what marks it)."""
-    from ragcap.embed import CONFIG_NAME
-
     out = Path(out)
     if (out / CONFIG_NAME).exists():
         raise ModelError(f"{out} already holds a model ({CONFIG_NAME}); choose another directory or delete it")

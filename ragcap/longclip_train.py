@@ -32,11 +32,19 @@ from transformers import get_cosine_schedule_with_warmup
 from pipelines.base import BadRecord, ReadOptions
 from pipelines.files import LineSource, bad_line
 from ragcap.embed import (
-    CONFIG_NAME, encode_cut, load_trainable, model_config, pool_positions, preprocess_config, text_tower, write_checkpoint,
+    CONFIG_NAME,
+    encode_cut,
+    load_trainable,
+    model_config,
+    pool_positions,
+    preprocess_config,
+    text_tower,
+    write_checkpoint,
 )
+from ragcap.embedder_info import CLIP_CONTEXT
 from ragcap.errors import ModelError, SourceError
 from ragcap.images import load_image
-from ragcap.longclip import CLIP_CONTEXT, KEEP
+from ragcap.longclip import KEEP
 from ragcap.train import CHECKPOINT_FILE, LOG_FILE, _checkpoint, _restore, _split
 from ragcap.util import write_atomic
 

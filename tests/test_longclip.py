@@ -103,6 +103,17 @@ def test_stretched_model_loads_and_short_captions_embed_exactly_as_before(tiny_p
     assert np.array_equal(load_embedder(str(out), "cpu", image_only=True).encode_images(photo), after.encode_images(photo))
 
 
+def test_custom_text_towers_stretch_too_and_bidirectional_ones_are_refused(tmp_path):
+    source = make_tiny_clip(tmp_path / "custom", seed=3, custom_text=True)  # open_clip's "text." layout
+    before, after = load_embedder(str(source), "cpu"), load_embedder(str(stretch_model(str(source), tmp_path / "long")), "cpu")
+    assert after.context_length == 248
+    assert np.array_equal(before.encode_text([words(15)]).vectors, after.encode_text([words(15)]).vectors)
+    bidirectional = make_tiny_clip(tmp_path / "siglip-like", seed=3, custom_text=True,
+                                   text_cfg={"no_causal_mask": True, "pool_type": "last"})
+    with pytest.raises(ModelError, match="needs a causal CLIP text tower"):
+        stretch_model(str(bidirectional), tmp_path / "refused")
+
+
 def test_a_long_querys_tail_reaches_only_the_stretched_model(tiny_pair):
     """Two 150-token descriptions that differ only after token 100: a 77-token model embeds both
     to the same vector (the tail is cut, and counted); the stretched model tells them apart."""

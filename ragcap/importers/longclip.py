@@ -17,8 +17,9 @@ import open_clip
 import torch
 
 from ragcap.embed import arch_config, write_checkpoint
+from ragcap.embedder_info import CLIP_CONTEXT
 from ragcap.errors import ModelError
-from ragcap.longclip import CLIP_CONTEXT, KEEP, require_new_model_dir
+from ragcap.longclip import KEEP, require_new_model_dir
 
 # Long-CLIP's preprocessing: OpenAI's mean/std, bicubic resize of the short side, centre crop.
 PREPROCESS = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
