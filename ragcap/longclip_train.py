@@ -203,19 +203,19 @@ def finetune_longclip(
     """Fine-tune a long-context model on triples; returns {"epochs": [log rows], "train_loss",
     "val_loss", "steps", "out_dir"}. progress(step, total_steps, loss) is told after every step."""
     out = Path(out_dir)
+    progress = progress or (lambda step, total, loss: None)
     torch.manual_seed(config.seed)
     embedder = load_trainable(model, config.device)
     context, clip = embedder.context_length, embedder.model
     if context <= CLIP_CONTEXT:
         raise ModelError(f"model {model} reads {context} tokens: stretch it first (`ragcap models stretch {model} DIR --context 248`)")
-    made = json.loads((Path(embedder.spec.name) / CONFIG_NAME).read_text()).get("ragcap", {}) if embedder.spec.kind == "local" else {}
+    made = _made_by_ragcap(embedder)
     keep = next((made[step]["keep"] for step in ("stretch", "import") if step in made), KEEP)
     clip.logit_scale.data.fill_(config.logit_scale)
     if config.lock_image:
         clip.lock_image_tower()
     objective = PrimaryComponentMatching(clip, config)
-    table = objective.tower.positional_embedding
-    kept = table.detach()[:keep].clone()
+    kept = objective.tower.positional_embedding.detach()[:keep].clone()
 
     train_idx, val_idx = _split(len(triples), config.val_fraction, config.seed)
     steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
@@ -239,38 +239,43 @@ def finetune_longclip(
         return images, tokenize([t.long for t in chosen]), tokenize([t.short for t in chosen])
 
     for epoch in range(start_epoch, config.epochs):
-        objective.train()
         # The order depends only on (seed, epoch), so a resumed run sees the same batches.
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         order = train_idx[torch.randperm(len(train_idx), generator=generator).numpy()]
-        sums = np.zeros(2)
-        for i in range(steps_per_epoch):
-            batch = order[i * config.batch_size : (i + 1) * config.batch_size]
-            losses = objective(*batch_of(batch))
-            loss = losses[0] + losses[1]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                table[:keep] = kept  # undo weight decay: Long-CLIP keeps these rows in a frozen copy
-            sums += [losses[0].item() * len(batch), losses[1].item() * len(batch)]
-            if progress is not None:
-                progress(epoch * steps_per_epoch + i + 1, total_steps, loss.item())
-        long_loss, short_loss = (float(x) for x in sums / len(train_idx))
+        batches = (order[i * config.batch_size : (i + 1) * config.batch_size] for i in range(steps_per_epoch))
+        on_step = lambda i, loss, first=epoch * steps_per_epoch: progress(first + i + 1, total_steps, loss)  # noqa: E731
+        long_loss, short_loss = _train_epoch(objective, optimizer, scheduler, map(batch_of, batches), kept, on_step)
         row = {"epoch": epoch + 1, "train_loss": long_loss + short_loss, "train_loss_long": long_loss,
                "train_loss_short": short_loss, "val_loss": _evaluate(objective, val_idx, batch_of, config.batch_size)}
         log.append(row)
         _checkpoint(out / CHECKPOINT_FILE, epoch + 1, log, fingerprint, objective, optimizer, scheduler)
         write_atomic(out / LOG_FILE, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in log)))
 
-    record = {**made, "finetune": {
+    _save_model(out, embedder, {**made, "finetune": {
         "method": "Long-CLIP primary component matching", "base": embedder.info.spec, "triples": len(triples), "keep": keep,
-        "epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr, "lock_image": config.lock_image}}
-    state = {k: v.detach().cpu().contiguous() for k, v in clip.state_dict().items()}
-    write_checkpoint(out, state, model_config(embedder.spec), preprocess_config(clip), record)
+        "epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr, "lock_image": config.lock_image}})
     last = log[-1] if log else {"train_loss": None, "val_loss": None}
     return {"epochs": log, "train_loss": last["train_loss"], "val_loss": last["val_loss"], "steps": total_steps, "out_dir": str(out)}
+
+
+def _train_epoch(objective: PrimaryComponentMatching, optimizer, scheduler, batches, kept: torch.Tensor, on_step) -> tuple[float, float]:
+    """One pass over the batches; the mean fine and coarse losses per triple."""
+    objective.train()
+    table = objective.tower.positional_embedding
+    sums, count = np.zeros(2), 0
+    for i, batch in enumerate(batches):
+        losses = objective(*batch)
+        loss = losses[0] + losses[1]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            table[: len(kept)] = kept  # undo weight decay: Long-CLIP keeps these rows in a frozen copy
+        n = len(batch[0])
+        sums, count = sums + [losses[0].item() * n, losses[1].item() * n], count + n
+        on_step(i, loss.item())
+    return float(sums[0] / count), float(sums[1] / count)
 
 
 @torch.no_grad()
@@ -284,6 +289,18 @@ def _evaluate(objective: PrimaryComponentMatching, idx: np.ndarray, batch_of, ba
         batch = idx[start : start + batch_size]
         total += sum(loss.item() for loss in objective(*batch_of(batch))) * len(batch)
     return total / len(idx)
+
+
+def _save_model(out: Path, embedder, record: dict) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in embedder.model.state_dict().items()}
+    write_checkpoint(out, state, model_config(embedder.spec), preprocess_config(embedder.model), record)
+
+
+def _made_by_ragcap(embedder) -> dict:
+    """How ragcap made a local model (its config's "ragcap" record, e.g. the stretch's kept rows)."""
+    if embedder.spec.kind != "local":
+        return {}
+    return json.loads((Path(embedder.spec.name) / CONFIG_NAME).read_text(encoding="utf-8")).get("ragcap", {})
 
 
 def _fingerprint(triples: list[Triple], spec: str, config: FinetuneConfig) -> dict:
