@@ -435,7 +435,11 @@ def test_long_caption_memory_end_to_end(tiny_pair, triples_dir, tmp_path):
                                                    "--format", "jsonl").stdout.splitlines()]
     assert [c["mode"] for c in captions] == ["pd", "clipre"] and captions[1]["caption"] in descriptions
 
-    done = json.loads(ragcap("finetune-longclip", triples_dir / "manifest.jsonl", "--images", triples_dir, "-m", long_dir,
-                             "-o", tmp_path / "ft", "--epochs", "1", "--batch-size", "6", "--json").stdout)
-    assert done["triples"] == 12 and done["steps"] == 2 and done["skipped_bad"] == 0
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text((triples_dir / "manifest.jsonl").read_text() + json.dumps({"file": "0.png", "short": "a dog"}) + "\n")
+    run = ragcap("finetune-longclip", manifest, "--images", triples_dir, "-m", long_dir, "-o", tmp_path / "ft",
+                 "--epochs", "1", "--batch-size", "6", "--skip-bad", "--json", ok=False)
+    assert run.exit_code == 1 and f"skipped {manifest}:13: no long caption" in run.output  # reported, trained on the rest
+    done = json.loads(run.stdout)
+    assert done["triples"] == 12 and done["steps"] == 2 and done["skipped_bad"] == 1
     load_embedder(str(tmp_path / "ft"), "cpu")
