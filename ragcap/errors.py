@@ -28,3 +28,7 @@ class EmbedderMismatch(StoreError):
 
 class ImageError(RagcapError):
     """An image file is missing, corrupt, not an image, or too large to decode safely."""
+
+
+class OptionError(RagcapError, ValueError):
+    """An option or argument is out of range or contradicts another one."""

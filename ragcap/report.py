@@ -57,7 +57,7 @@ class CaptionWriter:
         self.out, self.fmt, self.key = out, fmt, key
         self.csv = csv.writer(out) if fmt == "csv" else None
         if self.csv is not None:
-            self.csv.writerow([key, "mode", "caption", "error", "neighbours"])
+            self.csv.writerow([key, "mode", "caption", "score", "error", "neighbours"])
         self.last_source: str | None = None
 
     def write(self, result: CaptionResult) -> None:
@@ -66,12 +66,18 @@ class CaptionWriter:
             record = {self.key: result.source, "mode": result.mode, "caption": result.caption}
             if result.error is not None:
                 record = {self.key: result.source, "error": result.error}
-            elif neighbours is not None:
-                record["neighbours"] = neighbours
+            else:
+                if result.score is not None:
+                    record["score"] = round(result.score, 6)
+                if result.alternatives is not None:
+                    record["captions"] = [{"caption": c, "score": round(s, 6)} for c, s in result.alternatives]
+                if neighbours is not None:
+                    record["neighbours"] = neighbours
             self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
         elif self.csv is not None:
             self.csv.writerow(
-                [result.source, result.mode or "", result.caption or "", result.error or "", json.dumps(neighbours) if neighbours else ""]
+                [result.source, result.mode or "", result.caption or "", "" if result.score is None else round(result.score, 6),
+                 result.error or "", json.dumps(neighbours) if neighbours else ""]
             )
         else:
             self._write_text(result)
@@ -86,6 +92,9 @@ class CaptionWriter:
                     self.out.write(f"    {score:.3f}  {caption}\n")
         if result.error is not None:
             self.out.write(f"  error   {result.error}\n")
+        elif result.alternatives is not None:
+            for caption, score in result.alternatives:
+                self.out.write(f"  {result.mode:<7} {score:8.3f}  {caption}\n")
         else:
             self.out.write(f"  {result.mode:<7} {result.caption}\n")
 

@@ -8,7 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ragcap.cli.common import Collection, Device, Json, Model, QdrantKey, QdrantUrl, app, command, store
+from ragcap.cli.common import (
+    Beam, Collection, Device, Json, MaxTokens, Model, NumCaptions, QdrantKey, QdrantUrl, Seed, Temperature, TopK, TopP, app,
+    command, search_options, store,
+)
 from ragcap.errors import RagcapError
 
 
@@ -77,8 +80,13 @@ def caption(
     text: Annotated[Optional[list[str]], typer.Option("--text", help="Caption from this text instead of images (repeatable).")] = None,
     k: Annotated[Optional[int], typer.Option("--k", "-k", help="Neighbours in the pd projection [default: 1024, or the whole collection if smaller].")] = None,
     tau: Annotated[float, typer.Option(help="Softmax temperature of the projection (DeCap: 0.01).")] = 0.01,
-    beam: Annotated[int, typer.Option(help="Decoder beam size (1 = greedy).")] = 1,
-    max_tokens: Annotated[Optional[int], typer.Option(help="Decoder length cap (default: its training length).")] = None,
+    beam: Beam = None,
+    num_captions: NumCaptions = 1,
+    max_tokens: MaxTokens = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    temperature: Temperature = None,
+    seed: Seed = None,
     prompt_k: Annotated[int, typer.Option(help="Retrieved captions in the prompt (SmallCap: 4).")] = 4,
     full_memory: Annotated[bool, typer.Option(help="Exact pd over every stored caption (slow; for checking).")] = False,
     neighbours: Annotated[int, typer.Option(help="Also report this many retrieved captions with scores.")] = 0,
@@ -93,7 +101,8 @@ def caption(
 ):
     """Caption images (or texts) with one or more modes."""
     from ragcap import api
-    from ragcap.caption import CaptionSettings, iter_inputs, parse_modes
+    from ragcap.caption import CaptionSettings, iter_inputs
+    from ragcap.modes import parse_modes
     from ragcap.report import CAPTION_FORMATS, CaptionWriter, progress, write_all
 
     fmt = "jsonl" if json_out else fmt
@@ -101,8 +110,9 @@ def caption(
         raise RagcapError(f"unknown --format {fmt!r}; choose from {', '.join(CAPTION_FORMATS)}")
     if not inputs and not text:
         raise RagcapError("nothing to caption: give image paths, a directory, - for stdin, or --text")
-    settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, beam_size=beam, max_tokens=max_tokens,
-                               prompt_k=prompt_k, full_memory=full_memory, batch_size=batch_size, neighbours=neighbours)
+    search = search_options(beam, num_captions, max_tokens, top_p, top_k, temperature, seed)
+    settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, search=search, prompt_k=prompt_k,
+                               full_memory=full_memory, batch_size=batch_size, neighbours=neighbours)
     paths = list(iter_inputs(inputs or []))
     st = store(qdrant_url, qdrant_api_key)
     out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
@@ -148,7 +158,12 @@ def evaluate(
     split: Annotated[Optional[str], typer.Option(help="Karpathy split to score (default: test).")] = None,
     k: Annotated[Optional[int], typer.Option("--k", "-k", help="Neighbours in the pd projection [default: 1024, or the whole collection if smaller].")] = None,
     tau: Annotated[float, typer.Option(help="Softmax temperature of the projection.")] = 0.01,
-    beam: Annotated[int, typer.Option(help="Decoder beam size (1 = greedy).")] = 1,
+    beam: Beam = None,
+    max_tokens: MaxTokens = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    temperature: Temperature = None,
+    seed: Seed = None,
     spice: Annotated[bool, typer.Option(help="Also score SPICE when its jars are installed (slow).")] = True,
     allow_leakage: Annotated[bool, typer.Option(help="Score even if the memory holds the evaluated images' own captions.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
@@ -161,7 +176,8 @@ def evaluate(
     """Caption a set of images with one or more modes and score them with the COCO metrics."""
     from ragcap import api
     from ragcap import evaluate as ev
-    from ragcap.caption import CaptionSettings, parse_modes
+    from ragcap.caption import CaptionSettings
+    from ragcap.modes import parse_modes
     from ragcap.report import emit_json, progress
 
     ev.require_java()  # fail before minutes of captioning, not after
@@ -170,7 +186,8 @@ def evaluate(
     absent = sorted(set(refs) - set(matched.pairs))
     if not matched.pairs:
         raise RagcapError(f"none of the {len(refs)} images in {references} is in {images}; check --images and --split")
-    settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, beam_size=beam, batch_size=batch_size)
+    search = search_options(beam, 1, max_tokens, top_p, top_k, temperature, seed)
+    settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, search=search, batch_size=batch_size)
     with store(qdrant_url, qdrant_api_key) as st:
         if not allow_leakage:
             leaked = api.find_leakage(st, collection, matched.pairs)

@@ -48,7 +48,7 @@ def save_random_lm(
     seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
 ):
     """Write a randomly initialised GPT-2 with a real tokenizer (for offline tests and benchmarks)."""
-    from ragcap.prompt import save_random_lm as write
+    from ragcap.decoders.lm_prompt import save_random_lm as write
 
     typer.echo(str(write(out, tokenizer, n_layer=layers, n_embd=width, n_head=heads, seed=seed)))
 
