@@ -564,22 +564,18 @@ def load_embedder(spec: str, device: str | None = None, image_only: bool = False
 
 
 def describe_embedder(spec: str) -> EmbedderInfo:
-    """The identity a spec's embedder records, without loading its weights where the config says it.
+    """The identity a spec's embedder records, read from its config without loading weights.
 
     For memories whose vectors were made elsewhere (clip-retrieval output, exports): ragcap
-    records the embedder and checks the dimension, but needs no model to store them. open_clip
-    architectures and local directories read embed_dim from their config; other specs load.
+    records the embedder and checks the dimension, but needs no model to store them.
+    sentence-transformers models are loaded (their dimension is not in one config file).
     """
     parsed = parse_spec(spec)
-    config = None
-    if parsed.kind == "pretrained":
-        config = open_clip.get_model_config(parsed.name)
-    elif parsed.kind == "local":
+    if parsed.kind == "local":
         _check_local_dir(Path(parsed.name), parsed.canonical)
-        config = json.loads((Path(parsed.name) / CONFIG_NAME).read_text(encoding="utf-8")).get("model_cfg")
-    if config and "embed_dim" in config:
-        return EmbedderInfo(spec=parsed.canonical, dim=int(config["embed_dim"]))
-    return load_embedder(spec).info
+    if parsed.kind == "st":
+        return load_embedder(spec).info
+    return EmbedderInfo(spec=parsed.canonical, dim=int(model_config(parsed)["embed_dim"]))
 
 
 # ---------------------------------------------------------------------------------------------
