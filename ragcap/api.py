@@ -51,14 +51,16 @@ def ingest_embedder(
     model: str | None = None,
     device: str | None = None,
     vectors_from: str | Path | None = None,
+    pre_embedded: bool = False,
 ) -> tuple[EmbedderInfo, Callable[[], object]]:
     """The embedder identity for an ingest, and a loader called only if something needs embedding.
 
     The model is, in order: the one asked for, the collection's own, the one a pre-embedded
-    Parquet file (`vectors_from`) records, DEFAULT_MODEL. Loading a Parquet export into a
-    server thus needs no model at all.
+    Parquet file (`vectors_from`) records, DEFAULT_MODEL. A source whose records all carry
+    vectors (`pre_embedded`) needs no model at all, only its identity: loading a Parquet export
+    or clip-retrieval's embeddings into a server loads no weights.
     """
-    from ragcap.embed import load_embedder
+    from ragcap.embed import describe_embedder, load_embedder
 
     if model is None and store.exists(collection):
         model = store.embedder(collection).spec
@@ -66,8 +68,12 @@ def ingest_embedder(
         recorded = parquet_embedder(vectors_from)
         if recorded is not None and (model is None or model == recorded.spec):
             return recorded, lambda: load_embedder(recorded.spec, device)
+    if pre_embedded:
         if model is None:
-            raise ModelError(f"{vectors_from} records no embedder; pass --model with the spec its vectors were made with")
+            where = vectors_from or "the source"
+            raise ModelError(f"{where} records no embedder; pass --model with the spec its vectors were made with (e.g. ViT-L-14:openai)")
+        info = describe_embedder(model)
+        return info, lambda: load_embedder(model, device)
     embedder = load_embedder(model or DEFAULT_MODEL, device)
     return embedder.info, lambda: embedder
 
@@ -89,8 +95,11 @@ def ingest_corpus(
 
     reader = get_reader(source)
     read_options = read_options or ReadOptions()
-    vectors_from = paths[0] if source == "parquet" and read_options.vector_field and paths else None
-    info, load = ingest_embedder(store, collection, model, device, vectors_from)
+    from pipelines import PRE_EMBEDDED
+
+    given_vectors = source == "parquet" and read_options.vector_field is not None
+    vectors_from = paths[0] if given_vectors and paths else None
+    info, load = ingest_embedder(store, collection, model, device, vectors_from, pre_embedded=given_vectors or source in PRE_EMBEDDED)
     summary = ingest(reader(paths, read_options), store, collection, info, load, options, on_progress)
     return info, summary
 

@@ -19,6 +19,25 @@ def progress(total: int | None, desc: str, unit: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
 
 
+class StepProgress:
+    """A training run's bar: call it as progress(step, total_steps, loss) after each step."""
+
+    def __init__(self, desc: str):
+        self.bar = progress(None, desc, "steps")
+
+    def __call__(self, step: int, total: int, loss: float) -> None:
+        self.bar.total = total
+        self.bar.n = step
+        self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        self.bar.refresh()
+
+    def __enter__(self) -> "StepProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
 def emit_json(data) -> None:
     json.dump(data, sys.stdout, indent=2, ensure_ascii=False, default=str)
     sys.stdout.write("\n")

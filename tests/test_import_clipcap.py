@@ -216,12 +216,12 @@ def test_missing_extra_and_misshaped_keys_are_named(lm_dir, saved, tmp_path):
 def test_wrong_mapping_foreign_pickles_and_code_are_refused(lm_dir, saved, tmp_path):
     message = import_error(saved(clipcap_checkpoint(lm_dir, "transformer")), tmp_path / "out", lm_dir, mapping="mlp")
     assert "holds a transformer mapping network; pass --mapping transformer" in message
-    assert "not a state dict" in import_error(saved({"epoch": 3}), tmp_path / "out", lm_dir)
+    assert "expected a state dict" in import_error(saved({"epoch": 3}), tmp_path / "out", lm_dir)
     (tmp_path / "weights.pt").write_bytes(b"not a checkpoint")
-    assert "cannot be read as a weights-only PyTorch checkpoint" in import_error(tmp_path / "weights.pt", tmp_path / "out", lm_dir)
+    assert "not a readable state dict" in import_error(tmp_path / "weights.pt", tmp_path / "out", lm_dir)
     torch.save({"model": Payload()}, tmp_path / "weights.pt")  # an object whose unpickling would run code
-    assert "never code" in import_error(tmp_path / "weights.pt", tmp_path / "out", lm_dir)
-    assert "no such checkpoint" in import_error(tmp_path / "absent.pt", tmp_path / "out", lm_dir)
+    message = import_error(tmp_path / "weights.pt", tmp_path / "out", lm_dir)
+    assert "not a readable state dict" in message and "weights_only=True" in message
 
 
 class Payload:
@@ -240,4 +240,8 @@ def test_embedder_must_fit_the_mapping_and_an_existing_model_is_kept(lm_dir, sav
     result = ragcap("models", "import", "clipcap", path, tmp_path / "out", "--lm", lm_dir, "-m", "ViT-B-32:openai")
     assert result.exit_code == 1 and "already holds a decoder" in result.output
     result = ragcap("models", "import", "blip", path, tmp_path / "other")
-    assert result.exit_code == 1 and "unknown import kind 'blip'; known kinds: clipcap" in result.output
+    assert result.exit_code == 1 and "unknown checkpoint kind 'blip'; ragcap imports: clipcap, longclip" in result.output
+    result = ragcap("models", "import", "longclip", path, tmp_path / "other", "--mapping", "mlp")
+    assert result.exit_code == 1 and "--mapping does not apply to longclip checkpoints" in result.output
+    result = ragcap("models", "import", "clipcap", tmp_path / "absent.pt", tmp_path / "other")
+    assert result.exit_code == 1 and "no such checkpoint file" in result.output

@@ -4,10 +4,11 @@ One module per group of commands registers on the shared Typer app:
     memory    ingest, collections, search, drop, export
     decode    train-decoder, train-clipcap, caption, eval
     features  embed-images
-    models    models list / save-random / save-random-lm / import
+    models    models list / save-random / save-random-lm / stretch / import
+    longclip  finetune-longclip
 """
 
-from ragcap.cli import decode, features, memory, models  # noqa: F401  (registration)
+from ragcap.cli import decode, features, longclip, memory, models  # noqa: F401  (registration)
 from ragcap.cli.common import app
 
 

@@ -24,7 +24,7 @@ def train_decoder(
     layers: Annotated[int, typer.Option(help="Decoder layers (DeCap: 4).")] = 4,
     heads: Annotated[int, typer.Option(help="Attention heads (DeCap: 4).")] = 4,
     width: Annotated[int, typer.Option(help="Hidden size (DeCap: 768).")] = 768,
-    max_tokens: Annotated[Optional[int], typer.Option(help="Captions are cut to this many tokens.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Captions are cut to this many CLIP tokens (at most the embedder's context less 2: 75, or 246 for Long-CLIP).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Captions per step.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate.")] = None,
@@ -41,6 +41,7 @@ def train_decoder(
     json_out: Json = False,
 ):
     """Train DeCap's decoder on text only: reproduce each caption from its own stored embedding."""
+    from ragcap.embed import check_decoder_length
     from ragcap.report import emit_json
     from ragcap.train import TrainConfig, with_overrides
 
@@ -48,6 +49,8 @@ def train_decoder(
 
     with store(qdrant_url, qdrant_api_key) as st:
         captions, vectors, info = api.training_data(st, collection, parquet)
+    if max_tokens is not None:  # up to the encoder's context (248 for a Long-CLIP model), not beyond
+        check_decoder_length(info.spec, max_tokens)
     config = with_overrides(TrainConfig(), n_layer=layers, n_head=heads, n_embd=width, max_tokens=max_tokens, epochs=epochs,
                             batch_size=batch_size, lr=lr, noise_std=_noise_std(noise), val_fraction=val_fraction, seed=seed,
                             label_smoothing=label_smoothing, dropout=dropout, warmup_steps=warmup_steps, prune_vocab=prune_vocab)

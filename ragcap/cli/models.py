@@ -1,4 +1,4 @@
-"""`ragcap models ...`: list model specs, write random models for offline use, import published checkpoints."""
+"""`ragcap models ...`: list model specs, write random models for offline use, stretch and import models."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ragcap.cli.common import Json, command, models_app
+from ragcap.cli.common import Device, Json, command, models_app
 
 
 @command(models_app, "list")
@@ -53,17 +53,44 @@ def save_random_lm(
     typer.echo(str(write(out, tokenizer, n_layer=layers, n_embd=width, n_head=heads, seed=seed)))
 
 
-@command(models_app, "import")
-def import_model(
-    kind: Annotated[str, typer.Argument(help="What the checkpoint is: clipcap.")],
-    source: Annotated[Path, typer.Argument(help="The published checkpoint file (e.g. ClipCap's coco_weights.pt).")],
-    out: Annotated[Path, typer.Argument(help="Directory to write (usable as --decoder DIR).")],
-    mapping: Annotated[str, typer.Option(help="clipcap: the checkpoint's mapping network, mlp or transformer.")] = "mlp",
-    lm: Annotated[str, typer.Option(help="clipcap: the LM's config and tokenizer (hub name or directory); weights come from the checkpoint.")] = "gpt2",
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="clipcap: embedder to record [default: ViT-B-32:openai for 512-d, RN50x4:openai for 640-d].")] = None,
-    prefix_scale: Annotated[float, typer.Option(help="clipcap: scale of the unit embeddings fed to the mapping (the MLP checkpoints saw raw CLIP embeddings).")] = 1.0,
+@command(models_app, "stretch")
+def stretch(
+    spec: Annotated[str, typer.Argument(help="open_clip CLIP to stretch: ARCH:TAG, hf-hub:ORG/NAME or a model directory.")],
+    out: Annotated[Path, typer.Argument(help="Directory to write (a local model, usable as --model DIR).")],
+    context: Annotated[int, typer.Option(help="New text context: 20 + r x 57 for a 77-token model (Long-CLIP: 248).")] = 248,
+    device: Device = None,
+    json_out: Json = False,
 ):
-    """Convert another project's published checkpoint into a ragcap model directory."""
-    from ragcap.importers import run_import
+    """Stretch a CLIP text tower's context as Long-CLIP does (first 20 positions kept, the rest interpolated)."""
+    from ragcap.longclip import stretch_model
+    from ragcap.report import emit_json
 
-    typer.echo(str(run_import(kind, source, out, mapping=mapping, lm=lm, model=model, prefix_scale=prefix_scale)))
+    written = stretch_model(spec, out, context=context, device=device)
+    if json_out:
+        emit_json({"model": spec, "out": str(written), "context": context})
+    else:
+        typer.echo(str(written))
+
+
+@command(models_app, "import")
+def import_checkpoint(
+    kind: Annotated[str, typer.Argument(help="Checkpoint kind: longclip or clipcap.")],
+    source: Annotated[str, typer.Argument(help="Checkpoint file, or hf-hub:ORG/NAME (read from the local hub cache).")],
+    out: Annotated[Path, typer.Argument(help="Directory to write (longclip: usable as --model DIR; clipcap: as --decoder DIR).")],
+    arch: Annotated[Optional[str], typer.Option(help="longclip: force the open_clip architecture (name or model-config JSON) instead of recognising it.")] = None,
+    mapping: Annotated[Optional[str], typer.Option(help="clipcap: the checkpoint's mapping network, mlp or transformer [default: mlp].")] = None,
+    lm: Annotated[Optional[str], typer.Option(help="clipcap: the LM's config and tokenizer, hub name or directory; weights come from the checkpoint [default: gpt2].")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="clipcap: embedder to record [default: ViT-B-32:openai for 512-d mappings, RN50x4:openai for 640-d].")] = None,
+    prefix_scale: Annotated[Optional[float], typer.Option(help="clipcap: scale of the unit embeddings fed to the mapping (the MLP checkpoints saw raw CLIP embeddings) [default: 1].")] = None,
+    json_out: Json = False,
+):
+    """Convert another project's published checkpoint (Long-CLIP-B/L, ClipCap) to a ragcap model directory."""
+    from ragcap.importers import import_model
+    from ragcap.report import emit_json
+
+    given = dict(arch=arch, mapping=mapping, lm=lm, model=model, prefix_scale=prefix_scale)
+    written = import_model(kind, source, out, **{k: v for k, v in given.items() if v is not None})
+    if json_out:
+        emit_json({"kind": kind, "source": source, "out": str(written)})
+    else:
+        typer.echo(str(written))

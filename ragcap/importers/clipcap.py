@@ -5,7 +5,7 @@ A checkpoint is ClipCaptionModel.state_dict() from rmokady/CLIP_prefix_caption: 
 network under `clip_project.` and the whole GPT-2 under `gpt.` (also when it was frozen). Sizes
 are read from the tensors (embedding width, prefix and CLIP lengths, layers); the LM's config and
 tokenizer come from --lm and must fit the `gpt.` tensors. The file is untrusted input: it is read
-with torch.load(weights_only=True), which loads tensors and refuses code.
+with torch.load(weights_only=True) (ragcap.importers.state), which loads tensors and refuses code.
 
     ClipCap                                         ragcap (ragcap.decoders.clipcap)
     clip_project.model.{0,2}.*                      mapping.{0,2}.*                      (mlp)
@@ -21,7 +21,6 @@ with torch.load(weights_only=True), which loads tensors and refuses code.
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from ragcap.decoders.clipcap import MAPPINGS, ClipCapConfig, ClipCapDecoder, lm_
 from ragcap.decoders.tokenizers import load_gpt2_tokenizer
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
+from ragcap.importers.state import read_state_dict
 
 # The CLIPs the published checkpoints were trained on, told apart by their embedding width:
 # ViT-B/32 (512) for the MLP models, RN50x4 (640) for the transformer model.
@@ -47,46 +47,36 @@ LAYER_KEYS = {
 MAX_LISTED = 3
 
 
-def import_clipcap(checkpoint: str | Path, out: str | Path, mapping: str = "mlp", lm: str = "gpt2",
+def import_clipcap(checkpoint: str | Path, out: str | Path, source: str | None = None, mapping: str = "mlp", lm: str = "gpt2",
                    model: str | None = None, prefix_scale: float = 1.0) -> Path:
-    """Convert a ClipCap checkpoint into a ragcap decoder directory `out`; returns it.
+    """Convert a ClipCap checkpoint file into a ragcap decoder directory `out`; returns it.
 
+    source: what the user named (a file or hf-hub:ORG/NAME), for messages.
     lm: the LM's config and tokenizer (hub name or directory; weights come from the checkpoint).
     model: the embedder spec to record (default: the published checkpoints' CLIP, by width).
     prefix_scale: ClipCapConfig.prefix_scale (the MLP checkpoints saw raw CLIP embeddings).
     """
     checkpoint, out = Path(checkpoint), Path(out)
+    where = source or str(checkpoint)  # how messages name it
     if mapping not in MAPPINGS:
         raise ModelError(f"unknown ClipCap mapping {mapping!r}; choose from {', '.join(MAPPINGS)}")
     if (out / CONFIG_FILE).exists():
         raise ModelError(f"{out} already holds a decoder; choose another directory")
-    state = _read(checkpoint)
+    # Without the legacy GPT-2 buffers, which are not weights.
+    state = {k: v for k, v in read_state_dict(checkpoint).items() if not LEGACY_BUFFERS.fullmatch(k)}
     tokenizer = load_gpt2_tokenizer(lm)
     with torch.device("meta"):  # shapes only: the checkpoint supplies every weight
         skeleton = lm_skeleton(lm)
     width = skeleton.get_input_embeddings().embedding_dim
-    config = config_from_checkpoint(checkpoint, state, mapping, width, prefix_scale)
+    config = config_from_checkpoint(where, state, mapping, width, prefix_scale)
     with torch.device("meta"):
         decoder = ClipCapDecoder(config, _embedder(model, config.embed_dim), skeleton, tokenizer)
-    decoder.load_state_dict(_convert(checkpoint, state, decoder), strict=True, assign=True)
+    decoder.load_state_dict(_convert(where, state, decoder), strict=True, assign=True)
     decoder.lm.tie_weights()
     return decoder.eval().save(out)
 
 
-def _read(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ModelError(f"{path}: no such checkpoint file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ModelError(f"{path} cannot be read as a weights-only PyTorch checkpoint ({str(e).splitlines()[0]}); "
-                         "ragcap loads tensors only, never code, from a checkpoint") from e
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise ModelError(f"{path} is not a state dict (a mapping of names to tensors), as ClipCap's train.py saves")
-    return {k: v for k, v in state.items() if not LEGACY_BUFFERS.fullmatch(k)}
-
-
-def _shape(path: Path, state: dict, key: str, ndim: int) -> tuple[int, ...]:
+def _shape(path: str, state: dict, key: str, ndim: int) -> tuple[int, ...]:
     if key not in state:
         raise ModelError(f"{path}: missing key {key!r}; is it a ClipCap checkpoint of that mapping?")
     if state[key].ndim != ndim:
@@ -94,7 +84,7 @@ def _shape(path: Path, state: dict, key: str, ndim: int) -> tuple[int, ...]:
     return tuple(state[key].shape)
 
 
-def config_from_checkpoint(path: Path, state: dict, mapping: str, width: int, prefix_scale: float = 1.0) -> ClipCapConfig:
+def config_from_checkpoint(path: str, state: dict, mapping: str, width: int, prefix_scale: float = 1.0) -> ClipCapConfig:
     """The ClipCapConfig the tensors' shapes imply."""
     other = "transformer" if mapping == "mlp" else "mlp"
     marker = {"mlp": "clip_project.model.0.weight", "transformer": "clip_project.linear.weight"}
@@ -163,7 +153,7 @@ def checkpoint_shapes(decoder: ClipCapDecoder) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _convert(path: Path, state: dict[str, torch.Tensor], decoder: ClipCapDecoder) -> dict[str, torch.Tensor]:
+def _convert(path: str, state: dict[str, torch.Tensor], decoder: ClipCapDecoder) -> dict[str, torch.Tensor]:
     """The checkpoint renamed to the decoder's keys, or a ModelError naming every bad key."""
     layout, expected = _layout(decoder), checkpoint_shapes(decoder)
     if decoder.lm.config.tie_word_embeddings and "gpt.lm_head.weight" not in state:
