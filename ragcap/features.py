@@ -5,8 +5,8 @@
 One row per image: image_id (normalised), file, vector (the embedder's unit image embedding)
 and references (its human captions). The embedder is recorded in the schema metadata as
 `ragcap export` records it, so training refuses features of another embedder. Readers select
-the columns they need, so a later optional column (SmallCap will want CLIP's patch features,
-PATCHES_COLUMN) leaves older readers and files working.
+the columns they need, so a later optional column (SmallCap will want CLIP's patch features, the
+vision tower's last hidden states, as `patches`) leaves older readers and files working.
 
 The file mirrors REFS: a rerun keeps the vectors of images already in FEATURES.parquet and
 encodes only the rest, with references taken from REFS as it is now. Work in progress is
@@ -31,7 +31,6 @@ from ragcap.export import EMBEDDER_METADATA_KEY, parquet_embedder
 from ragcap.images import load_image
 from ragcap.util import chunks, write_atomic
 
-PATCHES_COLUMN = "patches"  # reserved: (tokens, width) vision-tower states per image, for SmallCap
 FEATURE_COLUMNS = ["image_id", "file", "vector", "references"]
 
 

@@ -125,3 +125,27 @@ def test_no_matching_image_and_not_a_features_file_are_clear_errors(photos, tiny
         read_features(tmp_path / "notes.parquet")
     with pytest.raises(RagcapError, match="no such features file"):
         read_features(tmp_path / "absent.parquet")
+
+
+def test_a_later_column_leaves_the_reader_working(photos, tiny_clip_dir, tmp_path):
+    """SmallCap will add patch features as another column; files with it must still train."""
+    import pyarrow as pa
+
+    out = tmp_path / "features.parquet"
+    embed(photos, out, "-m", tiny_clip_dir)
+    table = pq.read_table(out)
+    patches = pa.array([[[0.5] * 4] * 3] * table.num_rows, pa.list_(pa.list_(pa.float32(), 4)))
+    extended = tmp_path / "extended.parquet"
+    pq.write_table(table.append_column("patches", patches).replace_schema_metadata(table.schema.metadata), extended)
+    before, after = read_features(out), read_features(extended)
+    assert after.embedder == before.embedder and after.pairs()[0] == before.pairs()[0]
+    np.testing.assert_array_equal(after.vectors, before.vectors)
+
+
+def test_nothing_readable_writes_nothing(photos, tiny_clip_dir, tmp_path):
+    refs = tmp_path / "broken.jsonl"
+    refs.write_text(json.dumps(photos["broken"]) + "\n")
+    out = tmp_path / "features.parquet"
+    result = ragcap("embed-images", refs, "--images", photos["dir"], "-o", out, "-m", tiny_clip_dir)
+    assert result.exit_code == 1 and "could be read; nothing written" in result.output and "could not read" in result.output
+    assert not out.exists() and not parts_dir(out).exists()

@@ -35,12 +35,14 @@ def embed_images(
         raise RagcapError(f"none of the {len(refs)} images in {references} is in {images}; check --images and --split")
     with progress(len(matched.pairs), "embed-images", "images") as bar:
         summary = api.embed_images(refs, matched.pairs, out, model, device, batch_size, on_progress=bar.update)
+    for path, error in summary.broken.items():
+        typer.echo(f"ragcap: could not read {path}: {error}", err=True)
+    if not summary.images:
+        raise RagcapError(f"none of the {len(matched.pairs)} referenced images in {images} could be read; nothing written")
     if json_out:
         emit_json(summary.to_dict())
     else:
         typer.echo(f"{summary.images} images written to {out} ({summary.encoded} encoded now, {summary.reused} kept from an earlier run; {summary.embedder})")
-    for path, error in summary.broken.items():
-        typer.echo(f"ragcap: could not read {path}: {error}", err=True)
     if summary.missing:
         typer.echo(f"ragcap: {len(summary.missing)} referenced images are not in {images} (e.g. {', '.join(summary.missing[:3])}); "
                    "encoded the rest", err=True)

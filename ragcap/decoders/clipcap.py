@@ -21,6 +21,8 @@ config and tokenizer under lm/ and its weights in model.safetensors with the map
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,8 +193,14 @@ class ClipCapDecoder(Decoder):
     # ---- persistence ------------------------------------------------------------------------
 
     def save_assets(self, out: Path) -> None:
-        self.lm.config.save_pretrained(out / LM_DIR)
-        self.tokenizer.save_pretrained(out / LM_DIR)
+        # Written next to their place, then moved in one file at a time: never half a file.
+        target = out / LM_DIR
+        target.mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".lm.") as tmp:
+            self.lm.config.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            for written in Path(tmp).iterdir():
+                os.replace(written, target / written.name)
 
 
 def lm_skeleton(source: str | Path) -> nn.Module:
