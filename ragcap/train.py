@@ -312,9 +312,9 @@ def _restore(path: Path, fingerprint: dict, model, optimizer, scheduler) -> tupl
         state = torch.load(path, map_location=model.device, weights_only=True)
     except Exception as e:  # torch raises many kinds for a truncated or foreign file
         raise ModelError(f"{path} is not a readable training checkpoint ({e}); delete it to start over") from e
-    theirs = state["fingerprint"]
-    if theirs.get("embedder") != fingerprint["embedder"]:
-        raise ModelError(f"{path} was trained on vectors of {theirs.get('embedder', {}).get('spec')}, not {fingerprint['embedder']['spec']}; "
+    theirs, embedder = state["fingerprint"], fingerprint.get("embedder")
+    if embedder is not None and theirs.get("embedder") != embedder:
+        raise ModelError(f"{path} was trained on vectors of {(theirs.get('embedder') or {}).get('spec')}, not {embedder['spec']}; "
                          "resume with the same data, or choose another output directory")
     if theirs != fingerprint:
         raise ModelError(f"{path} was made with other captions or settings; resume with the same ones, or choose another output directory")

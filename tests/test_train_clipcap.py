@@ -242,7 +242,8 @@ def test_every_decoding_option_through_caption_and_eval(kind, decoders, tiny, ti
     # and options. One mode: each scored mode costs seconds of Java.
     eval_args = ["-c", collection, "--mode", "vd", "--decoder", decoders[kind], "--json"]
     files = {str(r["image_id"]): r["file"] for r in tiny["rows"]}
-    for option in ([], ["--beam", "3"], ["--top-p", "0.9", "--seed", "3"]):
+    every_option = (["--beam", "3", "--max-tokens", "6"], ["--top-k", "5", "--top-p", "0.9", "--temperature", "1.5", "--seed", "3", "--max-tokens", "6"])
+    for option in every_option:
         report = json.loads(ragcap("eval", refs, "--images", images, *eval_args, "--no-spice", *option).stdout)
         assert set(report["scores"]) == {"vd"} and report["images_scored"] == 3
         captioned = captions_by_image(ragcap("caption", *paths, *eval_args, *option))
