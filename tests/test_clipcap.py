@@ -108,13 +108,9 @@ def test_length_cap_is_clipcaps_entry_length_and_checked(lm_dir):
 
 
 def test_training_targets_end_with_the_stop_token(lm_dir):
-    from ragcap.decoders.tokenizers import load_gpt2_tokenizer
-
-    tokenizer = load_gpt2_tokenizer(lm_dir)
-    decoder = object.__new__(ClipCapDecoder)  # only the tokenizer and config are needed
-    decoder.config, decoder.tokenizer = ClipCapConfig(embed_dim=16, max_tokens=8), tokenizer
+    decoder = make(lm_dir, max_tokens=8)
+    tokenizer = decoder.tokenizer
     targets = decoder.training_targets(["A dog runs on the beach. ", "two  cats", "one two three four five six seven eight nine"])
-    period = tokenizer.encode(".")[0]
     assert targets[0].tolist() == tokenizer.encode("A dog runs on the beach.") + [-100]
     assert targets[1].tolist()[:4] == tokenizer.encode("two cats.") + [-100]
     assert targets[2].tolist() == tokenizer.encode("one two three four five six seven eight")  # cut: no stop token
