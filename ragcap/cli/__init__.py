@@ -4,9 +4,10 @@ One module per group of commands registers on the shared Typer app:
     memory    ingest, collections, search, drop, export
     decode    train-decoder, caption, eval
     models    models list / save-random / save-random-lm
+    serve     serve (HTTP API and web page)
 """
 
-from ragcap.cli import decode, memory, models  # noqa: F401  (registration)
+from ragcap.cli import decode, memory, models, serve  # noqa: F401  (registration)
 from ragcap.cli.common import app
 
 
