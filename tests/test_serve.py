@@ -443,6 +443,13 @@ def test_cli_refuses_a_busy_port_and_a_missing_collection_in_one_line(tiny_clip_
         taken.close()
 
 
+def test_cli_refuses_impossible_limits_before_loading_anything():
+    for args, words in ((["--max-batch", "0"], "max-batch must be positive"), (["--max-wait-ms", "-1"], "max-wait-ms must be >= 0"),
+                        (["--port", "70000"], "port must be in 0..65535")):
+        result = ragcap("serve", "-c", "nope", *args, ok=False)
+        assert result.exit_code == 1 and words in result.output and "no collection" not in result.output, result.output
+
+
 def ragcap(*args, ok: bool = True):
     from typer.testing import CliRunner
 

@@ -1,8 +1,8 @@
 """The ASGI application: the /v1 API, the web page, /metrics, and what wraps every request.
 
 FastAPI on uvicorn: typed request parsing and validation, the OpenAPI schema generated from the
-same types (/openapi.json), multipart uploads, body-size limits and lifespan hooks are all the
-framework's, so this package holds only ragcap's part.
+same types (/openapi.json), multipart uploads, CORS and lifespan hooks are the framework's; this
+module adds the page, the body-size limit (as JSON) and the request metrics.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 from contextlib import asynccontextmanager
 from importlib import resources
 
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import Headers
@@ -23,7 +23,7 @@ from ragcap.caption import Captioner
 from ragcap.serve import errors
 from ragcap.serve.config import ServeConfig
 from ragcap.serve.metrics import Metrics
-from ragcap.serve.routes import api, probes, require_api_key, service as get_service
+from ragcap.serve.routes import api, monitoring, probes
 from ragcap.serve.service import Service
 
 # The page loads nothing from elsewhere and runs no inline script, so a strict policy costs
@@ -59,18 +59,6 @@ def page_routes() -> APIRouter:
 
     for name, (text, media) in files.items():
         router.add_api_route(f"/static/{name}", serve_file(text, media))
-    return router
-
-
-def metrics_route() -> APIRouter:
-    router = APIRouter(dependencies=[Depends(require_api_key)], tags=["probes"])
-
-    @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-    async def metrics(svc: Service = Depends(get_service)) -> Response:
-        """Prometheus metrics: requests, errors, latency, batch sizes, queue."""
-        body, media = svc.metrics.render()
-        return Response(body, media_type=media)
-
     return router
 
 
@@ -153,7 +141,7 @@ def create_app(captioner: Captioner, config: ServeConfig | None = None) -> FastA
     )
     app.state.service = svc
     errors.install(app)
-    routers = (api, probes, metrics_route(), page_routes())
+    routers = (api, probes, monitoring, page_routes())
     for router in routers:
         app.include_router(router)
     paths = frozenset([app.openapi_url] + [route.path for router in routers for route in router.routes])

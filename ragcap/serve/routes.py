@@ -1,4 +1,4 @@
-"""The versioned JSON API, /v1: caption, search, collections, info (and, for probes, health/ready).
+"""The versioned JSON API, /v1: caption, search, collections, info; health/ready; /metrics.
 
 Each route checks what the request may ask for, hands the work to the Service, and shapes the
 answer; a new route (e.g. an OpenAI-style chat endpoint) is another function over the same
@@ -12,7 +12,7 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, Security, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from ragcap import __version__
@@ -52,7 +52,8 @@ def require_api_key(
 
 ERRORS = {status: {"model": ErrorBody} for status in (401, 413, 422, 503, 504)}
 api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS)
-probes = APIRouter(prefix="/v1", tags=["probes"])
+probes = APIRouter(prefix="/v1", tags=["probes"])  # open: orchestrators probe without a key
+monitoring = APIRouter(dependencies=[Depends(require_api_key)], tags=["probes"])
 
 
 def timing(started: float, job: JobTiming) -> Timing:
@@ -174,3 +175,10 @@ async def ready(request: Request, svc: Svc):
     if svc.batcher.pending >= svc.config.max_queue:
         return error_response(request, 503, "overloaded", f"the queue is full ({svc.batcher.pending} items)", {"Retry-After": "1"})
     return JSONResponse(Status(status="ready", pending=svc.batcher.pending, max_queue=svc.config.max_queue).model_dump())
+
+
+@monitoring.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(svc: Svc) -> Response:
+    """Prometheus metrics: requests, errors, latency, batch sizes, queue."""
+    body, media = svc.metrics.render()
+    return Response(body, media_type=media)
