@@ -10,7 +10,7 @@ C clients (C = 1, 8, 32) each send one photo per request, back to back, until th
 request count is done, and every answer must be 200.
 
     python benchmarks/serve.py --json                       # full
-    python benchmarks/serve.py --memory 5000 --levels 1,4    # smoke run
+    python benchmarks/serve.py --memory 5000 --levels 1,4 --rounds 1 --cli-images 32   # smoke run
 """
 
 from __future__ import annotations
@@ -35,15 +35,16 @@ from ragcap.embed import load_embedder, save_random
 from ragcap.store import open_store
 
 
-def cli_rate(vit: str, decoder: str, paths: list[str], batch_size: int) -> float:
-    """Images/s of the CLI's pipeline (one warm-up batch first, as a long CLI run amortises it)."""
+def cli_rate(home: Path, vit: str, decoder: str, paths: list[str]) -> float:
+    """Images/s of the CLI's pipeline over `paths` in its steady state, as a long run reaches it
+    (run in a child process). The first pass after loading is the warm-up: measured, the first
+    batches of a fresh process run up to 2x slower than later ones."""
     from ragcap.decoders import load_decoder
 
-    with open_store() as store:
-        embedder = load_embedder(vit, image_only=True)
-        captioner = Captioner(store, "bench", embedder, CaptionSettings(modes=("pd",), batch_size=batch_size),
-                              decoder=load_decoder(decoder))
-        list(captioner.caption_images(paths[:batch_size]))
+    with open_store(path=home) as store:
+        settings = CaptionSettings(modes=("pd",), batch_size=32)
+        captioner = Captioner(store, "bench", load_embedder(vit, image_only=True), settings, decoder=load_decoder(decoder))
+        list(captioner.caption_images(paths))
         started = time.perf_counter()
         results = list(captioner.caption_images(paths))
         seconds = time.perf_counter() - started
@@ -51,14 +52,19 @@ def cli_rate(vit: str, decoder: str, paths: list[str], batch_size: int) -> float
     return len(paths) / seconds
 
 
+def cli_child(home: Path, vit: str, decoder: str, paths: list[str]) -> float:
+    args = [sys.executable, __file__, "--cli-child", json.dumps([str(home), vit, decoder, paths])]
+    return float(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
+
+
 class Server:
     """`ragcap serve` in a child process on a free loopback port."""
 
-    def __init__(self, vit: str, decoder: str, max_batch: int, log: Path):
+    def __init__(self, home: Path, vit: str, decoder: str, max_batch: int, log: Path):
         cmd = [sys.executable, "-m", "ragcap.cli", "serve", "-c", "bench", "--mode", "pd", "--decoder", decoder, "--model", vit,
                "--port", "0", "--max-batch", str(max_batch), "--max-queue", "1024", "--timeout", "600"]
         self.log = open(log, "w")
-        self.child = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=self.log, text=True)
+        self.child = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=self.log, text=True, env={**os.environ, "RAGCAP_HOME": str(home)})
         for line in self.child.stderr:
             self.log.write(line)
             if "serving collection" in line:
@@ -122,55 +128,61 @@ def main() -> None:
     parser.add_argument("--memory", type=int, default=200_000, help="captions in the collection")
     parser.add_argument("--levels", default="1,8,32", help="client counts")
     parser.add_argument("--min-requests", type=int, default=24, help="requests per level: this, or 3 per client if more")
-    parser.add_argument("--cli-images", type=int, default=96, help="photos for the CLI baseline")
+    parser.add_argument("--cli-images", type=int, default=96, help="photos per CLI baseline pass")
+    parser.add_argument("--rounds", type=int, default=3, help="CLI / serve turns at the most clients")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--cli-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cli_child:
+        home, vit, decoder, paths = json.loads(args.cli_child)
+        print(cli_rate(Path(home), vit, decoder, paths))
+        return
     levels = [int(c) for c in args.levels.split(",")]
 
     tmp = Path(tempfile.mkdtemp(prefix="ragcap-bench-serve-"))
-    os.environ["RAGCAP_HOME"] = str(tmp)
     vit = str(save_random("ViT-B-32", tmp / "vit-b-32"))
-    embedder = load_embedder(vit, image_only=True)
-    with open_store() as store:
-        captions = fill_memory(store, "bench", embedder.info, args.memory)
-    decoder = str(DeCapDecoder(DeCapConfig(embed_dim=embedder.info.dim).pruned_to(captions), embedder.info).save(tmp / "decoder"))
-    del embedder
+    info = load_embedder(vit, image_only=True).info
+    homes = {"serve": tmp / "serve-home", "cli": tmp / "cli-home"}
+    for home in homes.values():  # the same captions and (seeded) vectors in both
+        with open_store(path=home) as store:
+            captions = fill_memory(store, "bench", info, args.memory)
+    decoder = str(DeCapDecoder(DeCapConfig(embed_dim=info.dim).pruned_to(captions), info).save(tmp / "decoder"))
     paths = real_images(max(args.cli_images, 32))
     photos = [(Path(p).name, Path(p).read_bytes()) for p in paths]
+    top = max(levels)
 
-    cli_before = cli_rate(vit, decoder, paths[: args.cli_images], 32)
-    runs = {}
+    runs, rounds = {}, []
     for label, max_batch in (("batching", 32), ("no_batching", 1)):
-        server = Server(vit, decoder, max_batch, tmp / f"serve-{label}.log")
+        server = Server(homes["serve"], vit, decoder, max_batch, tmp / f"serve-{label}.log")
         try:
             asyncio.run(load(server.url, photos, 32, 32))  # warm-up: one full batch
             runs[label] = [asyncio.run(load(server.url, photos, c, max(args.min_requests, 3 * c))) for c in levels]
+            for _ in range(args.rounds if max_batch > 1 else 0):
+                baseline = cli_child(homes["cli"], vit, decoder, paths[: args.cli_images])
+                served = asyncio.run(load(server.url, photos, top, max(args.min_requests, 3 * top)))
+                rounds.append({"cli_images_per_s": round(baseline, 2), "serve_images_per_s": served["images_per_s"],
+                               "ratio": round(served["images_per_s"] / baseline, 3), "errors": served["errors"]})
         finally:
             server.stop()
-    cli_after = cli_rate(vit, decoder, paths[: args.cli_images], 32)
-    cli = (cli_before + cli_after) / 2
 
-    top = max(levels)
-    served = next(r for r in runs["batching"] if r["clients"] == top)
     report = {
         "memory_captions": args.memory,
-        "cli_images_per_s": round(cli, 2),
-        "cli_images_per_s_before_after": [round(cli_before, 2), round(cli_after, 2)],
         "runs": runs,
-        f"ratio_at_{top}_clients": round(served["images_per_s"] / cli, 3),
-        "errors": sum(r["errors"] for rs in runs.values() for r in rs),
+        f"rounds_cli_vs_serve_at_{top}_clients": rounds,
+        f"median_ratio_at_{top}_clients": float(np.median([r["ratio"] for r in rounds])) if rounds else None,
+        "errors": sum(r["errors"] for rs in runs.values() for r in rs) + sum(r["errors"] for r in rounds),
         "cpu_threads": os.cpu_count(),
     }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"CLI batched: {report['cli_images_per_s']} images/s (before {cli_before:.2f}, after {cli_after:.2f})")
         for label, rows in runs.items():
             for r in rows:
                 print(f"{label:12s} clients {r['clients']:3d}: {r['images_per_s']:6.2f} images/s  p50 {r['p50_ms']} ms  "
                       f"p95 {r['p95_ms']} ms  p99 {r['p99_ms']} ms  mean batch {r['mean_batch']}  errors {r['errors']}")
-        print(f"serve / CLI at {top} clients: {report[f'ratio_at_{top}_clients']}")
-
+        for r in rounds:
+            print(f"round: CLI {r['cli_images_per_s']} images/s, serve {r['serve_images_per_s']} images/s at {top} clients: {r['ratio']}")
+        print(f"median serve / CLI at {top} clients: {report[f'median_ratio_at_{top}_clients']}; errors {report['errors']}")
 
 if __name__ == "__main__":
     main()
