@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
-from ragcap.decoder import CONFIG_FILE, CaptionDecoder, DecoderConfig, _write_atomic, default_device
+from ragcap.decoder import CONFIG_FILE, CaptionDecoder, DecoderConfig, default_device
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
+from ragcap.util import checkpoint_bytes, ensure_free_space, write_atomic
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
@@ -104,6 +105,7 @@ def train_decoder(
         start_epoch, log = _restore(out / CHECKPOINT_FILE, fingerprint, model, optimizer, scheduler)
 
     vectors_t = torch.from_numpy(vectors)
+    ensure_free_space(out, checkpoint_bytes(model), "the training checkpoint and the decoder")  # before training, not after
     for epoch in range(start_epoch, config.epochs):
         model.train()
         # The order depends only on (seed, epoch), so a resumed run sees the same batches.
@@ -126,8 +128,9 @@ def train_decoder(
                 progress(epoch * steps_per_epoch + i + 1, total_steps, value)
         row = {"epoch": epoch + 1, "train_loss": total_loss / total_tokens, "val_loss": _evaluate(model, vectors_t, targets, val_idx, config)}
         log.append(row)
+        ensure_free_space(out, checkpoint_bytes(model), f"the epoch {epoch + 1} checkpoint and the decoder")
         _checkpoint(out / CHECKPOINT_FILE, epoch + 1, log, fingerprint, model, optimizer, scheduler)
-        _write_atomic(out / LOG_FILE, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in log)))
+        write_atomic(out / LOG_FILE, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in log)))
 
     model.save(out)
     last = log[-1] if log else {"train_loss": None, "val_loss": None}
@@ -214,7 +217,7 @@ def _checkpoint(path: Path, epoch: int, log: list[dict], fingerprint: dict, mode
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    _write_atomic(path, lambda p: torch.save(state, p))
+    write_atomic(path, lambda p: torch.save(state, p))
 
 
 def _restore(path: Path, fingerprint: dict, model, optimizer, scheduler) -> tuple[int, list[dict]]:
