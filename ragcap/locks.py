@@ -15,9 +15,8 @@ import fcntl
 import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from ragcap.errors import RagcapError
 
@@ -62,11 +61,16 @@ class Lock:
         return self._fd is not None
 
     def holder(self) -> str:
-        """Who holds the lock, as that process wrote it (best effort: it may just have changed)."""
-        try:
-            return self.path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
-        except OSError:
-            return "another process"
+        """Who holds the lock, as that process wrote it (a holder writes it just after locking)."""
+        for _ in range(10):
+            try:
+                text = self.path.read_text(encoding="utf-8", errors="replace").strip()
+            except OSError:
+                break
+            if text:
+                return text
+            time.sleep(POLL_S)
+        return "another process"
 
     def acquire(self, wait: float | None = 0, on_wait: Callable[[str], None] | None = None, hint: str = "") -> None:
         """Take the lock; LockBusy if it is still held after `wait` seconds. on_wait(message) is
@@ -80,13 +84,13 @@ class Lock:
         told = False
         try:
             while not _try_lock(fd):
+                waited = time.monotonic() - start
+                if wait is not None and waited >= wait:
+                    raise LockBusy(f"{self.what} is in use by {self.holder()}{hint}")
                 if queue is None:
                     # Held shared while waiting: the holder's wanted() sees it.
                     queue = os.open(self.queue_path, os.O_RDWR | os.O_CREAT, 0o666)
                     fcntl.flock(queue, fcntl.LOCK_SH)
-                waited = time.monotonic() - start
-                if wait is not None and waited >= wait:
-                    raise LockBusy(f"{self.what} is in use by {self.holder()}{hint}")
                 if not told and waited >= NOTICE_AFTER_S and on_wait is not None:
                     limit = "as long as it takes" if wait is None else f"up to {wait:g} s"
                     on_wait(f"{self.what} is in use by {self.holder()}; waiting {limit}")
@@ -149,15 +153,12 @@ class Lock:
 LOCK_FILE = ".ragcap.lock"
 
 
-@contextmanager
-def output_lock(directory: str | Path, what: str | None = None) -> Iterator[Lock]:
+def hold_directory(directory: str | Path, what: str | None = None) -> Lock:
     """Hold DIRECTORY (created if missing) against other ragcap processes writing into it, e.g.
-    two `train-decoder` runs with one --out: the second is refused at once, naming the first."""
+    two `train-decoder` runs with one --out: the second is refused at once, naming the first.
+    Returned held; release it, or use it in a `with` (the process's end releases it too)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lock = Lock(directory / LOCK_FILE, what or f"output directory {directory}")
     lock.acquire(0, hint="; wait for it to finish, or write to another directory")
-    try:
-        yield lock
-    finally:
-        lock.release()
+    return lock

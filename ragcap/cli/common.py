@@ -11,7 +11,7 @@ from typing import Annotated, Callable, Optional
 import click
 import typer
 
-from ragcap.errors import RagcapError
+from ragcap.errors import Interrupted, RagcapError
 from ragcap.store import DEFAULT_WAIT_S
 
 app = typer.Typer(
@@ -53,6 +53,8 @@ def command(app_: typer.Typer, name: str | None = None, interrupted: str = "inte
                 raise  # the command's own exit status, and usage errors
             except KeyboardInterrupt as err:
                 _fail(err, f"ragcap: {interrupted}", 130)
+            except Interrupted as err:  # Ctrl-C, with what was kept and how to go on
+                _fail(err, f"ragcap: {err}", err.exit_code)
             except BaseException as err:
                 if isinstance(err, (SystemExit, GeneratorExit)):
                     raise

@@ -41,8 +41,9 @@ def train_decoder(
     from ragcap.train import TrainConfig, train_decoder as train
 
     from ragcap import api
-    from ragcap.locks import output_lock
+    from ragcap.locks import hold_directory
 
+    lock = hold_directory(out, f"--out {out}")  # a second run into --out is refused before any work
     with store(qdrant_url, qdrant_api_key, wait) as st:
         captions, vectors, info = api.training_data(st, collection, parquet)
     given = dict(n_layer=layers, n_head=heads, n_embd=width, max_tokens=max_tokens, epochs=epochs, batch_size=batch_size,
@@ -57,7 +58,7 @@ def train_decoder(
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         bar.refresh()
 
-    with output_lock(out, f"--out {out}"), bar:
+    with lock, bar:
         result = train(captions, vectors, info, out, config, resume=resume, progress=report)
     if json_out:
         emit_json({"out": str(out), "captions": len(captions), "embedder": info.spec, **result})

@@ -244,8 +244,10 @@ class EdgeStore(Store):
             if not d.is_dir():
                 raise missing_collection(name)
             record = files.read_record(d, name)  # again: another process may have changed it
+            for stale in d.glob(f".{RECORD}.*.tmp"):  # a record being rewritten by a killed process
+                stale.unlink(missing_ok=True)
             shard_dir = d / "shard"
-            files.ensure_room(shard_dir, files.need_to_open(shard_dir), "opening it", name)
+            files.ensure_room(shard_dir, files.need_to_open(shard_dir), f"opening collection '{name}'")
             if record.get("stamp") != files.files_stamp(shard_dir):
                 # Not as the last clean close left it (a killed writer, a copy, damage): let a
                 # child process find out whether the engine can open it at all.
@@ -304,17 +306,14 @@ class EdgeStore(Store):
             lease.busy += 1
         try:
             yield lease.shard
-        except Exception as e:
-            # The bindings raise plain Exception; a Rust panic arrives as PanicException.
+        except BaseException as e:
+            # The bindings raise plain Exception; a Rust panic arrives as pyo3's PanicException,
+            # a BaseException. Anything else is not the engine's.
             if type(e) is Exception or type(e).__name__ == "PanicException":
                 raise DamagedCollection(
                     f"collection '{name}': the store engine failed {doing} ({files.describe_engine_error(e)}); "
                     f"`ragcap check {name}` says what is damaged"
                 ) from None
-            raise
-        except BaseException as e:
-            if type(e).__name__ == "PanicException":  # pyo3 derives it from BaseException
-                raise DamagedCollection(f"collection '{name}': the store engine panicked {doing}; run `ragcap check {name}`") from None
             raise
         finally:
             with lease.mutex:
@@ -350,11 +349,11 @@ class EdgeStore(Store):
                 files.read_record(d, name)  # raises: a directory without its record is refused
             self._clear_leftovers(name)
             staging = d.with_name(f".{name}.creating-{os.getpid()}")
-            files.ensure_room(d.parent, files.RESERVE_BYTES, "creating it", name)
+            files.ensure_room(d.parent, files.RESERVE_BYTES, f"creating collection '{name}'")
             try:
                 shard = qe.EdgeShard.create(str(staging / "shard"), self.config.shard_config(embedder.dim, vector_dtype))
                 shard.close()
-                files.ensure_room(staging / "shard", files.need_to_open(staging / "shard"), "creating it", name)
+                files.ensure_room(staging / "shard", files.need_to_open(staging / "shard"), f"creating collection '{name}'")
                 record = files.new_record(embedder.to_dict(), vector_dtype)
                 record["stamp"] = files.files_stamp(staging / "shard")
                 files.write_record(staging, record)
@@ -412,7 +411,11 @@ class EdgeStore(Store):
         step = self.config.upsert_batch
         with self._use(name, "writing points") as shard:
             shard_dir = self._dir(name) / "shard"
-            files.ensure_room(shard_dir, files.need_to_write(shard_dir, new_bytes), f"storing {len(ids)} points", name)
+            held = self._lease(name).points
+            files.ensure_room(
+                shard_dir, files.need_to_write(shard_dir, new_bytes), f"storing {len(ids)} more points in collection '{name}'",
+                f"; the {held} points stored so far are intact, and rerunning the ingest resumes",
+            )
             for start in range(0, len(ids), step):
                 # Lists cross into Rust faster than numpy rows, which go element by element.
                 rows = vectors[start : start + step].tolist()
@@ -425,7 +428,7 @@ class EdgeStore(Store):
     def delete(self, name: str, ids: list[str]) -> None:
         with self._use(name, "deleting points") as shard:
             shard_dir = self._dir(name) / "shard"
-            files.ensure_room(shard_dir, files.need_to_write(shard_dir, 64 * len(ids)), f"deleting {len(ids)} points", name)
+            files.ensure_room(shard_dir, files.need_to_write(shard_dir, 64 * len(ids)), f"deleting points of collection '{name}'")
             shard.update(qe.UpdateOperation.delete_points(list(ids)))
             self._record_points(name, shard)
 
@@ -461,7 +464,7 @@ class EdgeStore(Store):
     def optimize(self, name: str) -> None:
         with self._use(name, "building the index") as shard:
             shard_dir = self._dir(name) / "shard"
-            files.ensure_room(shard_dir, files.need_to_optimize(shard_dir), "building its search index", name)
+            files.ensure_room(shard_dir, files.need_to_optimize(shard_dir), f"building the search index of collection '{name}'")
             shard.optimize()
             shard.flush()
         self._maybe_unindexed.discard(name)

@@ -117,11 +117,10 @@ def need_to_optimize(shard_dir: Path) -> int:
     return need_to_write(shard_dir, allocated(shard_dir / "segments"))
 
 
-def ensure_room(shard_dir: Path, need: int, what: str, name: str) -> None:
+def ensure_room(shard_dir: Path, need: int, what: str, note: str = "") -> None:
+    """DiskFullError unless `need` bytes are free: `what` is e.g. "storing 30 points in collection 'x'"."""
     ensure_free_space(
-        shard_dir, need,
-        f"{what} (collection '{name}' is memory-mapped, and a page the filesystem cannot back would kill "
-        f"ragcap; the collection is intact, and an ingest resumes where it stopped)",
+        shard_dir, need, f"{what} (its files are memory-mapped: a write the filesystem could not back would kill ragcap{note})"
     )
 
 
