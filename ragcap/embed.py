@@ -36,6 +36,7 @@ from PIL import Image
 
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
+from ragcap.util import write_atomic
 
 CONFIG_NAME = "open_clip_config.json"  # the names open_clip reads from a local dir or the hub
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -559,7 +560,7 @@ def save_random(arch: str | Path, out_dir: Path, seed: int = 0) -> Path:
         ) from e
     # Clone so tensors that share storage are saved separately (safetensors refuses shared ones).
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    save_config_for_hf(model, config_path, model_config=model_cfg)
+    write_atomic(out / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    write_atomic(config_path, lambda tmp: save_config_for_hf(model, tmp, model_config=model_cfg))
     return out
 
