@@ -351,3 +351,26 @@ def test_url_and_api_key_come_from_env(monkeypatch, tmp_path):
     # An explicit path means the embedded store even when a server is configured.
     with open_store(path=tmp_path) as edge:
         assert isinstance(edge, EdgeStore)
+
+
+def test_check_passes_a_sound_collection_and_finds_a_bad_point(store):
+    from ragcap.api import check_collection
+
+    ids, vectors = fill(store, n=50)
+    report = store.check("mem")
+    assert report.ok and report.points == 50 and report.damaged_ids == []
+    stray = point_id("mem", "caption 0 with another text")  # an id that is not its caption's
+    store.upsert("mem", [stray], vectors[:1], [{"no caption": True}])
+    report = store.check("mem")
+    assert report.damaged_ids == [stray] and "has no caption" in report.problems[0] and report.repairable
+    repaired, deleted = check_collection(store, "mem", repair=True)
+    assert deleted == 1 and repaired.ok and store.count("mem") == 50
+
+
+def test_search_refuses_similarities_outside_the_unit_interval(store, monkeypatch):
+    from ragcap.store import Hit
+
+    fill(store, n=20)
+    monkeypatch.setattr(type(store), "_search", lambda self, *a, **k: [[Hit("x", 15.6, {"caption": "?"})]])
+    with pytest.raises(DamagedCollection, match=r"15.6 .*outside \[-1, 1\].*ragcap check mem"):
+        store.search("mem", unit_vectors(1), k=1)

@@ -105,3 +105,17 @@ def test_creating_a_collection_on_a_full_disk(small_fs, tiny_clip_dir, monkeypat
     line = one_error_line(cli("ingest", "text", corpus, "-c", "new", "-m", tiny_clip_dir))
     assert "free space" in line or "is full" in line
     assert [p.name for p in (fs / "home" / "collections").iterdir() if not p.name.startswith(".new.lock")] == []
+
+
+def test_a_writer_reporting_a_full_disk_in_its_own_words(tmp_path, monkeypatch):
+    """torch.save on a full disk raises RuntimeError("... file write failed"), not ENOSPC: the
+    free space left tells atomic_path what happened (and it still removes the temporary)."""
+    from ragcap import util
+    from ragcap.errors import DiskFullError
+
+    monkeypatch.setattr(util, "free_bytes", lambda path: 0)
+    with pytest.raises(DiskFullError, match="is full"):
+        with util.atomic_path(tmp_path / "checkpoint.pt") as tmp:
+            tmp.write_bytes(b"half a checkpoint")
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    assert list(tmp_path.iterdir()) == []
