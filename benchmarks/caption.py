@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,11 +31,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "coco"
 PROMPT_K = 4  # SmallCap's retrieved captions per prompt
-from ragcap.caption import DEFAULT_K, PROMPT_SEARCH_FACTOR, CaptionSettings, Captioner
-from ragcap.decoder import CaptionDecoder, DecoderConfig
+from procpeak import run_sampled  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from ragcap.caption import DEFAULT_K, CaptionSettings, Captioner
+from ragcap.decoders import DeCapConfig, DeCapDecoder
+from ragcap.decoders.lm_prompt import PromptCaptioner, first_sentence, save_random_lm
 from ragcap.embed import load_embedder, save_random
 from ragcap.images import load_image
-from ragcap.prompt import PromptCaptioner, first_sentence, save_random_lm
+from ragcap.modes import PROMPT_SEARCH_FACTOR
 from ragcap.retrieve import DEFAULT_TAU, FullMemory, project_hits
 from ragcap.store import open_store, point_id
 
@@ -63,7 +64,7 @@ def fill_memory(store, collection: str, info, n: int, seed: int = 0) -> list[str
 
 
 @torch.inference_mode()
-def reference_caption(path: str, embedder, memory: torch.Tensor, decoder: CaptionDecoder) -> str:
+def reference_caption(path: str, embedder, memory: torch.Tensor, decoder: DeCapDecoder) -> str:
     """DeCap's per-image loop: batch of one, whole-memory softmax, greedy without a KV cache."""
     image = embedder.preprocess(load_image(path)).unsqueeze(0).to(embedder.device)
     v = embedder.model.encode_image(image).float()
@@ -88,7 +89,7 @@ def reference_prompt_caption(path: str, embedder, store, prompter) -> str:
     hits = store.search("bench", query, PROMPT_K * PROMPT_SEARCH_FACTOR)[0]
     prompt = prompter.prompts([[h.payload["caption"] for h in hits]], k=PROMPT_K)[0]
     inputs = prompter.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(prompter.device)
-    out = prompter.model.generate(**inputs, **prompter.generation_kwargs(3, 25))
+    out = prompter.model.generate(**inputs, **prompter.generate_kwargs())
     return first_sentence(prompter.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
@@ -109,31 +110,15 @@ def prompt_rates(paths, embedder, store, tmp: str, batch_size: int) -> dict:
 
 
 def peak_memory_of_cli(home: str, collection: str, decoder_dir: str, paths: list[str]) -> dict:
-    """Peak memory (GB) of `ragcap caption` over the given images, in a child process.
-
-    rss: the kernel's peak resident set (getrusage). anon: peak private memory (RssAnon, sampled
-    every 50 ms), i.e. without the shared libraries' file-backed pages, which for the CUDA build of
-    torch installed here are ~0.65 GB of mapped code whether or not a GPU is used.
-    """
+    """Peak memory (GB) of `ragcap caption` over the given images, in a child process: rss, the
+    peak resident set; anon, peak private memory (without the ~0.65 GB of file-backed pages the
+    CUDA build of torch maps whether or not a GPU is used)."""
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as listing:
         listing.write("\n".join(paths))
     cmd = [sys.executable, "-m", "ragcap.cli", "caption", f"@{listing.name}", "-c", collection, "--mode", "pd",
            "--decoder", decoder_dir, "--format", "jsonl", "-o", os.devnull]
-    child = subprocess.Popen(cmd, env={**os.environ, "RAGCAP_HOME": home}, stderr=subprocess.DEVNULL)
-    # Sampled rather than getrusage(RUSAGE_CHILDREN): that counts the forked child before exec,
-    # when it still maps all of this (large) benchmark process.
-    peak = {"VmHWM": 0, "RssAnon": 0}
-    while child.poll() is None:
-        try:
-            status = dict(line.split(":", 1) for line in Path(f"/proc/{child.pid}/status").read_text().splitlines())
-            for key in peak:
-                peak[key] = max(peak[key], int(status[key].split()[0]))
-        except (OSError, KeyError, ValueError):
-            pass
-        time.sleep(0.05)
-    if child.returncode != 0:
-        raise SystemExit(f"ragcap caption failed with exit code {child.returncode}")
-    return {"rss": round(peak["VmHWM"] / 1024**2, 2), "anon": round(peak["RssAnon"] / 1024**2, 2)}
+    run = run_sampled(cmd, {**os.environ, "RAGCAP_HOME": home})
+    return {"rss": run["rss_gb"], "anon": run["anon_gb"]}
 
 
 def main() -> None:
@@ -155,11 +140,11 @@ def main() -> None:
     captions = fill_memory(store, "bench", embedder.info, args.memory)
     fill_seconds = time.perf_counter() - t0
     # DeCap's size (4 layers, 4 heads, width 768) with the vocabulary `ragcap train-decoder`
-    # gives it by default: the CLIP tokens of the memory's captions (see DecoderConfig.pruned_to).
-    config = DecoderConfig(embed_dim=embedder.info.dim)
+    # gives it by default: the CLIP tokens of the memory's captions (see DeCapConfig.pruned_to).
+    config = DeCapConfig(embed_dim=embedder.info.dim)
     if not args.full_vocab:
         config = config.pruned_to(captions)
-    decoder = CaptionDecoder(config, embedder.info).eval()
+    decoder = DeCapDecoder(config, embedder.info).eval()
     decoder_dir = str(decoder.save(Path(tmp) / "decoder"))
     paths = real_images(args.images)
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from ragcap.prompt import PromptCaptioner, first_sentence, save_random_lm
+from ragcap.decoders.lm_prompt import PromptCaptioner, first_sentence, save_random_lm
+from ragcap.generation import SearchOptions
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -42,7 +43,7 @@ def coco_neighbours(path: Path, n: int) -> list[list[str]]:
 @torch.inference_mode()
 def per_image_loop(captioner: PromptCaptioner, neighbours, k, beam_size, max_new_tokens) -> list[str]:
     tokenizer, model = captioner.tokenizer, captioner.model
-    kwargs = captioner.generation_kwargs(beam_size, max_new_tokens)
+    kwargs = {**captioner.generate_kwargs(), "num_beams": beam_size, "max_new_tokens": max_new_tokens}
     captions = []
     for prompt in captioner.prompts(neighbours, k=k):
         inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(captioner.device)
@@ -84,9 +85,10 @@ def main() -> None:
         captioner = PromptCaptioner(lm, device=args.device, batch_size=args.batch_size)
     settings = dict(k=args.k, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens)
 
-    captioner.caption(neighbours[:2], **settings)  # warm-up: allocator, kernels, lazy init
+    options = SearchOptions(beam=args.beam_size, max_tokens=args.max_new_tokens)
+    captioner.generate(neighbours[:2], k=args.k, options=options)  # warm-up: allocator, kernels, lazy init
     loop, loop_s = timed(lambda: per_image_loop(captioner, neighbours, **settings))
-    batched, batched_s = timed(lambda: captioner.caption(neighbours, **settings))
+    batched, batched_s = timed(lambda: captioner.generate(neighbours, k=args.k, options=options))
 
     config = captioner.model.config
     result = {

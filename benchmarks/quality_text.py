@@ -99,7 +99,7 @@ def main() -> None:
 
     from ragcap import evaluate as ev
     from ragcap.caption import DEFAULT_K, CaptionSettings, Captioner
-    from ragcap.decoder import CaptionDecoder
+    from ragcap.decoders import load_decoder
     from ragcap.embed import load_embedder
     from ragcap.retrieve import FullMemory, project_hits
     from ragcap.store import open_store
@@ -117,7 +117,7 @@ def main() -> None:
     memory_seconds = time.perf_counter() - t0
     decoder_dir = args.work / "decoder"
     train_seconds = None if (decoder_dir / "model.safetensors").exists() and not (decoder_dir / "checkpoint.pt").exists() else train(store, decoder_dir, args)
-    decoder = CaptionDecoder.load(decoder_dir)
+    decoder = load_decoder(decoder_dir)
 
     queries = [" ".join(by_image[i][0].split()) for i in eval_ids]
     references = {i: by_image[i][1:5] for i in eval_ids}

@@ -49,14 +49,16 @@ def ingest_embedder(
     model: str | None = None,
     device: str | None = None,
     vectors_from: str | Path | None = None,
+    pre_embedded: bool = False,
 ) -> tuple[EmbedderInfo, Callable[[], object]]:
     """The embedder identity for an ingest, and a loader called only if something needs embedding.
 
     The model is, in order: the one asked for, the collection's own, the one a pre-embedded
-    Parquet file (`vectors_from`) records, DEFAULT_MODEL. Loading a Parquet export into a
-    server thus needs no model at all.
+    Parquet file (`vectors_from`) records, DEFAULT_MODEL. A source whose records all carry
+    vectors (`pre_embedded`) needs no model at all, only its identity: loading a Parquet export
+    or clip-retrieval's embeddings into a server loads no weights.
     """
-    from ragcap.embed import load_embedder
+    from ragcap.embed import describe_embedder, load_embedder
 
     if model is None and store.exists(collection):
         model = store.embedder(collection).spec
@@ -64,8 +66,12 @@ def ingest_embedder(
         recorded = parquet_embedder(vectors_from)
         if recorded is not None and (model is None or model == recorded.spec):
             return recorded, lambda: load_embedder(recorded.spec, device)
+    if pre_embedded:
         if model is None:
-            raise ModelError(f"{vectors_from} records no embedder; pass --model with the spec its vectors were made with")
+            where = vectors_from or "the source"
+            raise ModelError(f"{where} records no embedder; pass --model with the spec its vectors were made with (e.g. ViT-L-14:openai)")
+        info = describe_embedder(model)
+        return info, lambda: load_embedder(model, device)
     embedder = load_embedder(model or DEFAULT_MODEL, device)
     return embedder.info, lambda: embedder
 
@@ -87,8 +93,11 @@ def ingest_corpus(
 
     reader = get_reader(source)
     read_options = read_options or ReadOptions()
-    vectors_from = paths[0] if source == "parquet" and read_options.vector_field and paths else None
-    info, load = ingest_embedder(store, collection, model, device, vectors_from)
+    from pipelines import PRE_EMBEDDED
+
+    given_vectors = source == "parquet" and read_options.vector_field is not None
+    vectors_from = paths[0] if given_vectors and paths else None
+    info, load = ingest_embedder(store, collection, model, device, vectors_from, pre_embedded=given_vectors or source in PRE_EMBEDDED)
     summary = ingest(reader(paths, read_options), store, collection, info, load, options, on_progress)
     return info, summary
 
@@ -141,24 +150,20 @@ def load_captioner(
     image_only: load only CLIP's image tower (captioning images never runs the text tower);
     pass False to caption texts.
     """
-    from ragcap.caption import DECODER_MODES
     from ragcap.embed import load_embedder
+    from ragcap.modes import modes_needing
 
     settings = settings or CaptionSettings()
-    modes = set(settings.modes)
     embedder = load_embedder(model or store.embedder(collection).spec, device, image_only=image_only)
     loaded_decoder = prompter = None
-    if modes & set(DECODER_MODES) and decoder is not None:
-        from ragcap.decoder import CaptionDecoder, check_compatible
+    if modes_needing("decoder", settings.modes) and decoder is not None:
+        from ragcap.decoders import load_decoder
 
-        loaded_decoder = CaptionDecoder.load(decoder, device=device)
-        check_compatible(loaded_decoder, embedder.info, collection)
-    if "prompt" in modes:
-        from transformers.utils import logging as hf_logging
+        loaded_decoder = load_decoder(decoder, device=device)
+        loaded_decoder.check_embedder(embedder.info, collection)
+    if modes_needing("lm", settings.modes):
+        from ragcap.decoders.lm_prompt import PromptCaptioner
 
-        from ragcap.prompt import PromptCaptioner
-
-        hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with ours
         prompter = PromptCaptioner(lm, device=device)
     return Captioner(store, collection, embedder, settings, decoder=loaded_decoder, prompter=prompter)
 

@@ -1,22 +1,16 @@
-"""Captioning: inputs -> embeddings -> one batched Qdrant query -> every requested mode.
+"""Captioning: inputs -> embeddings -> one batched Qdrant query -> every requested mode (ragcap.modes).
 
 Inputs stream through in batches (load + encode a batch, one batched search, one batched
 decode), so memory stays bounded whatever the folder size, and each image is encoded once
-however many modes run. Modes (DeCap's table, plus SmallCap):
-    pd      decode DeCap's projection of the query onto the memory's text embeddings
-    nnd     decode the nearest caption's stored embedding
-    clipre  return the nearest caption itself
-    vd      decode the query embedding directly (no memory: shows the modality gap)
-    prompt  SmallCap: complete "Similar images show ... This image shows" with a causal LM
+however many modes run.
 """
 
 from __future__ import annotations
 
 import glob
-import itertools
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -24,20 +18,20 @@ import numpy as np
 import torch
 
 from ragcap.errors import ImageError, RagcapError
+from ragcap.generation import SearchOptions
 from ragcap.images import IMAGE_EXTENSIONS, load_image
-from ragcap.retrieve import DEFAULT_TAU, FullMemory, project_hits
+from ragcap.modes import MODES, modes_needing, parse_modes
+from ragcap.retrieve import DEFAULT_TAU, FullMemory
 from ragcap.store import Hit, Store
+from ragcap.util import chunks
 
-MODES = ("pd", "nnd", "clipre", "vd", "prompt")
-DECODER_MODES = ("pd", "nnd", "vd")
-MEMORY_MODES = ("pd", "nnd", "clipre", "prompt")
+__all__ = ["Batch", "CaptionResult", "CaptionSettings", "Captioner", "DEFAULT_K", "iter_inputs", "parse_modes"]
 
 # Top-k for the projection. With tau = 0.01 a neighbour 0.05 less similar than the best
 # weighs e^-5 ~ 0.7% as much, yet when similarities bunch together (512-d random vectors,
 # the worst case) 256 neighbours left cosine 0.998 to DeCap's exact whole-memory projection
 # and 1024 leave 0.9998 (benchmarks/caption.py), for ~20% of pd's speed.
 DEFAULT_K = 1024
-PROMPT_SEARCH_FACTOR = 3  # retrieve 3x --prompt-k so skipping over-long captions still leaves k
 
 
 @dataclass
@@ -45,11 +39,10 @@ class CaptionSettings:
     modes: tuple[str, ...] = ("pd",)
     k: int | None = None  # None: DEFAULT_K, or the whole collection when it is smaller
     tau: float = DEFAULT_TAU
-    beam_size: int = 1  # 1 = greedy, as DeCap decodes
-    max_tokens: int | None = None  # decoder length cap; None = the decoder's training length
+    # Decoding for every mode that writes a caption; what it leaves unset each decoder kind
+    # decides (DeCap: greedy over its trained length; prompt: SmallCap's beam 3 and 25 tokens).
+    search: SearchOptions = field(default_factory=SearchOptions)
     prompt_k: int = 4  # SmallCap puts 4 retrieved captions in the prompt
-    prompt_beam: int = 3
-    prompt_max_new_tokens: int = 25
     full_memory: bool = False  # exact pd over every stored caption instead of the top k
     batch_size: int = 32
     neighbours: int = 0  # report this many retrieved captions with scores (0 = none)
@@ -62,14 +55,17 @@ class CaptionResult:
     caption: str | None = None
     error: str | None = None
     neighbours: list[tuple[str, float]] | None = None
+    score: float | None = None  # the decoder's score of the caption (modes that decode)
+    alternatives: list[tuple[str, float]] | None = None  # every caption with its score, with --num-captions > 1
 
 
-def parse_modes(text: str) -> tuple[str, ...]:
-    modes = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise RagcapError(f"unknown mode {', '.join(unknown) or text!r}; choose from {', '.join(MODES)} (comma-separated)")
-    return modes
+@dataclass
+class Batch:
+    """One batch in flight, as the modes see it."""
+
+    captioner: "Captioner"
+    queries: np.ndarray  # (b, dim) unit embeddings
+    hits: list[list[Hit]]  # neighbours per query (empty lists when no mode retrieves)
 
 
 def iter_inputs(inputs: Sequence[str]) -> Iterator[str]:
@@ -92,25 +88,22 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[str]:
             yield item  # a missing file is reported per file, not fatal to the batch
 
 
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    it = iter(items)
-    while chunk := list(itertools.islice(it, size)):
-        yield chunk
-
-
 class Captioner:
     """Captions batches of queries against one collection with the requested modes."""
 
     def __init__(self, store: Store, collection: str, embedder, settings: CaptionSettings, decoder=None, prompter=None):
         self.store, self.collection, self.embedder, self.settings = store, collection, embedder, settings
         self.decoder, self.prompter = decoder, prompter
-        modes = set(settings.modes)
-        if modes & set(DECODER_MODES) and decoder is None:
-            raise RagcapError("modes pd, nnd and vd need a trained decoder: pass --decoder DIR (see `ragcap train-decoder`)")
-        if "prompt" in modes and prompter is None:
+        modes = [MODES[m] for m in settings.modes]
+        if modes_needing("decoder", settings.modes) and decoder is None:
+            names = ", ".join(modes_needing("decoder", settings.modes))
+            raise RagcapError(f"mode {names} needs a trained decoder: pass --decoder DIR (see `ragcap train-decoder`)")
+        if modes_needing("lm", settings.modes) and prompter is None:
             raise RagcapError("mode prompt needs a language model: pass --lm NAME_OR_DIR")
+        self.full_memory = None
+        self.k = 0
         self.search_k = 0
-        if modes & set(MEMORY_MODES) or settings.neighbours:
+        if any(m.memory for m in modes) or settings.neighbours:
             store.check_embedder(collection, embedder.info)
             size = store.count(collection)
             if size == 0:
@@ -118,18 +111,15 @@ class Captioner:
             if settings.k is not None and settings.k > size:
                 raise RagcapError(f"--k {settings.k} is larger than collection '{collection}' ({size} captions); use --k {size} or less")
             self.k = min(DEFAULT_K, size) if settings.k is None else settings.k
-            wanted = max(
-                self.k if "pd" in modes and not settings.full_memory else 1,
-                settings.prompt_k * PROMPT_SEARCH_FACTOR if "prompt" in modes else 1,
-                settings.neighbours,
-            )
-            self.search_k = min(wanted, size)
-        self.full_memory = FullMemory(store, collection) if settings.full_memory and "pd" in modes else None
+            if settings.full_memory and "pd" in settings.modes:
+                self.full_memory = FullMemory(store, collection)
+            self.search_k = min(max([m.neighbours(self) for m in modes] + [settings.neighbours]), size)
+        self.with_vectors = any(m.vectors and m.neighbours(self) for m in modes)
 
     def caption_images(self, paths: Iterable[str]) -> Iterator[CaptionResult]:
         """Results in input order: a file that fails to load gets one error result in its place."""
         per_input = len(self.settings.modes)
-        for chunk in _chunks(paths, self.settings.batch_size):
+        for chunk in chunks(paths, self.settings.batch_size):
             images, errors = [], {}
             for i, path in enumerate(chunk):
                 try:
@@ -142,51 +132,39 @@ class Captioner:
                 if i in errors:
                     yield errors[i]
                 else:
-                    yield from itertools.islice(results, per_input)
+                    yield from (next(results) for _ in range(per_input))
 
     def caption_texts(self, texts: Sequence[str]) -> Iterator[CaptionResult]:
-        for chunk in _chunks(texts, self.settings.batch_size):
+        for chunk in chunks(texts, self.settings.batch_size):
             yield from self._caption(chunk, self.embedder.encode_text(chunk).vectors)
 
     def _caption(self, sources: list[str], queries: np.ndarray) -> list[CaptionResult]:
         settings = self.settings
-        needs_vectors = "nnd" in settings.modes or ("pd" in settings.modes and self.full_memory is None)
-        hits: list[list[Hit]] = (
-            self.store.search(self.collection, queries, self.search_k, with_vectors=needs_vectors) if self.search_k else []
-        )
-        captions: dict[str, list[str]] = {}
-        prefixes = {}
-        if "pd" in settings.modes:
-            if self.full_memory is not None:
-                prefixes["pd"] = self.full_memory.project(queries, settings.tau)
-            else:
-                prefixes["pd"] = np.stack([project_hits(h[: self.k], settings.tau) for h in hits])
-        if "nnd" in settings.modes:
-            prefixes["nnd"] = np.stack([h[0].vector for h in hits])
-        if "vd" in settings.modes:
-            prefixes["vd"] = queries
-        if prefixes:
-            decoded = self.decoder.generate(
-                torch.from_numpy(np.concatenate(list(prefixes.values())).astype(np.float32)),
-                beam_size=settings.beam_size,
-                max_tokens=settings.max_tokens,
-            )
-            for i, mode in enumerate(prefixes):
-                captions[mode] = decoded[i * len(sources) : (i + 1) * len(sources)]
-        if "clipre" in settings.modes:
-            captions["clipre"] = [h[0].payload["caption"] for h in hits]
-        if "prompt" in settings.modes:
-            captions["prompt"] = self.prompter.caption(
-                [[hit.payload["caption"] for hit in h] for h in hits],
-                k=settings.prompt_k,
-                beam_size=settings.prompt_beam,
-                max_new_tokens=settings.prompt_max_new_tokens,
-            )
+        hits = self.store.search(self.collection, queries, self.search_k, self.with_vectors) if self.search_k else [[] for _ in sources]
+        batch = Batch(self, queries, hits)
+        captions = self._decode_prefixes(batch)
+        for name in settings.modes:
+            if MODES[name].captions is not None:
+                captions[name] = MODES[name].captions(batch)
         results = []
         for i, source in enumerate(sources):
             neighbours = None
             if settings.neighbours:
                 neighbours = [(h.payload["caption"], float(h.score)) for h in hits[i][: settings.neighbours]]
-            for mode in settings.modes:
-                results.append(CaptionResult(source=source, mode=mode, caption=captions[mode][i], neighbours=neighbours))
+            for name in settings.modes:
+                found = captions[name][i]
+                results.append(CaptionResult(
+                    source=source, mode=name, caption=found[0].text, neighbours=neighbours, score=found[0].score,
+                    alternatives=[(c.text, c.score) for c in found] if settings.search.num_return > 1 else None,
+                ))
         return results
+
+    def _decode_prefixes(self, batch: Batch) -> dict[str, list]:
+        """Every embedding mode's prefixes decoded in one batched call of the decoder."""
+        names = [m for m in self.settings.modes if MODES[m].prefix is not None]
+        if not names:
+            return {}
+        prefixes = np.concatenate([MODES[m].prefix(batch) for m in names]).astype(np.float32)
+        decoded = self.decoder.caption(torch.from_numpy(prefixes), self.settings.search)
+        n = len(batch.queries)
+        return {m: decoded[i * n : (i + 1) * n] for i, m in enumerate(names)}

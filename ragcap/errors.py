@@ -48,3 +48,7 @@ class Interrupted(RagcapError):
     """Ctrl-C, with what was kept and how to continue."""
 
     exit_code = 130
+
+
+class OptionError(RagcapError, ValueError):
+    """An option or argument is out of range or contradicts another one."""

@@ -34,6 +34,25 @@ def progress(total: int | None, desc: str, unit: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
 
 
+class StepProgress:
+    """A training run's bar: call it as progress(step, total_steps, loss) after each step."""
+
+    def __init__(self, desc: str):
+        self.bar = progress(None, desc, "steps")
+
+    def __call__(self, step: int, total: int, loss: float) -> None:
+        self.bar.total = total
+        self.bar.n = step
+        self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        self.bar.refresh()
+
+    def __enter__(self) -> "StepProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
 def emit_json(data) -> None:
     json.dump(data, sys.stdout, indent=2, ensure_ascii=False, default=str)
     sys.stdout.write("\n")
@@ -62,12 +81,18 @@ class CaptionWriter:
             record = {self.key: result.source, "mode": result.mode, "caption": result.caption}
             if result.error is not None:
                 record = {self.key: result.source, "error": result.error}
-            elif neighbours is not None:
-                record["neighbours"] = neighbours
+            else:
+                if result.score is not None:
+                    record["score"] = round(result.score, 6)
+                if result.alternatives is not None:
+                    record["captions"] = [{"caption": c, "score": round(s, 6)} for c, s in result.alternatives]
+                if neighbours is not None:
+                    record["neighbours"] = neighbours
             self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
         elif self.csv is not None:
             self.csv.writerow(
-                [result.source, result.mode or "", result.caption or "", result.error or "", json.dumps(neighbours) if neighbours else ""]
+                [result.source, result.mode or "", result.caption or "", "" if result.score is None else round(result.score, 6),
+                 result.error or "", json.dumps(neighbours) if neighbours else ""]
             )
         else:
             self._write_text(result)
@@ -82,6 +107,9 @@ class CaptionWriter:
                     self.out.write(f"    {score:.3f}  {caption}\n")
         if result.error is not None:
             self.out.write(f"  error   {result.error}\n")
+        elif result.alternatives is not None:
+            for caption, score in result.alternatives:
+                self.out.write(f"  {result.mode:<7} {score:8.3f}  {caption}\n")
         else:
             self.out.write(f"  {result.mode:<7} {result.caption}\n")
 
@@ -96,7 +124,7 @@ def write_all(results: Iterable[CaptionResult], writer: CaptionWriter) -> int:
 
 
 def _csv_header(key: str) -> list[str]:
-    return [key, "mode", "caption", "error", "neighbours"]
+    return [key, "mode", "caption", "score", "error", "neighbours"]
 
 
 @dataclass
@@ -184,15 +212,25 @@ def _open_locked(partial: Path) -> IO[str]:
 
 def _completed(data: bytes, fmt: str, modes: Sequence[str], key: str, source: Path) -> tuple[int, set[str], int]:
     """(bytes to keep, inputs done, inputs failed) of an earlier run's output: every input whose
-    results are complete. What a kill cut short (the last line, the last input's modes) is dropped."""
+    results are complete. What a kill cut short (the last line, the last input's modes) is
+    dropped. In text output an input's last mode may span several lines (--num-captions), so an
+    input counts as done once the next one begins, and the last one is always redone."""
     wanted = set(modes)
     done: set[str] = set()
     failed = kept = offset = 0
     current, seen = None, set()
+
+    def finish(end: int) -> None:
+        nonlocal failed, kept
+        if current is not None and current not in done and ("error" in seen or wanted <= seen):
+            done.add(current)
+            failed += "error" in seen
+            kept = end
+
     for number, line in enumerate(data.splitlines(keepends=True), 1):
         if not line.endswith(b"\n"):
             break  # cut short by a kill
-        offset += len(line)
+        start, offset = offset, offset + len(line)
         try:
             parsed = _parse_result_line(line.decode("utf-8"), fmt, key, number)
         except (ValueError, KeyError, IndexError, TypeError) as e:
@@ -201,21 +239,20 @@ def _completed(data: bytes, fmt: str, modes: Sequence[str], key: str, source: Pa
                 f"`ragcap caption --format {fmt}`"
             ) from None
         if parsed is None:  # the CSV header, or a neighbour line
-            if current is None:
-                kept = offset
+            kept = offset if current is None else kept
             continue
         name, mode = parsed
-        if mode == "source" or (fmt != "text" and name != current):
-            current, seen = name, set()  # text: the lines that follow are this input's
         if mode == "source":
+            finish(start)
+            current, seen = name, set()
             continue
+        if fmt != "text" and name != current:
+            current, seen = name, set()
         if mode != "error" and mode not in wanted:
             raise RagcapError(f"{source}:{number}: holds results of mode {mode!r}; resume with the same --mode")
         seen.add(mode)
-        if ("error" in seen or wanted <= seen) and current not in done:
-            done.add(current)
-            failed += "error" in seen
-            kept = offset
+        if fmt != "text" or mode == "error":
+            finish(offset)
     return kept, done, failed
 
 
@@ -231,7 +268,7 @@ def _parse_result_line(text: str, fmt: str, key: str, number: int) -> tuple[str,
             if row != _csv_header(key):
                 raise ValueError(f"the header is {row}, not {_csv_header(key)}")
             return None
-        return row[0], "error" if row[3] else row[1]
+        return row[0], "error" if row[4] else row[1]
     if text.startswith("    "):
         return None  # a neighbour
     if text.startswith("  "):

@@ -4,7 +4,7 @@ The caller supplies captions and their vectors (from a collection or an exported
 no images are involved. Each epoch ends with a held-out loss and an atomic checkpoint (model,
 optimiser, schedule, RNG), so an interrupted run resumes from its last complete epoch and ends
 with the same weights as an uninterrupted one. out_dir finally holds a loadable decoder
-(CaptionDecoder.load) and train_log.jsonl, one line per epoch.
+(DeCapDecoder.load) and train_log.jsonl, one line per epoch.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
-from ragcap.decoder import CONFIG_FILE, CaptionDecoder, DecoderConfig, default_device
+from ragcap.decoders.base import CONFIG_FILE
+from ragcap.decoders.decap import DeCapConfig, DeCapDecoder
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
-from ragcap.util import checkpoint_bytes, ensure_free_space, write_atomic
+from ragcap.util import checkpoint_bytes, default_device, ensure_free_space, write_atomic
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
@@ -50,18 +51,18 @@ class TrainConfig:
     noise_std: float = 0.0
     val_fraction: float = 0.01  # held out for the per-epoch validation loss; split fixed by seed
     seed: int = 0
-    max_tokens: int = 20  # see DecoderConfig.max_tokens
+    max_tokens: int = 20  # see DeCapConfig.max_tokens
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 768
     dropout: float = 0.1
-    # Output only the CLIP ids the training captions use (DecoderConfig.pruned_to): same
+    # Output only the CLIP ids the training captions use (DeCapConfig.pruned_to): same
     # captions, several times less arithmetic. Off = all 49408 ids, exactly DeCap's decoder.
     prune_vocab: bool = True
     device: str | None = None  # None: CUDA when present, else CPU
 
-    def decoder_config(self, embed_dim: int, captions: list[str]) -> DecoderConfig:
-        config = DecoderConfig(embed_dim=embed_dim, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, max_tokens=self.max_tokens, dropout=self.dropout)
+    def decoder_config(self, embed_dim: int, captions: list[str]) -> DeCapConfig:
+        config = DeCapConfig(embed_dim=embed_dim, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, max_tokens=self.max_tokens, dropout=self.dropout)
         return config.pruned_to(captions) if self.prune_vocab else config
 
 
@@ -83,7 +84,7 @@ def train_decoder(
     vectors = _check_inputs(captions, vectors, embedder)
     device = default_device(config.device)
     torch.manual_seed(config.seed)  # weight init, dropout and noise all draw from torch's RNG
-    model = CaptionDecoder(config.decoder_config(embedder.dim, captions), embedder).to(device)
+    model = DeCapDecoder(config.decoder_config(embedder.dim, captions), embedder).to(device)
     targets = _encode(model, captions, config.max_tokens)
     train_idx, val_idx = _split(len(captions), config.val_fraction, config.seed)
     steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
@@ -148,7 +149,7 @@ def _check_inputs(captions: list[str], vectors: np.ndarray, embedder: EmbedderIn
     return vectors
 
 
-def _encode(model: CaptionDecoder, captions: list[str], max_tokens: int) -> torch.Tensor:
+def _encode(model: DeCapDecoder, captions: list[str], max_tokens: int) -> torch.Tensor:
     """(n, max_tokens + 1) targets: caption tokens then <end_of_text>, padded with IGNORE. A caption
     longer than max_tokens is cut and gets no end token: it must not learn to stop mid-sentence."""
     targets = torch.full((len(captions), max_tokens + 1), IGNORE, dtype=torch.long)
@@ -159,7 +160,7 @@ def _encode(model: CaptionDecoder, captions: list[str], max_tokens: int) -> torc
     return targets
 
 
-def _loss(model: CaptionDecoder, prefixes: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> tuple[torch.Tensor, int]:
+def _loss(model: DeCapDecoder, prefixes: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the caption tokens and <end_of_text> (not the prefix, not padding)."""
     width = int((targets != IGNORE).sum(1).max())
     targets = targets[:, :width].to(model.device)  # trim to the longest caption in the batch
@@ -171,7 +172,7 @@ def _loss(model: CaptionDecoder, prefixes: torch.Tensor, targets: torch.Tensor, 
 
 
 @torch.inference_mode()
-def _evaluate(model: CaptionDecoder, vectors: torch.Tensor, targets: torch.Tensor, idx: np.ndarray, config: TrainConfig) -> float | None:
+def _evaluate(model: DeCapDecoder, vectors: torch.Tensor, targets: torch.Tensor, idx: np.ndarray, config: TrainConfig) -> float | None:
     """Held-out loss, same criterion as training (label smoothing included) so the curves compare."""
     if len(idx) == 0:
         return None

@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 
 from pipelines.base import CaptionRecord
-from ragcap.caption import CaptionSettings, Captioner, iter_inputs, parse_modes
+from ragcap.caption import CaptionSettings, Captioner, iter_inputs
+from ragcap.decoders import Caption
+from ragcap.modes import parse_modes
 from ragcap.embed import load_embedder
 from ragcap.errors import RagcapError
 from ragcap.ingest import IngestOptions, ingest
@@ -33,9 +35,9 @@ class RecordingDecoder:
     def __init__(self):
         self.prefixes = []
 
-    def generate(self, prefixes, beam_size=1, max_tokens=None):
+    def caption(self, prefixes, options=None):
         self.prefixes.append(prefixes.numpy().copy())
-        return [f"{float(p.sum()):.6f}" for p in prefixes]
+        return [[Caption(f"{float(p.sum()):.6f}", 0.0)] for p in prefixes]
 
 
 @pytest.fixture(scope="module")

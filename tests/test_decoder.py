@@ -1,27 +1,26 @@
-"""The caption decoder: teacher forcing, greedy and beam search with the KV cache, persistence."""
+"""DeCap's decoder and the decoder registry: teacher forcing, search through ragcap.generation,
+persistence with a recorded kind, and loading older and damaged directories."""
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from ragcap.decoder import CaptionDecoder, DecoderConfig, check_compatible
+from ragcap.decoders import DECODERS, DeCapConfig, DeCapDecoder, load_decoder
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
+from ragcap.generation import SearchOptions, search
 
 EMBEDDER = EmbedderInfo(spec="test:tiny", dim=16)
 
 
 @pytest.fixture(scope="module")
-def model() -> CaptionDecoder:
+def model() -> DeCapDecoder:
     torch.manual_seed(0)
-    config = DecoderConfig(embed_dim=16, n_layer=2, n_head=2, n_embd=64, max_tokens=8, dropout=0.0)
-    return CaptionDecoder(config, EMBEDDER).eval()
+    config = DeCapConfig(embed_dim=16, n_layer=2, n_head=2, n_embd=64, max_tokens=8, dropout=0.0)
+    return DeCapDecoder(config, EMBEDDER).eval()
 
 
 def prefixes(n: int, seed: int = 1) -> torch.Tensor:
@@ -51,94 +50,101 @@ def test_greedy_batched_equals_one_at_a_time(model):
     assert all(len(model.tokenizer.encode(c)) <= 8 for c in together)
 
 
-def test_beam_size_one_is_greedy(model):
-    x = prefixes(4)
-    greedy_ids, greedy_scores = model.search(x, beam_size=1)
-    # search() takes the greedy path for beam_size 1; run the beam code itself with one beam.
-    one_beam_ids, one_beam_scores = model._beam(x, 8, 1)
-    eot = model.config.eot_id
-    rows = [r[: r.index(eot)] if eot in r else r for r in one_beam_ids.tolist()]
-    assert rows == greedy_ids
-    torch.testing.assert_close(one_beam_scores, greedy_scores)
-
-
-def test_search_scores_are_the_models_mean_token_log_prob(model):
+def test_greedy_is_the_default_and_equals_teacher_forced_argmax(model):
+    """The KV-cached search must pick, at every step, the argmax of the teacher-forced logits."""
     x = prefixes(3)
-    for beam_size in (1, 3):
-        ids, scores = model.search(x, beam_size=beam_size, max_tokens=6)
-        ended = [len(row) < 6 for row in ids]  # the random model never says <end_of_text> early here
-        torch.testing.assert_close(model.score(x, ids, ended), scores, rtol=1e-4, atol=1e-4)
+    found = search(model.stepper(), model.prepare(x), model.search_defaults(SearchOptions()))
+    for row, (best,) in zip(x, found):
+        ids = best.tokens
+        inputs = torch.tensor([[model.config.sot_id] + ids])
+        logits = model(row.unsqueeze(0), inputs)[0]
+        logits[:, model.config.sot_id] = -float("inf")
+        expected = logits.argmax(-1).tolist()
+        assert ids == expected[: len(ids)]
+        assert len(ids) == 8 or expected[len(ids)] == model.config.eot_id
 
 
-def test_wide_beam_finds_the_exact_best_caption(model, monkeypatch):
-    """Beam search's precise guarantee: with at least as many beams as there are candidate
-    sequences nothing is pruned, so it returns the sequence with the best length-normalised
-    score, and hence scores at least as well as greedy. Checked against brute force on a
-    vocabulary cut down to three words + <end_of_text>."""
-    eot = model.config.eot_id
-    allowed = torch.tensor(model.tokenizer.encode("dog cat bird"))
-
-    def restricted(logits):
-        mask = torch.full_like(logits, -math.inf)
-        mask[:, allowed] = 0.0
-        mask[:, eot] = 0.0
-        return F.log_softmax(logits.float() + mask, dim=-1)
-
-    monkeypatch.setattr(model, "_log_probs", restricted)
-    x = prefixes(2, seed=7)
-    max_tokens = 3
-    candidates = [(list(seq), True) for n in range(max_tokens) for seq in itertools.product(allowed.tolist(), repeat=n)]
-    candidates += [(list(seq), False) for seq in itertools.product(allowed.tolist(), repeat=max_tokens)]
-    beam_ids, beam_scores = model.search(x, beam_size=64, max_tokens=max_tokens)
-    _, greedy_scores = model.search(x, beam_size=1, max_tokens=max_tokens)
-    for i in range(2):
-        scores = model.score(x[i : i + 1].expand(len(candidates), -1), [c for c, _ in candidates], [e for _, e in candidates])
-        best = int(scores.argmax())
-        assert beam_ids[i] == candidates[best][0]
-        assert beam_scores[i] == pytest.approx(float(scores[best]), abs=1e-5)
-        assert beam_scores[i] >= greedy_scores[i] - 1e-6
+def test_scores_are_the_models_mean_token_log_prob(model):
+    x = prefixes(3)
+    for beam in (1, 3):
+        found = search(model.stepper(), model.prepare(x), model.search_defaults(SearchOptions(beam=beam, max_tokens=6)))
+        ids = [row[0].tokens for row in found]
+        ended = [len(row) < 6 for row in ids]
+        torch.testing.assert_close(model.score(x, ids, ended), torch.tensor([row[0].score for row in found]), rtol=1e-4, atol=1e-4)
 
 
-def test_generate_rejects_lengths_beyond_training(model):
+def test_n_best_and_samples(model):
+    x = prefixes(2)
+    best3 = model.caption(x, SearchOptions(num_return=3))  # widens the default greedy to a beam of 3
+    assert [len(row) for row in best3] == [3, 3]
+    assert all([c.score for c in row] == sorted((c.score for c in row), reverse=True) for row in best3)
+    assert [row[0].text for row in best3] == [row[0].text for row in model.caption(x, SearchOptions(beam=3))]
+    sampled = model.caption(x, SearchOptions(sample=True, num_return=4, seed=3, temperature=1.5))
+    assert sampled == model.caption(x, SearchOptions(sample=True, num_return=4, seed=3, temperature=1.5))
+
+
+def test_lengths_beyond_training_and_bad_shapes_are_refused(model):
     with pytest.raises(ModelError, match="max_tokens"):
-        model.generate(prefixes(1), max_tokens=9)
+        model.generate(prefixes(1), SearchOptions(max_tokens=9))
     with pytest.raises(ModelError, match="shape"):
         model.generate(torch.zeros(2, 5))
 
 
-def test_save_load_round_trip(model, tmp_path):
+def test_save_load_round_trip_records_the_kind(model, tmp_path):
     model.save(tmp_path / "dec")
     assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["bpe_simple_vocab_16e6.txt.gz", "config.json", "model.safetensors"]
-    loaded = CaptionDecoder.load(tmp_path / "dec", device="cpu")
-    assert loaded.config == model.config and loaded.embedder == EMBEDDER
+    assert json.loads((tmp_path / "dec" / "config.json").read_text())["kind"] == "decap"
+    loaded = load_decoder(tmp_path / "dec", device="cpu")
+    assert isinstance(loaded, DeCapDecoder) and loaded.config == model.config and loaded.embedder == EMBEDDER
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     assert loaded.gpt.lm_head.weight.data_ptr() == loaded.gpt.transformer.wte.weight.data_ptr()  # still tied
     x = prefixes(3)
-    assert loaded.generate(x, beam_size=2) == model.generate(x, beam_size=2)
+    assert loaded.generate(x, SearchOptions(beam=2)) == model.generate(x, SearchOptions(beam=2))
 
 
-def test_load_reports_missing_and_corrupt_directories(model, tmp_path):
-    with pytest.raises(ModelError, match="not a trained decoder"):
-        CaptionDecoder.load(tmp_path / "nothing")
+def test_decoders_saved_before_kinds_existed_still_load(model, tmp_path):
     model.save(tmp_path / "dec")
+    meta = json.loads((tmp_path / "dec" / "config.json").read_text())
+    old = {"format": "ragcap-decoder/1", "decoder": meta["config"], "embedder": meta["embedder"]}
+    (tmp_path / "dec" / "config.json").write_text(json.dumps(old))
+    assert load_decoder(tmp_path / "dec").config == model.config
+
+
+def test_load_reports_missing_corrupt_unknown_and_foreign_directories(model, tmp_path):
+    with pytest.raises(ModelError, match="not a trained decoder"):
+        load_decoder(tmp_path / "nothing")
+    model.save(tmp_path / "dec")
+    config = tmp_path / "dec" / "config.json"
+    meta = json.loads(config.read_text())
+    config.write_text(json.dumps({**meta, "kind": "mystery"}))
+    with pytest.raises(ModelError, match="unknown decoder kind 'mystery'.*decap"):
+        load_decoder(tmp_path / "dec")
+    config.write_text(json.dumps({**meta, "config": {**meta["config"], "flux_capacitor": 1}}))
+    with pytest.raises(ModelError, match="unknown decap config keys.*flux_capacitor"):
+        load_decoder(tmp_path / "dec")
+    config.write_text(json.dumps(meta))
     (tmp_path / "dec" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ModelError, match="model.safetensors cannot be loaded"):
-        CaptionDecoder.load(tmp_path / "dec")
-    (tmp_path / "dec" / "config.json").write_text(json.dumps({"decoder": {}}))
+        load_decoder(tmp_path / "dec")
+    config.write_text(json.dumps({"kind": "decap"}))
     with pytest.raises(ModelError, match="not a valid decoder config"):
-        CaptionDecoder.load(tmp_path / "dec")
+        load_decoder(tmp_path / "dec")
 
 
 def test_compatibility_message_names_both_embedders(model, tmp_path):
     model.save(tmp_path / "dec")
-    loaded = CaptionDecoder.load(tmp_path / "dec")
-    check_compatible(loaded, EMBEDDER, "coco")  # same embedder: fine
+    loaded = load_decoder(tmp_path / "dec")
+    loaded.check_embedder(EMBEDDER, "coco")  # same embedder: fine
     with pytest.raises(ModelError) as err:
-        check_compatible(loaded, EmbedderInfo(spec="ViT-B-32:openai", dim=512), "coco")
+        loaded.check_embedder(EmbedderInfo(spec="ViT-B-32:openai", dim=512), "coco")
     message = str(err.value)
     assert "test:tiny" in message and "ViT-B-32:openai" in message and "coco" in message
     assert str(tmp_path / "dec") in message and "ragcap train-decoder" in message
+
+
+def test_registry_names_every_kind_by_its_recorded_name():
+    assert all(cls.kind == name for name, cls in DECODERS.items())
 
 
 def test_tokenizer_normalises_and_drops_specials(model):

@@ -22,7 +22,7 @@ def ragcap(*args):
 @pytest.fixture(scope="module")
 def eval_set(tmp_path_factory, tiny_clip_dir):
     """N real images with their manifest, a memory of other images' captions plus theirs, and a random decoder."""
-    from ragcap.decoder import CaptionDecoder, DecoderConfig
+    from ragcap.decoders import DeCapConfig, DeCapDecoder
     from ragcap.embed import load_embedder
 
     manifest = shared_path("data", "coco", "images", "manifest.jsonl")
@@ -39,7 +39,7 @@ def eval_set(tmp_path_factory, tiny_clip_dir):
     exclude = root / "exclude.txt"
     exclude.write_text("\n".join(str(r["image_id"]) for r in rows[:N_IMAGES]))
     info = load_embedder(str(tiny_clip_dir)).info
-    decoder = CaptionDecoder(DecoderConfig(embed_dim=info.dim, n_layer=1, n_head=2, n_embd=32, max_tokens=8), info)
+    decoder = DeCapDecoder(DeCapConfig(embed_dim=info.dim, n_layer=1, n_head=2, n_embd=32, max_tokens=8), info)
     decoder.save(root / "decoder")
     return {"images": images, "refs": refs, "corpus": corpus, "exclude": exclude, "decoder": root / "decoder", "clip": tiny_clip_dir}
 

@@ -1,11 +1,12 @@
-"""SmallCap prompt, 25-token filter and batched causal-LM captioning (ragcap.prompt)."""
+"""SmallCap prompt, 25-token filter and batched causal-LM captioning (ragcap.decoders.lm_prompt)."""
 
 from pathlib import Path
 
 import pytest
 
 from ragcap.errors import ModelError
-from ragcap.prompt import PromptCaptioner, build_prompt, first_sentence, save_random_lm, select_captions
+from ragcap.decoders.lm_prompt import PromptCaptioner, build_prompt, first_sentence, save_random_lm, select_captions
+from ragcap.generation import SearchOptions
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TOKENIZER_DIR = SHARED / "models" / "gpt2-tokenizer"
@@ -88,7 +89,7 @@ IMAGES = [
 
 
 def test_random_gpt2_completes_prompt_with_one_clean_sentence(captioner):
-    captions = captioner.caption(IMAGES)
+    captions = captioner.generate(IMAGES)
     assert len(captions) == len(IMAGES)
     for caption in captions:
         assert isinstance(caption, str) and caption == caption.strip()
@@ -97,23 +98,35 @@ def test_random_gpt2_completes_prompt_with_one_clean_sentence(captioner):
 
 def test_batched_equals_one_at_a_time(captioner):
     # Left padding is only harmless if position ids skip the pads; wrong ids change padded rows.
-    batched = captioner.caption(IMAGES, beam_size=3, max_new_tokens=12)
-    single = [captioner.caption([image], beam_size=3, max_new_tokens=12)[0] for image in IMAGES]
+    options = SearchOptions(beam=3, max_tokens=12)
+    batched = captioner.caption(IMAGES, options=options)
+    single = [captioner.caption([image], options=options)[0] for image in IMAGES]
     assert batched == single
 
 
-def test_greedy_is_beam_size_one(captioner):
-    assert captioner.caption(IMAGES[:2], beam_size=1, max_new_tokens=6) == [
-        captioner.caption([image], beam_size=1, max_new_tokens=6)[0] for image in IMAGES[:2]
-    ]
+def test_greedy_batched_equals_one_at_a_time(captioner):
+    options = SearchOptions(beam=1, max_tokens=6)
+    assert captioner.generate(IMAGES[:2], options=options) == [captioner.generate([image], options=options)[0] for image in IMAGES[:2]]
+
+
+def test_defaults_are_smallcaps_generate_call(captioner):
+    """SmallCap's infer.py: generate(num_beams=3, max_new_tokens=25, length_penalty=0, early
+    stopping) on one prompt; ragcap's own search must give the same caption, batched."""
+    tokenizer, model = captioner.tokenizer, captioner.model
+    expected = []
+    for prompt in captioner.prompts(IMAGES):
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**ids, **captioner.generate_kwargs())
+        expected.append(first_sentence(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)))
+    assert captioner.generate(IMAGES) == expected
 
 
 def test_missing_lm_dir_is_a_model_error(tmp_path):
-    with pytest.raises(ModelError, match="GPT-2 weights not found.*--lm DIR"):
+    with pytest.raises(ModelError, match="language model not found.*--lm DIR.*save-random-lm"):
         PromptCaptioner(str(tmp_path / "no-such-model"))
 
 
 def test_dir_without_weights_is_a_model_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ModelError, match="GPT-2 weights not found"):
+    with pytest.raises(ModelError, match="could not be loaded"):
         PromptCaptioner(str(tmp_path))

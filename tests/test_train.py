@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ragcap.decoder import CaptionDecoder, CaptionTokenizer
+from ragcap.decoders import load_decoder
+from ragcap.decoders.tokenizers import CaptionTokenizer
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
 from ragcap.train import TrainConfig, train_decoder
@@ -44,7 +45,7 @@ def test_training_lowers_the_loss_and_writes_a_loadable_decoder(tmp_path):
     assert [row["epoch"] for row in log] == [1, 2, 3, 4] and log == result["epochs"]
     assert log[-1]["train_loss"] < log[0]["train_loss"]
     assert all(row["val_loss"] is not None for row in log)
-    decoder = CaptionDecoder.load(tmp_path / "dec")
+    decoder = load_decoder(tmp_path / "dec")
     assert decoder.embedder == EMBEDDER and decoder.config.n_embd == 32
     assert len(decoder.generate(torch.from_numpy(VECTORS[:2]))) == 2
 
@@ -62,8 +63,8 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path):
         train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "resumed", TINY, progress=stop_in_second_epoch)
     result = train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "resumed", TINY, resume=True)
     assert [row["epoch"] for row in result["epochs"]] == [1, 2]
-    a = CaptionDecoder.load(tmp_path / "straight").state_dict()
-    b = CaptionDecoder.load(tmp_path / "resumed").state_dict()
+    a = load_decoder(tmp_path / "straight").state_dict()
+    b = load_decoder(tmp_path / "resumed").state_dict()
     for name in a:
         assert torch.equal(a[name], b[name]), name
 
@@ -85,7 +86,7 @@ def test_rejects_vectors_that_do_not_match(tmp_path):
 
 def test_pruned_vocabulary_covers_the_captions_and_decodes_to_the_same_text(tmp_path):
     train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "dec", TINY)
-    pruned = CaptionDecoder.load(tmp_path / "dec", device="cpu")
+    pruned = load_decoder(tmp_path / "dec", device="cpu")
     full = CaptionTokenizer()
     used = set().union(*(full.clip_ids(c) for c in CAPTIONS))
     assert pruned.config.vocab_size == len(used | {full.sot_id, full.eot_id}) < full.vocab_size
@@ -95,4 +96,4 @@ def test_pruned_vocabulary_covers_the_captions_and_decodes_to_the_same_text(tmp_
     with pytest.raises(ModelError, match="vocabulary"):
         pruned.tokenizer.encode("zebra xylophone quantum")
     train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "full", TrainConfig(**{**TINY.__dict__, "prune_vocab": False}))
-    assert CaptionDecoder.load(tmp_path / "full").config.vocab_size == full.vocab_size
+    assert load_decoder(tmp_path / "full").config.vocab_size == full.vocab_size

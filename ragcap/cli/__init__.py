@@ -3,10 +3,11 @@
 One module per group of commands registers on the shared Typer app:
     memory    ingest, collections, search, drop, export
     decode    train-decoder, caption, eval
-    models    models list / save-random / save-random-lm
+    models    models list / save-random / save-random-lm / stretch / import
+    longclip  finetune-longclip
 """
 
-from ragcap.cli import decode, memory, models  # noqa: F401  (registration)
+from ragcap.cli import decode, longclip, memory, models  # noqa: F401  (registration)
 from ragcap.cli.common import app
 
 

@@ -115,3 +115,24 @@ def store(url: str | None, api_key: str | None, wait: float = DEFAULT_WAIT_S):
         typer.echo(f"ragcap: {message}", err=True)
 
     return open_store(url=url, api_key=api_key, wait=None if wait < 0 else wait, on_wait=announce)
+
+
+# Decoding options shared by every command that writes captions, for every decoder kind.
+Beam = Annotated[Optional[int], typer.Option(help="Beam size; 1 = greedy [default: the decoder kind's: DeCap 1, prompt 3].")]
+NumCaptions = Annotated[int, typer.Option("--num-captions", help="Captions per input: the n best beams, or n samples.")]
+MaxTokens = Annotated[Optional[int], typer.Option(help="Length cap in tokens [default: the decoder's trained length; prompt 25].")]
+TopP = Annotated[Optional[float], typer.Option("--top-p", help="Sample from the smallest token set holding this probability (nucleus).")]
+TopK = Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k likeliest tokens.")]
+Temperature = Annotated[Optional[float], typer.Option(help="Sample at this temperature (< 1 sharper, > 1 more varied).")]
+Seed = Annotated[Optional[int], typer.Option(help="Seed for sampling: the same seed and inputs give the same captions.")]
+
+
+def search_options(beam, num_captions, max_tokens, top_p, top_k, temperature, seed):
+    """SearchOptions from the decoding flags; any of --top-p, --top-k or --temperature means sampling."""
+    from ragcap.generation import SearchOptions
+
+    sample = top_p is not None or top_k is not None or temperature is not None
+    return SearchOptions(
+        beam=beam, num_return=num_captions, max_tokens=max_tokens, sample=sample, seed=seed,
+        top_p=1.0 if top_p is None else top_p, top_k=top_k or 0, temperature=1.0 if temperature is None else temperature,
+    )

@@ -7,7 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ragcap.cli.common import DEFAULT_WAIT_S, Collection, Device, Json, Model, QdrantKey, QdrantUrl, Wait, app, command, store
+from ragcap.cli.common import (
+    DEFAULT_WAIT_S, Beam, Collection, Device, Json, MaxTokens, Model, NumCaptions, QdrantKey, QdrantUrl, Seed, Temperature, TopK,
+    TopP, Wait, app, command, search_options, store,
+)
 from ragcap.errors import RagcapError
 
 
@@ -19,7 +22,7 @@ def train_decoder(
     layers: Annotated[int, typer.Option(help="Decoder layers (DeCap: 4).")] = 4,
     heads: Annotated[int, typer.Option(help="Attention heads (DeCap: 4).")] = 4,
     width: Annotated[int, typer.Option(help="Hidden size (DeCap: 768).")] = 768,
-    max_tokens: Annotated[Optional[int], typer.Option(help="Captions are cut to this many tokens.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Captions are cut to this many CLIP tokens (at most the embedder's context less 2: 75, or 246 for Long-CLIP).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Captions per step.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate.")] = None,
@@ -37,6 +40,7 @@ def train_decoder(
     json_out: Json = False,
 ):
     """Train DeCap's decoder on text only: reproduce each caption from its own stored embedding."""
+    from ragcap.embed import check_decoder_length
     from ragcap.report import emit_json, progress
     from ragcap.train import TrainConfig, train_decoder as train
 
@@ -46,6 +50,8 @@ def train_decoder(
     lock = hold_directory(out, f"--out {out}")  # a second run into --out is refused before any work
     with store(qdrant_url, qdrant_api_key, wait) as st:
         captions, vectors, info = api.training_data(st, collection, parquet)
+    if max_tokens is not None:  # up to the encoder's context (248 for a Long-CLIP model), not beyond
+        check_decoder_length(info.spec, max_tokens)
     given = dict(n_layer=layers, n_head=heads, n_embd=width, max_tokens=max_tokens, epochs=epochs, batch_size=batch_size,
                  lr=lr, noise_std=noise, val_fraction=val_fraction, seed=seed, label_smoothing=label_smoothing,
                  dropout=dropout, warmup_steps=warmup_steps, prune_vocab=prune_vocab)
@@ -76,8 +82,13 @@ def caption(
     text: Annotated[Optional[list[str]], typer.Option("--text", help="Caption from this text instead of images (repeatable).")] = None,
     k: Annotated[Optional[int], typer.Option("--k", "-k", help="Neighbours in the pd projection [default: 1024, or the whole collection if smaller].")] = None,
     tau: Annotated[float, typer.Option(help="Softmax temperature of the projection (DeCap: 0.01).")] = 0.01,
-    beam: Annotated[int, typer.Option(help="Decoder beam size (1 = greedy).")] = 1,
-    max_tokens: Annotated[Optional[int], typer.Option(help="Decoder length cap (default: its training length).")] = None,
+    beam: Beam = None,
+    num_captions: NumCaptions = 1,
+    max_tokens: MaxTokens = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    temperature: Temperature = None,
+    seed: Seed = None,
     prompt_k: Annotated[int, typer.Option(help="Retrieved captions in the prompt (SmallCap: 4).")] = 4,
     full_memory: Annotated[bool, typer.Option(help="Exact pd over every stored caption (slow; for checking).")] = False,
     neighbours: Annotated[int, typer.Option(help="Also report this many retrieved captions with scores.")] = 0,
@@ -94,7 +105,8 @@ def caption(
 ):
     """Caption images (or texts) with one or more modes."""
     from ragcap import api
-    from ragcap.caption import CaptionSettings, iter_inputs, parse_modes
+    from ragcap.caption import CaptionSettings, iter_inputs
+    from ragcap.modes import parse_modes
     from ragcap.report import CAPTION_FORMATS, CaptionWriter, caption_output, progress, write_all
 
     fmt = "jsonl" if json_out else fmt
@@ -102,8 +114,9 @@ def caption(
         raise RagcapError(f"unknown --format {fmt!r}; choose from {', '.join(CAPTION_FORMATS)}")
     if not inputs and not text:
         raise RagcapError("nothing to caption: give image paths, a directory, - for stdin, or --text")
-    settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, beam_size=beam, max_tokens=max_tokens,
-                               prompt_k=prompt_k, full_memory=full_memory, batch_size=batch_size, neighbours=neighbours)
+    search = search_options(beam, num_captions, max_tokens, top_p, top_k, temperature, seed)
+    settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, search=search, prompt_k=prompt_k,
+                               full_memory=full_memory, batch_size=batch_size, neighbours=neighbours)
     paths = list(iter_inputs(inputs or []))
     key = "text" if text else "file"
     with store(qdrant_url, qdrant_api_key, wait) as st, caption_output(output, fmt, settings.modes, key, resume) as out:
@@ -145,7 +158,12 @@ def evaluate(
     split: Annotated[Optional[str], typer.Option(help="Karpathy split to score (default: test).")] = None,
     k: Annotated[Optional[int], typer.Option("--k", "-k", help="Neighbours in the pd projection [default: 1024, or the whole collection if smaller].")] = None,
     tau: Annotated[float, typer.Option(help="Softmax temperature of the projection.")] = 0.01,
-    beam: Annotated[int, typer.Option(help="Decoder beam size (1 = greedy).")] = 1,
+    beam: Beam = None,
+    max_tokens: MaxTokens = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    temperature: Temperature = None,
+    seed: Seed = None,
     spice: Annotated[bool, typer.Option(help="Also score SPICE when its jars are installed (slow).")] = True,
     allow_leakage: Annotated[bool, typer.Option(help="Score even if the memory holds the evaluated images' own captions.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
@@ -159,7 +177,8 @@ def evaluate(
     """Caption a set of images with one or more modes and score them with the COCO metrics."""
     from ragcap import api
     from ragcap import evaluate as ev
-    from ragcap.caption import CaptionSettings, parse_modes
+    from ragcap.caption import CaptionSettings
+    from ragcap.modes import parse_modes
     from ragcap.report import emit_json, progress
 
     ev.require_java()  # fail before minutes of captioning, not after
@@ -168,7 +187,8 @@ def evaluate(
     absent = sorted(set(refs) - set(matched.pairs))
     if not matched.pairs:
         raise RagcapError(f"none of the {len(refs)} images in {references} is in {images}; check --images and --split")
-    settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, beam_size=beam, batch_size=batch_size)
+    search = search_options(beam, 1, max_tokens, top_p, top_k, temperature, seed)
+    settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, search=search, batch_size=batch_size)
     with store(qdrant_url, qdrant_api_key, wait) as st:
         if not allow_leakage:
             leaked = api.find_leakage(st, collection, matched.pairs)

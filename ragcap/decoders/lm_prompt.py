@@ -1,4 +1,4 @@
-"""SmallCap-style prompting: retrieved captions -> text prompt -> causal LM beam search.
+"""SmallCap-style prompting: retrieved captions -> text prompt -> a causal LM's beam search.
 
 SmallCap (Ramos et al., arXiv 2209.15323) conditions a GPT-2 decoder on the captions retrieved
 for an image by writing them into a fixed prompt. This module reproduces that prompt, the
@@ -15,9 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
+from ragcap.decoders.base import Caption
+from ragcap.decoders.lm import LMInput, LMStepper, load_causal_lm
 from ragcap.errors import ModelError
+from ragcap.generation import SearchOptions, search
+from ragcap.util import default_device
 
 # SmallCap src/template.txt is "Similar images show\n\n||\n\nThis image shows \n"; infer.py reads it
 # with `.strip() + ' '` and src/utils.py::prep_strings replaces "||" with
@@ -30,14 +33,16 @@ PROMPT_TAIL = ".\n\nThis image shows "
 NO_RETRIEVAL_PROMPT = "This image shows "
 
 # SmallCap src/retrieve_caps.py::filter_captions keeps datastore captions with <= 25 GPT-2 tokens;
-# infer.py/train.py use k=4 retrieved captions, num_beams=3 and max_new_tokens=25 (CAPTION_LENGTH).
+# infer.py/train.py use k=4 retrieved captions, num_beams=3 and max_new_tokens=25 (CAPTION_LENGTH),
+# ranked by the summed log-probability (length_penalty 0).
 DEFAULT_K = 4
 MAX_CAPTION_TOKENS = 25
-DEFAULT_BEAM_SIZE = 3
-DEFAULT_MAX_NEW_TOKENS = 25
+SMALLCAP_SEARCH = SearchOptions(beam=3, max_tokens=25, length_alpha=0.0)
+# The same as SmallCap's own `generate` call (used by the benchmarks' per-image reference; the
+# tests check that ragcap's batched search gives the same captions).
+SMALLCAP_GENERATE = dict(num_beams=3, max_new_tokens=25, length_penalty=0.0, early_stopping=True, do_sample=False)
 
 _SENTENCE_END = re.compile(r"[.\n]")
-_MISSING_LM_HINT = "pass --lm DIR with a saved model, e.g. from save_pretrained"
 
 
 def build_prompt(captions: Sequence[str]) -> str:
@@ -78,92 +83,76 @@ def first_sentence(text: str) -> str:
     return _SENTENCE_END.split(text, maxsplit=1)[0].strip()
 
 
-def _looks_like_path(lm: str) -> bool:
-    # "org/name" is a hub id; an existing directory or an explicit path form is local.
-    return Path(lm).expanduser().exists() or lm.startswith((".", "/", "~"))
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    """'.' is SmallCap's end of caption. Newlines and the LM's own end of text also end it (the
+    caption is cut there anyway), so beam search ranks what is returned, not text after the cut."""
+    ids = {tokenizer.eos_token_id}
+    for text in (".", "\n", "\n\n"):
+        tokens = tokenizer.encode(text, add_special_tokens=False)
+        if len(tokens) == 1:
+            ids.add(tokens[0])
+    return tuple(sorted(i for i in ids if i is not None))
 
 
-def _load_lm(lm: str):
-    if _looks_like_path(lm):
-        local = Path(lm).expanduser()
-        if not (local / "config.json").is_file():
-            raise ModelError(f"GPT-2 weights not found: {lm} is not a directory with config.json; {_MISSING_LM_HINT}")
-        lm = str(local)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(lm)
-        model = AutoModelForCausalLM.from_pretrained(lm)
-    except (OSError, ValueError) as err:
-        # Offline with nothing cached, or a directory missing weights/tokenizer files.
-        raise ModelError(f"GPT-2 weights not found for --lm {lm!r}: {_MISSING_LM_HINT}. Cause: {err}") from err
-    return tokenizer, model
+def left_padded(token_ids: list[list[int]], embed, device: torch.device) -> LMInput:
+    """Prompts of different lengths as one left-padded batch, so every prompt ends at the last column."""
+    width = max(len(ids) for ids in token_ids)
+    ids = torch.zeros((len(token_ids), width), dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(token_ids):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return LMInput(embed(ids), mask)
 
 
 class PromptCaptioner:
     """Captions images from their neighbours' captions with a causal LM (SmallCap prompt)."""
 
-    def __init__(self, lm: str = "gpt2", device: str | torch.device | None = None, batch_size: int = 32):
-        self.tokenizer, self.model = _load_lm(lm)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model.to(self.device).eval()
+    def __init__(self, lm: str | Path = "gpt2", device: str | torch.device | None = None, batch_size: int = 32):
+        self.tokenizer, self.model = load_causal_lm(lm)
+        self.device = default_device(device)
+        self.model.to(self.device)
         self.batch_size = batch_size
-        # Left padding keeps every prompt's last token at the end of the row, where generation
-        # continues; transformers derives position_ids from the attention mask, so padded rows
-        # see the same positions as unpadded ones (tested: batched == one at a time).
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.stop_ids = self._stop_ids()
+        self.stop_ids = stop_ids(self.tokenizer)
 
-    def _stop_ids(self) -> list[int]:
-        # '.' is SmallCap's eos. Newlines and the LM's own eos also end the caption (we cut there
-        # anyway), so beam search ranks what is returned instead of text after the cut.
-        ids = {self.tokenizer.eos_token_id}
-        for text in (".", "\n", "\n\n"):
-            tokens = self.tokenizer.encode(text, add_special_tokens=False)
-            if len(tokens) == 1:
-                ids.add(tokens[0])
-        return sorted(i for i in ids if i is not None)
-
-    def generation_kwargs(self, beam_size: int, max_new_tokens: int) -> dict:
-        """SmallCap infer.py settings: length_penalty 0 (raw log-prob sums), early stopping."""
-        kwargs = dict(
-            num_beams=beam_size,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            no_repeat_ngram_size=0,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        if beam_size > 1:  # beam-only flags; transformers warns about them for greedy search
-            kwargs.update(length_penalty=0.0, early_stopping=True)
-        return kwargs
+    def generate_kwargs(self) -> dict:
+        """transformers' generate arguments for SmallCap's decoding with this LM's stop tokens."""
+        return dict(SMALLCAP_GENERATE, eos_token_id=list(self.stop_ids), pad_token_id=self.tokenizer.eos_token_id)
 
     def prompts(self, neighbour_captions: Sequence[Sequence[str]], k: int = DEFAULT_K) -> list[str]:
         return [build_prompt(select_captions(caps, self.tokenizer, k=k)) for caps in neighbour_captions]
 
+    def search_options(self, options: SearchOptions | None) -> SearchOptions:
+        """SmallCap's settings, except where `options` says otherwise (beam, length cap, sampling...)."""
+        return (options or SearchOptions()).with_defaults(
+            SMALLCAP_SEARCH.beam, SMALLCAP_SEARCH.max_tokens, SMALLCAP_SEARCH.length_alpha, stop_ids=self.stop_ids
+        )
+
     @torch.inference_mode()
     def caption(
-        self,
-        neighbour_captions: Sequence[Sequence[str]],
-        k: int = DEFAULT_K,
-        beam_size: int = DEFAULT_BEAM_SIZE,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    ) -> list[str]:
-        """One caption per image, given each image's retrieved captions in retrieval order."""
-        prompts = self.prompts(neighbour_captions, k=k)
-        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        self, neighbour_captions: Sequence[Sequence[str]], k: int = DEFAULT_K, options: SearchOptions | None = None
+    ) -> list[list[Caption]]:
+        """options.num_return captions per image (best first), given its retrieved captions in retrieval order."""
+        options = self.search_options(options)
+        ids = self.tokenizer(self.prompts(neighbour_captions, k=k), add_special_tokens=False)["input_ids"]
+        if any(len(row) + options.max_tokens > self._context() for row in ids):
+            raise ModelError(f"a prompt of {max(map(len, ids))} tokens leaves no room for {options.max_tokens} new ones in the LM's context")
         # Batch prompts of similar length together: less padding, same results.
-        order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
-        kwargs = self.generation_kwargs(beam_size, max_new_tokens)
-        captions = [""] * len(prompts)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        captions: list[list[Caption]] = [[] for _ in ids]
+        embed = self.model.get_input_embeddings()
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            batch = self.tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt").to(self.device)
-            out = self.model.generate(**batch, **kwargs)
-            new_tokens = out[:, batch["input_ids"].shape[1] :]
-            for i, text in zip(chunk, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                captions[i] = first_sentence(text)
+            found = search(LMStepper(self.model), left_padded([ids[i] for i in chunk], embed, self.device), options)
+            for i, row in zip(chunk, found):
+                captions[i] = [Caption(first_sentence(self.tokenizer.decode(h.tokens, skip_special_tokens=True)), h.score) for h in row]
         return captions
+
+    def generate(self, neighbour_captions: Sequence[Sequence[str]], k: int = DEFAULT_K, options: SearchOptions | None = None) -> list[str]:
+        return [row[0].text for row in self.caption(neighbour_captions, k, options)]
+
+    def _context(self) -> int:
+        return int(getattr(self.model.config, "n_positions", None) or getattr(self.model.config, "max_position_embeddings", 1024))
 
 
 def save_random_lm(
@@ -179,11 +168,15 @@ def save_random_lm(
     For tests and benchmarks offline: same vocabulary, prompt lengths and compute as GPT-2, no
     download. tokenizer_dir holds vocab.json + merges.txt (or a saved tokenizer).
     """
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
     out_dir = Path(out_dir)
     try:
         tokenizer = GPT2TokenizerFast.from_pretrained(str(tokenizer_dir))
     except (OSError, ValueError) as err:
         raise ModelError(f"GPT-2 tokenizer not found in {tokenizer_dir} (needs vocab.json + merges.txt): {err}") from err
+    if len(tokenizer) == 0:
+        raise ModelError(f"GPT-2 tokenizer not found in {tokenizer_dir} (needs vocab.json + merges.txt)")
     tokenizer.model_max_length = 1024  # GPT-2's context; the bare files leave it unbounded
     config = GPT2Config(
         vocab_size=len(tokenizer),

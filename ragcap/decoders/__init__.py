@@ -1,0 +1,92 @@
+"""Decoder kinds, found by the name a saved directory records (open_clip's factory, for captioners).
+
+    DECODERS = {"decap": DeCapDecoder, ...}     kind name -> class
+    load_decoder(DIR)                           reads DIR/config.json's "kind", builds that class
+
+Adding a kind means a module here with a Decoder subclass and a line in DECODERS; the modes,
+the CLI and the service reach it through load_decoder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ragcap.decoders.base import CONFIG_FILE, WEIGHTS_FILE, Caption, Decoder
+from ragcap.decoders.decap import DeCapConfig, DeCapDecoder
+from ragcap.embedder_info import EmbedderInfo
+from ragcap.errors import ModelError
+from ragcap.util import default_device
+
+DECODERS: dict[str, type[Decoder]] = {cls.kind: cls for cls in (DeCapDecoder,)}
+
+__all__ = ["DECODERS", "Caption", "DeCapConfig", "DeCapDecoder", "Decoder", "load_decoder"]
+
+
+def _read_config(src: Path, hint: str) -> tuple[type[Decoder], object, EmbedderInfo]:
+    if not (src / CONFIG_FILE).is_file():
+        raise ModelError(f"{src} is not a trained decoder (no {CONFIG_FILE}); {hint}")
+    try:
+        meta = json.loads((src / CONFIG_FILE).read_text())
+        if "kind" not in meta and "decoder" in meta:  # ragcap-decoder/1: DeCap only, before kinds existed
+            meta = {"kind": "decap", "config": meta["decoder"], "embedder": meta["embedder"]}
+        kind = meta["kind"]
+        if kind not in DECODERS:
+            raise ModelError(f"{src / CONFIG_FILE}: unknown decoder kind {kind!r}; known kinds: {', '.join(DECODERS)}")
+        cls = DECODERS[kind]
+        return cls, cls.config_from_dict(meta["config"]), EmbedderInfo.from_dict(meta["embedder"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        if isinstance(e, ModelError):
+            raise
+        raise ModelError(f"{src / CONFIG_FILE} is not a valid decoder config ({e!r}); {hint}") from e
+
+
+def load_decoder(directory: str | Path, device: str | torch.device | None = None) -> Decoder:
+    """The decoder saved in `directory`, whatever its kind, on `device` (default: CUDA if present)."""
+    src = Path(directory)
+    hint = "train one (`ragcap train-decoder`) or pass the directory a training or import wrote"
+    cls, config, embedder = _read_config(src, hint)
+    if not (src / WEIGHTS_FILE).is_file():
+        raise ModelError(f"{src} is incomplete: {WEIGHTS_FILE} is missing; {hint}")
+    # Built on the meta device (no random init), then the file's tensors are assigned in place:
+    # memory-mapped, never copied, so loading takes no transient second copy.
+    with torch.device("meta"):
+        model = cls.load_from(config, embedder, src)
+    try:
+        state = load_file(src / WEIGHTS_FILE)
+        _untie(model, state)
+        model.load_state_dict(state, strict=True, assign=True)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise ModelError(f"{src / WEIGHTS_FILE} cannot be loaded ({e}); {hint}") from e
+    _retie(model)
+    model.source = src
+    return model.to(default_device(device)).eval()
+
+
+def _tied_pairs(model: Decoder) -> list[tuple[str, str]]:
+    """(output layer, token embedding) names of every tied LM inside the decoder."""
+    pairs = []
+    for name, module in model.named_modules():
+        if hasattr(module, "tie_weights") and hasattr(module, "lm_head") and module.config.tie_word_embeddings:
+            prefix = f"{name}." if name else ""
+            embed_name = next(n for n, p in module.named_parameters() if p is module.get_input_embeddings().weight)
+            pairs.append((f"{prefix}lm_head.weight", f"{prefix}{embed_name}"))
+    return pairs
+
+
+def _untie(model: Decoder, state: dict) -> None:
+    # save_model stores a tied output layer and token embedding once, under either name.
+    for head, embed in _tied_pairs(model):
+        tensor = state.get(head, state.get(embed))
+        if tensor is not None:
+            state[head] = state[embed] = tensor
+
+
+def _retie(model: Decoder) -> None:
+    for module in model.modules():
+        if hasattr(module, "tie_weights") and hasattr(module, "lm_head"):
+            module.tie_weights()

@@ -1,0 +1,115 @@
+"""Causal language models as ragcap drives them: loading, and the Stepper every kind decodes with.
+
+Every decoder kind is a GPT-2-family LM fed a different conditioning: DeCap's decoder and
+ClipCap a few prefix embeddings, the prompt mode a text prompt, SmallCap a prompt plus image
+features it cross-attends to. LMStepper runs all of them for ragcap.generation: the
+conditioning once (left-padded, so every row's last input token sits at the end), then one
+token per row with the KV cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ragcap.errors import ModelError
+from ragcap.util import looks_like_path
+
+MISSING_LM_HINT = (
+    "pass --lm DIR with a saved causal LM (e.g. from save_pretrained); offline, "
+    "`ragcap models save-random-lm DIR --tokenizer TOKENIZER_DIR` makes a random GPT-2 for trying things out"
+)
+
+
+@lru_cache(maxsize=1)
+def cache_keyword() -> str:
+    """The name of the KV-cache argument: `cache` since transformers 5.x, `past_key_values` before."""
+    from transformers import GPT2Model
+
+    return "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
+
+
+def new_cache():
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def load_causal_lm(name: str | Path):
+    """(tokenizer, model) of a causal LM from a local directory or a hub name (ModelError if absent)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    name = str(name)
+    if looks_like_path(name):
+        local = Path(name).expanduser()
+        if not (local / "config.json").is_file():
+            raise ModelError(f"language model not found: {name} is not a directory with config.json; {MISSING_LM_HINT}")
+        name = str(local)
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with ragcap's own
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        # Offline with nothing cached, or a directory missing weights/tokenizer files.
+        raise ModelError(f"language model {name!r} could not be loaded: {MISSING_LM_HINT}. Cause: {err}") from err
+    return tokenizer, model.eval()
+
+
+@dataclass
+class LMInput:
+    """A batch of conditionings, left-padded to one length."""
+
+    embeds: torch.Tensor  # (n, length, width) input embeddings
+    mask: torch.Tensor | None = None  # (n, length) 1 for real positions; None: no padding
+    encoder_states: torch.Tensor | None = None  # (n, m, width') features to cross-attend to (SmallCap)
+
+
+@dataclass
+class _State:
+    cache: object
+    mask: torch.Tensor  # grows by one column per step
+    next_position: torch.Tensor  # (n,) position id of the next token
+    encoder_states: torch.Tensor | None
+
+
+class LMStepper:
+    """ragcap.generation's Stepper over a transformers causal LM (GPT-2 family)."""
+
+    def __init__(self, lm, logits_fn=None):
+        self.lm = lm
+        # Kinds that write over part of the vocabulary map the LM's logits here (DeCap's pruning
+        # lives in its output layer, so most need nothing).
+        self.logits_fn = logits_fn or (lambda logits: logits)
+
+    def _forward(self, state: _State, **inputs) -> torch.Tensor:
+        if state.encoder_states is not None:
+            inputs["encoder_hidden_states"] = state.encoder_states
+        out = self.lm(**inputs, attention_mask=state.mask, use_cache=True, logits_to_keep=1, **{cache_keyword(): state.cache})
+        return self.logits_fn(out.logits[:, -1])
+
+    def start(self, cond: LMInput) -> tuple[torch.Tensor, _State]:
+        n, length = cond.embeds.shape[:2]
+        device = cond.embeds.device
+        mask = cond.mask if cond.mask is not None else torch.ones((n, length), dtype=torch.long, device=device)
+        # Positions count real tokens only, so a left-padded row sees the positions it would see
+        # alone (transformers' generate does the same; padded slots get an arbitrary 1).
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        state = _State(new_cache(), mask, positions[:, -1] + 1, cond.encoder_states)
+        logits = self._forward(state, inputs_embeds=cond.embeds, position_ids=positions)
+        return logits, state
+
+    def step(self, tokens: torch.Tensor, state: _State) -> torch.Tensor:
+        state.mask = torch.cat([state.mask, state.mask.new_ones((state.mask.shape[0], 1))], dim=1)
+        logits = self._forward(state, input_ids=tokens.unsqueeze(1), position_ids=state.next_position.unsqueeze(1))
+        state.next_position = state.next_position + 1
+        return logits
+
+    def select(self, state: _State, rows: torch.Tensor) -> _State:
+        state.cache.reorder_cache(rows)
+        encoder_states = None if state.encoder_states is None else state.encoder_states[rows]
+        return _State(state.cache, state.mask[rows], state.next_position[rows], encoder_states)
