@@ -102,9 +102,12 @@ class Lock:
         finally:
             if queue is not None:
                 os.close(queue)  # leaves the queue (closing drops the shared lock)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, describe_process().encode(), 0)
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, describe_process().encode(), 0)
+        except OSError:
+            pass  # a full disk: waiters are told "another process" instead of which
 
     def release(self) -> None:
         if self._fd is None:
@@ -112,6 +115,8 @@ class Lock:
         fd, self._fd = self._fd, None
         try:
             os.ftruncate(fd, 0)
+        except OSError:
+            pass
         finally:
             os.close(fd)  # closing drops the flock
 

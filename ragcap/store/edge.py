@@ -551,7 +551,7 @@ class EdgeStore(Store):
             raise missing_collection(name)
         report = CheckReport(name, repairable=False)
         try:
-            record = files.read_record(d, name)
+            files.read_record(d, name)
         except DamagedCollection as e:
             report.problems.append(str(e))
             return report

@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ragcap.errors import CollectionBusy, DamagedCollection, StoreError
+from ragcap.errors import CollectionBusy, DamagedCollection
 from ragcap.util import ensure_free_space, on_memory_filesystem, write_atomic
 
 RECORD = "ragcap.json"
@@ -191,8 +191,3 @@ def describe_engine_error(e: BaseException) -> str:
 
 def new_record(embedder: dict, vector_dtype: str) -> dict:
     return {"format": FORMAT, "embedder": embedder, "vector_dtype": vector_dtype, "points": 0}
-
-
-def check_format(record: dict, name: str) -> None:
-    if record.get("format", FORMAT) > FORMAT:
-        raise StoreError(f"collection '{name}' was written by a newer ragcap (format {record['format']}); upgrade ragcap")

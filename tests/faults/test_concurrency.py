@@ -172,7 +172,7 @@ def test_train_decoder_locks_its_out(tmp_path, training_collection):
         if code:
             [line] = messages(err)
             assert "is in use by pid" in line or "already holds a decoder" in line
-    from ragcap.decoder import CaptionDecoder
+    from ragcap.decoders import load_decoder
 
-    CaptionDecoder.load(out)
+    load_decoder(out)
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

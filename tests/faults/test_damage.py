@@ -6,7 +6,6 @@ an export restored) bring the collection back."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import uuid
