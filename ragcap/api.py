@@ -23,18 +23,20 @@ from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError, RagcapError
 from ragcap.export import export_collection, parquet_embedder
 from ragcap.ingest import IngestOptions, IngestSummary
-from ragcap.store import Store, open_store
+from ragcap.store import CheckReport, Store, open_store
 
 __all__ = [
     "CaptionSettings",
     "Captioner",
     "IngestOptions",
+    "check_collection",
     "export_collection",
     "find_leakage",
     "ingest_corpus",
     "ingest_embedder",
     "load_captioner",
     "open_store",
+    "restore_record",
     "training_data",
 ]
 
@@ -164,3 +166,29 @@ def load_captioner(
 
         prompter = PromptCaptioner(lm, device=device)
     return Captioner(store, collection, embedder, settings, decoder=loaded_decoder, prompter=prompter)
+
+
+def check_collection(store: Store, name: str, repair: bool = False) -> tuple[CheckReport, int]:
+    """Verify a collection; with repair, delete its damaged points (re-running the ingest that
+    filled it then re-embeds exactly those) and verify again. Returns (report, points deleted)."""
+    report = store.check(name)
+    if not (repair and report.repairable and (report.damaged_ids or report.lost)):
+        return report, 0
+    if report.damaged_ids:
+        store.delete(name, report.damaged_ids)
+    if report.lost:
+        store.recount(name)
+    return store.check(name), len(report.damaged_ids)
+
+
+def restore_record(store: Store, name: str, model: str, device: str | None = None) -> int:
+    """Rewrite the lost record of an embedded collection for `model`, once `model` is shown to
+    reproduce its stored vectors; returns the number of points."""
+    from ragcap.embed import load_embedder
+    from ragcap.errors import StoreError
+    from ragcap.store.edge import EdgeStore
+
+    if not isinstance(store, EdgeStore):
+        raise StoreError("--restore-record is for the embedded store; a Qdrant server keeps the embedder in the collection's metadata")
+    embedder = load_embedder(model, device)
+    return store.restore_record(name, embedder.info, lambda captions: embedder.encode_text(captions).vectors)
