@@ -76,8 +76,8 @@ def ingest(
         typer.echo(
             f"{collection}: read {summary.read}, stored {summary.stored}, already stored {summary.already_stored}, "
             f"duplicates {summary.duplicates}, excluded {summary.excluded}, too long {summary.too_long}, "
-            f"other shards {summary.other_shards}, skipped bad {summary.skipped_bad}, truncated {summary.truncated}; "
-            f"{points} points in the collection"
+            f"other shards {summary.other_shards}, skipped bad {summary.skipped_bad}, truncated {summary.truncated} "
+            f"(over 77 tokens {summary.over_77_tokens}, over 248 {summary.over_248_tokens}); {points} points in the collection"
         )
         for line in summary.bad:
             typer.echo(f"  skipped {line}", err=True)
