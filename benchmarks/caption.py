@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "coco"
 PROMPT_K = 4  # SmallCap's retrieved captions per prompt
+from procpeak import run_sampled  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from ragcap.caption import DEFAULT_K, CaptionSettings, Captioner
 from ragcap.decoders import DeCapConfig, DeCapDecoder
 from ragcap.decoders.lm_prompt import PromptCaptioner, first_sentence, save_random_lm
@@ -110,31 +110,15 @@ def prompt_rates(paths, embedder, store, tmp: str, batch_size: int) -> dict:
 
 
 def peak_memory_of_cli(home: str, collection: str, decoder_dir: str, paths: list[str]) -> dict:
-    """Peak memory (GB) of `ragcap caption` over the given images, in a child process.
-
-    rss: the kernel's peak resident set (getrusage). anon: peak private memory (RssAnon, sampled
-    every 50 ms), i.e. without the shared libraries' file-backed pages, which for the CUDA build of
-    torch installed here are ~0.65 GB of mapped code whether or not a GPU is used.
-    """
+    """Peak memory (GB) of `ragcap caption` over the given images, in a child process: rss, the
+    peak resident set; anon, peak private memory (without the ~0.65 GB of file-backed pages the
+    CUDA build of torch maps whether or not a GPU is used)."""
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as listing:
         listing.write("\n".join(paths))
     cmd = [sys.executable, "-m", "ragcap.cli", "caption", f"@{listing.name}", "-c", collection, "--mode", "pd",
            "--decoder", decoder_dir, "--format", "jsonl", "-o", os.devnull]
-    child = subprocess.Popen(cmd, env={**os.environ, "RAGCAP_HOME": home}, stderr=subprocess.DEVNULL)
-    # Sampled rather than getrusage(RUSAGE_CHILDREN): that counts the forked child before exec,
-    # when it still maps all of this (large) benchmark process.
-    peak = {"VmHWM": 0, "RssAnon": 0}
-    while child.poll() is None:
-        try:
-            status = dict(line.split(":", 1) for line in Path(f"/proc/{child.pid}/status").read_text().splitlines())
-            for key in peak:
-                peak[key] = max(peak[key], int(status[key].split()[0]))
-        except (OSError, KeyError, ValueError):
-            pass
-        time.sleep(0.05)
-    if child.returncode != 0:
-        raise SystemExit(f"ragcap caption failed with exit code {child.returncode}")
-    return {"rss": round(peak["VmHWM"] / 1024**2, 2), "anon": round(peak["RssAnon"] / 1024**2, 2)}
+    run = run_sampled(cmd, {**os.environ, "RAGCAP_HOME": home})
+    return {"rss": run["rss_gb"], "anon": run["anon_gb"]}
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pipelines.base import BadRecord, CaptionRecord, Reader, ReadOptions
 from pipelines.cc3m import read_cc3m
+from pipelines.clip_retrieval import read_clip_retrieval
 from pipelines.coco import read_coco
 from pipelines.flickr import read_flickr
 from pipelines.hf import read_hf
@@ -24,7 +25,10 @@ SOURCES: dict[str, Reader] = {
     "csv": read_csv,
     "parquet": read_parquet,
     "hf": read_hf,
+    "clip-retrieval": read_clip_retrieval,
 }
+# Sources whose every record carries its vector: ingesting them needs the embedder's name, not its weights.
+PRE_EMBEDDED = frozenset({"clip-retrieval"})
 
 
 def get_reader(name: str) -> Reader:
@@ -34,4 +38,4 @@ def get_reader(name: str) -> Reader:
         raise SourceError(f"unknown source {name!r}; sources: {', '.join(SOURCES)}") from None
 
 
-__all__ = ["SOURCES", "get_reader", "BadRecord", "CaptionRecord", "ReadOptions", "Reader"]
+__all__ = ["PRE_EMBEDDED", "SOURCES", "get_reader", "BadRecord", "CaptionRecord", "ReadOptions", "Reader"]

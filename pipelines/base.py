@@ -18,7 +18,9 @@ class CaptionRecord:
     file: str | None = None  # image file name (basename) when the corpus gives one
     split: str | None = None
     location: str = ""  # "path:line" (or "path:row N"), for error messages
-    vector: list[float] | None = None  # only for pre-embedded sources (parquet --vector-field)
+    # Only for pre-embedded sources (parquet --vector-field, clip-retrieval): a list, or a row of a
+    # memory-mapped array, copied only when its batch is stored.
+    vector: Sequence[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the --id-field value as "source_id"
 
     def payload(self) -> dict[str, Any]:

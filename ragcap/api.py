@@ -26,18 +26,20 @@ from ragcap.errors import ImageError, ModelError, RagcapError
 from ragcap.export import export_collection, parquet_embedder
 from ragcap.images import ImageInput, image_name, load_images
 from ragcap.ingest import IngestOptions, IngestSummary
-from ragcap.store import Hit, Store, open_store
+from ragcap.store import CheckReport, Hit, Store, open_store
 
 __all__ = [
     "CaptionSettings",
     "Captioner",
     "IngestOptions",
+    "check_collection",
     "export_collection",
     "find_leakage",
     "ingest_corpus",
     "ingest_embedder",
     "load_captioner",
     "open_store",
+    "restore_record",
     "search",
     "SearchResult",
     "training_data",
@@ -52,14 +54,16 @@ def ingest_embedder(
     model: str | None = None,
     device: str | None = None,
     vectors_from: str | Path | None = None,
+    pre_embedded: bool = False,
 ) -> tuple[EmbedderInfo, Callable[[], object]]:
     """The embedder identity for an ingest, and a loader called only if something needs embedding.
 
     The model is, in order: the one asked for, the collection's own, the one a pre-embedded
-    Parquet file (`vectors_from`) records, DEFAULT_MODEL. Loading a Parquet export into a
-    server thus needs no model at all.
+    Parquet file (`vectors_from`) records, DEFAULT_MODEL. A source whose records all carry
+    vectors (`pre_embedded`) needs no model at all, only its identity: loading a Parquet export
+    or clip-retrieval's embeddings into a server loads no weights.
     """
-    from ragcap.embed import load_embedder
+    from ragcap.embed import describe_embedder, load_embedder
 
     if model is None and store.exists(collection):
         model = store.embedder(collection).spec
@@ -67,8 +71,12 @@ def ingest_embedder(
         recorded = parquet_embedder(vectors_from)
         if recorded is not None and (model is None or model == recorded.spec):
             return recorded, lambda: load_embedder(recorded.spec, device)
+    if pre_embedded:
         if model is None:
-            raise ModelError(f"{vectors_from} records no embedder; pass --model with the spec its vectors were made with")
+            where = vectors_from or "the source"
+            raise ModelError(f"{where} records no embedder; pass --model with the spec its vectors were made with (e.g. ViT-L-14:openai)")
+        info = describe_embedder(model)
+        return info, lambda: load_embedder(model, device)
     embedder = load_embedder(model or DEFAULT_MODEL, device)
     return embedder.info, lambda: embedder
 
@@ -90,8 +98,11 @@ def ingest_corpus(
 
     reader = get_reader(source)
     read_options = read_options or ReadOptions()
-    vectors_from = paths[0] if source == "parquet" and read_options.vector_field and paths else None
-    info, load = ingest_embedder(store, collection, model, device, vectors_from)
+    from pipelines import PRE_EMBEDDED
+
+    given_vectors = source == "parquet" and read_options.vector_field is not None
+    vectors_from = paths[0] if given_vectors and paths else None
+    info, load = ingest_embedder(store, collection, model, device, vectors_from, pre_embedded=given_vectors or source in PRE_EMBEDDED)
     summary = ingest(reader(paths, read_options), store, collection, info, load, options, on_progress)
     return info, summary
 
@@ -211,3 +222,29 @@ def search(
         for i, hits in zip(found, store.search(collection, np.concatenate(vectors), k)):
             results[i].neighbours = hits
     return results
+
+
+def check_collection(store: Store, name: str, repair: bool = False) -> tuple[CheckReport, int]:
+    """Verify a collection; with repair, delete its damaged points (re-running the ingest that
+    filled it then re-embeds exactly those) and verify again. Returns (report, points deleted)."""
+    report = store.check(name)
+    if not (repair and report.repairable and (report.damaged_ids or report.lost)):
+        return report, 0
+    if report.damaged_ids:
+        store.delete(name, report.damaged_ids)
+    if report.lost:
+        store.recount(name)
+    return store.check(name), len(report.damaged_ids)
+
+
+def restore_record(store: Store, name: str, model: str, device: str | None = None) -> int:
+    """Rewrite the lost record of an embedded collection for `model`, once `model` is shown to
+    reproduce its stored vectors; returns the number of points."""
+    from ragcap.embed import load_embedder
+    from ragcap.errors import StoreError
+    from ragcap.store.edge import EdgeStore
+
+    if not isinstance(store, EdgeStore):
+        raise StoreError("--restore-record is for the embedded store; a Qdrant server keeps the embedder in the collection's metadata")
+    embedder = load_embedder(model, device)
+    return store.restore_record(name, embedder.info, lambda captions: embedder.encode_text(captions).vectors)

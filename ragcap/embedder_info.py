@@ -8,6 +8,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+# Text contexts in tokens, start and end included: CLIP's, and Long-CLIP's stretch of it (20 + 4 x 57).
+CLIP_CONTEXT = 77
+LONG_CONTEXT = 248
+
 
 @dataclass(frozen=True)
 class EmbedderInfo:

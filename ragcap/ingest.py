@@ -16,7 +16,7 @@ import numpy as np
 
 from pipelines import filters
 from pipelines.base import BadRecord, CaptionRecord
-from ragcap.embedder_info import EmbedderInfo
+from ragcap.embedder_info import CLIP_CONTEXT, LONG_CONTEXT, EmbedderInfo
 from ragcap.errors import SourceError, StoreError
 from ragcap.store import Store, point_id
 
@@ -44,6 +44,10 @@ class IngestSummary:
     duplicates: int = 0  # same normalised caption seen earlier in this run
     already_stored: int = 0  # stored by an earlier (possibly interrupted) run
     truncated: int = 0  # longer than the embedder's context; embedded truncated
+    # Embedded captions longer than CLIP's context and than Long-CLIP's (the embedder's tokens,
+    # start and end included): what a 77-token model cuts that a stretched one keeps whole.
+    over_77_tokens: int = 0
+    over_248_tokens: int = 0
     stored: int = 0  # newly written points
     bad: list[str] = field(default_factory=list)  # first few "location: reason" of skipped lines
 
@@ -180,6 +184,8 @@ def _vectors_for(todo, embedder, info: EmbedderInfo, summary: IngestSummary, tic
         encoded = embedder.encode_text([todo[i][1].caption for i in to_embed], on_batch=tick)
         vectors[to_embed] = encoded.vectors
         summary.truncated += int(np.count_nonzero(encoded.truncated))
+        summary.over_77_tokens += int(np.count_nonzero(encoded.lengths > CLIP_CONTEXT))
+        summary.over_248_tokens += int(np.count_nonzero(encoded.lengths > LONG_CONTEXT))
     return vectors, len(to_embed)
 
 

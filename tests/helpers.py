@@ -1,6 +1,7 @@
 """Shared test helpers: a tiny random CLIP that builds in well under a second."""
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -31,3 +32,16 @@ def make_tiny_clip(out_dir: Path, seed: int = 0, **overrides) -> Path:
         arch = Path(tmp) / "tiny-clip.json"
         arch.write_text(json.dumps(config))
         return save_random(arch, out_dir, seed=seed)
+
+
+def hub_cache(root: Path, repo: str, files: list[Path]) -> Path:
+    """huggingface_hub's cache layout after a download of `repo` holding `files` (what users have offline)."""
+    revision = "0" * 40
+    entry = root / f"models--{repo.replace('/', '--')}"
+    snapshot = entry / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for file in files:
+        shutil.copy(file, snapshot / file.name)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(revision)
+    return root

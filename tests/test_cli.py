@@ -49,7 +49,8 @@ def test_ingest_reports_counts_and_reruns_add_nothing(corpus, tiny_clip_dir):
     again = last_json(ragcap("ingest", "text", corpus, "-c", "things", "--json"))
     assert (again["stored"], again["already_stored"], again["points"]) == (0, 20, 20)
     listed = last_json(ragcap("collections", "--json"))
-    assert listed == [{"name": "things", "points": 20, "embedder": first["embedder"], "dim": 32, "vectors": "float16"}]
+    assert listed == [{"name": "things", "points": 20, "embedder": first["embedder"], "dim": 32, "vectors": "float16",
+                       "status": "ok", "problem": ""}]
 
 
 def test_search_text_and_image(filled, tmp_path):
@@ -256,3 +257,33 @@ def test_decoder_of_another_embedder_and_empty_collection_are_refused(filled, tm
         store.create("hollow", store.embedder(filled))
     result = ragcap("caption", "--text", "a cup", "-c", "hollow", "--mode", "clipre", ok=False)
     assert result.exit_code == 1 and "'hollow' is empty" in result.output
+
+
+def test_decoding_options_reach_every_embedding_mode(filled, tmp_path):
+    """--num-captions lists n-best captions with scores; sampling with a seed repeats; bad
+    combinations are refused with one line."""
+    import torch
+
+    from ragcap.decoders import DeCapConfig, DeCapDecoder
+    from ragcap.store import open_store
+
+    with open_store() as store:
+        info = store.embedder(filled)
+    torch.manual_seed(0)
+    DeCapDecoder(DeCapConfig(embed_dim=info.dim, n_layer=1, n_head=2, n_embd=32, max_tokens=6), info).save(tmp_path / "dec")
+    common = ["--text", "a red cup", "--text", "a kite", "-c", filled, "--mode", "vd,pd", "--decoder", tmp_path / "dec", "--json"]
+
+    lines = [json.loads(l) for l in ragcap("caption", *common, "--num-captions", "3").stdout.splitlines()]
+    assert [(l["text"], l["mode"]) for l in lines] == [("a red cup", "vd"), ("a red cup", "pd"), ("a kite", "vd"), ("a kite", "pd")]
+    for line in lines:
+        scores = [c["score"] for c in line["captions"]]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+        assert line["captions"][0] == {"caption": line["caption"], "score": line["score"]}
+
+    sampled = ["--top-p", "0.9", "--temperature", "1.5", "--seed", "5", "--num-captions", "2"]
+    assert ragcap("caption", *common, *sampled).stdout == ragcap("caption", *common, *sampled).stdout
+
+    refused = ragcap("caption", *common, "--beam", "2", "--num-captions", "3", ok=False)
+    assert refused.exit_code == 1 and "beam of at least 3" in refused.output and "Traceback" not in refused.output
+    refused = ragcap("caption", *common, "--beam", "2", "--top-k", "5", ok=False)
+    assert refused.exit_code == 1 and "exclude each other" in refused.output

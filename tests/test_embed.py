@@ -1,14 +1,12 @@
 import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
 import torch
-from tests.helpers import TINY_CLIP_CONFIG, make_tiny_clip
+from tests.helpers import TINY_CLIP_CONFIG, hub_cache, make_tiny_clip
 from PIL import Image
 
 from ragcap import embed
@@ -254,19 +252,6 @@ def test_image_only_load_equals_the_whole_model_without_its_text_tower(tmp_path)
     assert load_embedder(directory, device="cpu", image_only=True) is whole  # a whole one serves both
 
 
-def _hub_cache(root: Path, repo: str, checkpoint: Path) -> Path:
-    """huggingface_hub's cache layout after a download of `repo` (what users have offline)."""
-    revision = "0" * 40
-    entry = root / f"models--{repo.replace('/', '--')}"
-    snapshot = entry / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    for name in (embed.CONFIG_NAME, embed.WEIGHTS_NAME):
-        shutil.copy(checkpoint / name, snapshot / name)
-    (entry / "refs").mkdir()
-    (entry / "refs" / "main").write_text(revision)
-    return root
-
-
 @pytest.mark.parametrize("image_only", [False, True])
 def test_hub_and_pretrained_tag_specs_load_from_the_hub_cache(tmp_path, monkeypatch, image_only):
     """hf-hub:ORG/NAME and ARCH:TAG resolve through huggingface_hub's cache, as after a real download."""
@@ -274,7 +259,8 @@ def test_hub_and_pretrained_tag_specs_load_from_the_hub_cache(tmp_path, monkeypa
     import open_clip.pretrained
 
     checkpoint = make_tiny_clip(tmp_path / "clip", seed=3)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(_hub_cache(tmp_path / "hub", "ragcap-test/tiny", checkpoint)))
+    files = [checkpoint / embed.CONFIG_NAME, checkpoint / embed.WEIGHTS_NAME]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache(tmp_path / "hub", "ragcap-test/tiny", files)))
     # A pretrained tag for the tiny architecture, registered the way open_clip lists its own.
     arch = tmp_path / "configs" / "tiny-test-arch.json"
     arch.parent.mkdir()

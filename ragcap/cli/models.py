@@ -1,4 +1,4 @@
-"""`ragcap models ...`: list model specs, and write random models for offline use."""
+"""`ragcap models ...`: list model specs, write random models for offline use, stretch and import models."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ragcap.cli.common import Json, command, models_app
+from ragcap.cli.common import Device, Json, command, models_app
 
 
 @command(models_app, "list")
@@ -51,3 +51,41 @@ def save_random_lm(
     from ragcap.decoders.lm_prompt import save_random_lm as write
 
     typer.echo(str(write(out, tokenizer, n_layer=layers, n_embd=width, n_head=heads, seed=seed)))
+
+
+@command(models_app, "stretch")
+def stretch(
+    spec: Annotated[str, typer.Argument(help="open_clip CLIP to stretch: ARCH:TAG, hf-hub:ORG/NAME or a model directory.")],
+    out: Annotated[Path, typer.Argument(help="Directory to write (a local model, usable as --model DIR).")],
+    context: Annotated[int, typer.Option(help="New text context: 20 + r x 57 for a 77-token model (Long-CLIP: 248).")] = 248,
+    device: Device = None,
+    json_out: Json = False,
+):
+    """Stretch a CLIP text tower's context as Long-CLIP does (first 20 positions kept, the rest interpolated)."""
+    from ragcap.longclip import stretch_model
+    from ragcap.report import emit_json
+
+    written = stretch_model(spec, out, context=context, device=device)
+    if json_out:
+        emit_json({"model": spec, "out": str(written), "context": context})
+    else:
+        typer.echo(str(written))
+
+
+@command(models_app, "import")
+def import_checkpoint(
+    kind: Annotated[str, typer.Argument(help="Checkpoint kind: longclip.")],
+    source: Annotated[str, typer.Argument(help="Checkpoint file, or hf-hub:ORG/NAME (read from the local hub cache).")],
+    out: Annotated[Path, typer.Argument(help="Directory to write (a local model, usable as --model DIR).")],
+    arch: Annotated[Optional[str], typer.Option(help="Force the open_clip architecture (name or model-config JSON) instead of recognising it.")] = None,
+    json_out: Json = False,
+):
+    """Convert another project's published checkpoint (Long-CLIP-B/L) to a ragcap model directory."""
+    from ragcap.importers import import_model
+    from ragcap.report import emit_json
+
+    written = import_model(kind, source, out, **({"arch": arch} if arch else {}))
+    if json_out:
+        emit_json({"kind": kind, "source": source, "out": str(written)})
+    else:
+        typer.echo(str(written))
