@@ -5,9 +5,10 @@ One module per group of commands registers on the shared Typer app:
     decode    train-decoder, caption, eval
     models    models list / save-random / save-random-lm / stretch / import
     longclip  finetune-longclip
+    serve     serve (HTTP API and web page)
 """
 
-from ragcap.cli import decode, longclip, memory, models  # noqa: F401  (registration)
+from ragcap.cli import decode, longclip, memory, models, serve  # noqa: F401  (registration)
 from ragcap.cli.common import app
 
 
