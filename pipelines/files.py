@@ -106,6 +106,8 @@ def load_json(path: str | Path) -> Any:
         return json.loads(text, object_hook=_drop_tokens)
     except json.JSONDecodeError as exc:
         raise SourceError(f"{path}:{exc.lineno}: invalid JSON at column {exc.colno}: {exc.msg}") from exc
+    except RecursionError:
+        raise SourceError(f"{path}: JSON nested too deeply to parse") from None
 
 
 def _drop_tokens(obj: dict) -> dict:

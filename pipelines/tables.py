@@ -63,6 +63,9 @@ def read_jsonl(paths: Sequence[str], options: ReadOptions) -> Iterator[CaptionRe
             except json.JSONDecodeError as exc:
                 yield bad_line(lines.location, f"invalid JSON at column {exc.colno}: {exc.msg}", options)
                 continue
+            except RecursionError:
+                yield bad_line(lines.location, "JSON nested too deeply to parse", options)
+                continue
             if not isinstance(row, dict):
                 yield bad_line(lines.location, f"expected a JSON object, found {type(row).__name__}", options)
                 continue
@@ -158,6 +161,9 @@ def _parquet_row(row: dict[str, Any], options: ReadOptions, location: str) -> It
             payload = json.loads(row["payload"])
         except (json.JSONDecodeError, TypeError) as exc:
             yield bad_line(location, f"payload is not a JSON object ({exc})", options)
+            return
+        except RecursionError:
+            yield bad_line(location, "payload is JSON nested too deeply to parse", options)
             return
     vector = row.get(options.vector_field) if options.vector_field else None
     if options.vector_field and not vector:

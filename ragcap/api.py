@@ -1,11 +1,12 @@
 """ragcap's Python API: the operations behind every command, shared by the CLI and the service.
 
-    from ragcap import api
-    with api.open_store() as store:
-        api.ingest_corpus(store, "text", ["captions.txt"], "memory", model="ViT-B-32:openai")
-        captioner = api.load_captioner(store, "memory", modes=("pd",), decoder="decoders/memory")
-        for result in captioner.caption_images(["photo.jpg"]):
-            print(result.mode, result.caption)
+    from ragcap import CaptionSettings, ingest_corpus, load_captioner, open_store, search
+    with open_store() as store:
+        ingest_corpus(store, "text", ["captions.txt"], "memory", model="ViT-B-32:openai")
+        captioner = load_captioner(store, "memory", CaptionSettings(modes=("pd", "clipre")), decoder="decoders/memory")
+        for result in captioner.caption_images(["photo.jpg", png_bytes, pil_image]):
+            print(result.source, result.mode, result.caption)
+        print(search(store, "memory", ["a dog on a beach", Path("photo.jpg")], k=5)[0].neighbours)
 
 Nothing here prints or parses options: the CLI turns flags into these calls, and the server
 turns requests into them, so a behaviour can never live in only one of them.
@@ -13,7 +14,7 @@ turns requests into them, so a behaviour can never live in only one of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -21,16 +22,18 @@ import numpy as np
 
 from ragcap.caption import CaptionSettings, Captioner
 from ragcap.embedder_info import EmbedderInfo
-from ragcap.errors import ModelError, RagcapError
+from ragcap.errors import ImageError, ModelError, RagcapError
 from ragcap.export import export_collection, parquet_embedder
+from ragcap.images import ImageInput, image_name, load_images
 from ragcap.ingest import IngestOptions, IngestSummary
-from ragcap.store import Store, open_store
+from ragcap.store import CheckReport, Hit, Store, open_store
 
 __all__ = [
     "CaptionSettings",
     "Captioner",
     "IngestOptions",
     "TrainingExamples",
+    "check_collection",
     "embed_images",
     "export_collection",
     "find_leakage",
@@ -38,6 +41,9 @@ __all__ = [
     "ingest_embedder",
     "load_captioner",
     "open_store",
+    "restore_record",
+    "search",
+    "SearchResult",
     "training_data",
     "training_examples",
 ]
@@ -230,3 +236,80 @@ def load_captioner(
 
         prompter = PromptCaptioner(lm, device=device)
     return Captioner(store, collection, embedder, settings, decoder=loaded_decoder, prompter=prompter)
+
+
+@dataclass
+class SearchResult:
+    source: str  # the query text, or the image's name
+    neighbours: list[Hit] = field(default_factory=list)  # best first; payload["caption"] is the caption
+    error: str | None = None  # why an image query could not be read
+    exception: ImageError | None = field(default=None, repr=False, compare=False)
+
+
+def search(
+    store: Store,
+    collection: str,
+    queries: Sequence[str | ImageInput],
+    k: int = 10,
+    embedder=None,
+    max_pixels: int | None = None,
+    device: str | None = None,
+    names: Sequence[str] | None = None,
+) -> list[SearchResult]:
+    """The k captions nearest to each query, in query order. A str is a text; a pathlib.Path,
+    encoded bytes or a PIL image is an image, and one that cannot be read gets an error result
+    in its place. embedder: one already loaded (else the collection's is loaded); names: what
+    results call the queries (default: the text, the path, else "image N")."""
+    from ragcap.embed import load_embedder
+
+    if k < 1:
+        raise RagcapError(f"k must be at least 1, got {k}")
+    texts = [i for i, q in enumerate(queries) if isinstance(q, str)]
+    pictures = [i for i, q in enumerate(queries) if not isinstance(q, str)]
+    if embedder is None:
+        embedder = load_embedder(store.embedder(collection).spec, device, image_only=not texts)
+    store.check_embedder(collection, embedder.info)
+    names = names or [q if isinstance(q, str) else image_name(q, i) for i, q in enumerate(queries)]
+    results = [SearchResult(source=name) for name in names]
+    found: list[int] = []
+    vectors = []
+    if texts:
+        vectors.append(embedder.encode_text([queries[i] for i in texts]).vectors)
+        found += texts
+    if pictures:
+        images, errors = load_images([(queries[i], results[i].source) for i in pictures], max_pixels)
+        for j, err in errors.items():
+            results[pictures[j]].error, results[pictures[j]].exception = str(err), err
+        if images:
+            vectors.append(embedder.encode_images(images))
+            found += [i for j, i in enumerate(pictures) if j not in errors]
+    if found:
+        for i, hits in zip(found, store.search(collection, np.concatenate(vectors), k)):
+            results[i].neighbours = hits
+    return results
+
+
+def check_collection(store: Store, name: str, repair: bool = False) -> tuple[CheckReport, int]:
+    """Verify a collection; with repair, delete its damaged points (re-running the ingest that
+    filled it then re-embeds exactly those) and verify again. Returns (report, points deleted)."""
+    report = store.check(name)
+    if not (repair and report.repairable and (report.damaged_ids or report.lost)):
+        return report, 0
+    if report.damaged_ids:
+        store.delete(name, report.damaged_ids)
+    if report.lost:
+        store.recount(name)
+    return store.check(name), len(report.damaged_ids)
+
+
+def restore_record(store: Store, name: str, model: str, device: str | None = None) -> int:
+    """Rewrite the lost record of an embedded collection for `model`, once `model` is shown to
+    reproduce its stored vectors; returns the number of points."""
+    from ragcap.embed import load_embedder
+    from ragcap.errors import StoreError
+    from ragcap.store.edge import EdgeStore
+
+    if not isinstance(store, EdgeStore):
+        raise StoreError("--restore-record is for the embedded store; a Qdrant server keeps the embedder in the collection's metadata")
+    embedder = load_embedder(model, device)
+    return store.restore_record(name, embedder.info, lambda captions: embedder.encode_text(captions).vectors)

@@ -9,6 +9,8 @@ prints the message alone (no traceback) and exits non-zero.
 class RagcapError(Exception):
     """An error caused by the user's input or environment, with an actionable message."""
 
+    exit_code = 1
+
 
 class SourceError(RagcapError):
     """A corpus file is missing, unreadable or malformed (message carries file:line)."""
@@ -22,12 +24,30 @@ class StoreError(RagcapError):
     """The vector store is unreachable, or a collection is missing or incompatible."""
 
 
+class CollectionBusy(StoreError):
+    """Another process is using a collection of the embedded store, for longer than --wait."""
+
+
+class DamagedCollection(StoreError):
+    """A collection's files are damaged or incomplete; `ragcap check NAME` says what is wrong."""
+
+
 class EmbedderMismatch(StoreError):
     """A collection was filled by one embedder and is being used with another."""
 
 
 class ImageError(RagcapError):
     """An image file is missing, corrupt, not an image, or too large to decode safely."""
+
+
+class DiskFullError(RagcapError):
+    """Not enough free space for a write; it was stopped before anything was half-written."""
+
+
+class Interrupted(RagcapError):
+    """Ctrl-C, with what was kept and how to continue."""
+
+    exit_code = 130
 
 
 class OptionError(RagcapError, ValueError):

@@ -1,17 +1,32 @@
-"""How results leave ragcap: readable text for people, JSONL/CSV/--json for scripts, progress on stderr."""
+"""How results leave ragcap: readable text for people, JSONL/CSV/--json for scripts, progress on stderr.
+
+Caption output to a file goes to FILE.partial, renamed to FILE when the run completes: a
+failure before the first result leaves nothing (and an existing FILE untouched), a later one
+or Ctrl-C leaves FILE.partial, which `--resume` continues, skipping the inputs it holds.
+"""
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
+import os
 import sys
-from typing import IO, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from ragcap.caption import CaptionResult
+from ragcap.errors import Interrupted, RagcapError
+from ragcap.util import disk_full_error
+
+if TYPE_CHECKING:  # ragcap.caption imports torch, which listing collections does not need
+    from ragcap.caption import CaptionResult
 
 CAPTION_FORMATS = ("text", "jsonl", "csv")
+PARTIAL_SUFFIX = ".partial"
 
 
 def progress(total: int | None, desc: str, unit: str) -> tqdm:
@@ -53,11 +68,11 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 class CaptionWriter:
     """Writes caption results as they arrive (the folder is a stream; nothing is kept)."""
 
-    def __init__(self, out: IO[str], fmt: str, key: str = "file"):
+    def __init__(self, out: IO[str], fmt: str, key: str = "file", header: bool = True):
         self.out, self.fmt, self.key = out, fmt, key
         self.csv = csv.writer(out) if fmt == "csv" else None
-        if self.csv is not None:
-            self.csv.writerow([key, "mode", "caption", "score", "error", "neighbours"])
+        if self.csv is not None and header:
+            self.csv.writerow(_csv_header(key))
         self.last_source: str | None = None
 
     def write(self, result: CaptionResult) -> None:
@@ -106,3 +121,159 @@ def write_all(results: Iterable[CaptionResult], writer: CaptionWriter) -> int:
         writer.write(result)
         failed += result.error is not None
     return failed
+
+
+def _csv_header(key: str) -> list[str]:
+    return [key, "mode", "caption", "score", "error", "neighbours"]
+
+
+@dataclass
+class CaptionOutput:
+    """Where `caption` writes, and what an earlier run already wrote there (with --resume)."""
+
+    stream: IO[str]
+    done: set[str] = field(default_factory=set)  # inputs whose results are all in the output
+    failed: int = 0  # of those, how many failed
+    header: bool = True  # whether the CSV header is still to be written
+
+
+@contextmanager
+def caption_output(path: Path | None, fmt: str, modes: Sequence[str], key: str, resume: bool) -> Iterator[CaptionOutput]:
+    """stdout, or FILE written through FILE.partial (see the module's docstring)."""
+    if path is None:
+        if resume:
+            raise RagcapError("--resume continues an output file: pass -o FILE")
+        yield CaptionOutput(sys.stdout)
+        return
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise RagcapError(f"cannot write {path}: the folder {path.parent} does not exist; create it first")
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    stream = _open_locked(partial)
+    try:
+        earlier = partial.read_bytes()
+        if earlier and not resume:
+            raise RagcapError(f"{partial} holds the results of an interrupted run: add --resume to continue it, or delete it to start over")
+        if not earlier and resume and path.exists():
+            earlier = path.read_bytes()  # continue a finished run with more inputs
+        kept, done, failed = _completed(earlier, fmt, modes, key, partial) if resume else (0, set(), 0)
+        stream.truncate(0)
+        stream.write(earlier[:kept].decode("utf-8"))
+        stream.flush()
+    except BaseException:
+        if partial.stat().st_size == 0:
+            partial.unlink()  # made just now: leave no trace
+        stream.close()
+        raise
+    try:
+        yield CaptionOutput(stream, done, failed, header=kept == 0)
+        stream.flush()
+        os.fsync(stream.fileno())
+        os.replace(partial, path)
+    except BaseException as err:
+        try:
+            stream.flush()
+        except OSError:
+            pass  # a full disk: what reached the file is kept, a cut line is dropped on resume
+        if not partial.exists() or partial.stat().st_size == 0:
+            partial.unlink(missing_ok=True)  # nothing to keep: leave no trace
+            raise
+        note = f"the results so far are kept in {partial}: rerun with --resume to continue"
+        if isinstance(err, KeyboardInterrupt):
+            raise Interrupted(f"interrupted; {note}") from None
+        if isinstance(err, Exception):
+            full = disk_full_error(err, partial)
+            if full is not None:
+                full.add_note(note)
+                raise full from err
+            err.add_note(note)
+        raise
+    finally:
+        stream.close()  # drops the lock
+
+
+def _open_locked(partial: Path) -> IO[str]:
+    """FILE.partial opened for writing and locked against a second run writing the same FILE."""
+    while True:
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RagcapError(f"another ragcap process is writing {partial}; wait for it to finish, or write to another file") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(partial).st_ino
+        except FileNotFoundError:  # renamed into place by the run that held it just now
+            same = False
+        if same:
+            return os.fdopen(fd, "r+", encoding="utf-8", newline="")
+        os.close(fd)
+
+
+def _completed(data: bytes, fmt: str, modes: Sequence[str], key: str, source: Path) -> tuple[int, set[str], int]:
+    """(bytes to keep, inputs done, inputs failed) of an earlier run's output: every input whose
+    results are complete. What a kill cut short (the last line, the last input's modes) is
+    dropped. In text output an input's last mode may span several lines (--num-captions), so an
+    input counts as done once the next one begins, and the last one is always redone."""
+    wanted = set(modes)
+    done: set[str] = set()
+    failed = kept = offset = 0
+    current, seen = None, set()
+
+    def finish(end: int) -> None:
+        nonlocal failed, kept
+        if current is not None and current not in done and ("error" in seen or wanted <= seen):
+            done.add(current)
+            failed += "error" in seen
+            kept = end
+
+    for number, line in enumerate(data.splitlines(keepends=True), 1):
+        if not line.endswith(b"\n"):
+            break  # cut short by a kill
+        start, offset = offset, offset + len(line)
+        try:
+            parsed = _parse_result_line(line.decode("utf-8"), fmt, key, number)
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise RagcapError(
+                f"{source}:{number}: not a {fmt} caption result ({e}); --resume continues the output of "
+                f"`ragcap caption --format {fmt}`"
+            ) from None
+        if parsed is None:  # the CSV header, or a neighbour line
+            kept = offset if current is None else kept
+            continue
+        name, mode = parsed
+        if mode == "source":
+            finish(start)
+            current, seen = name, set()
+            continue
+        if fmt != "text" and name != current:
+            current, seen = name, set()
+        if mode != "error" and mode not in wanted:
+            raise RagcapError(f"{source}:{number}: holds results of mode {mode!r}; resume with the same --mode")
+        seen.add(mode)
+        if fmt != "text" or mode == "error":
+            finish(offset)
+    return kept, done, failed
+
+
+def _parse_result_line(text: str, fmt: str, key: str, number: int) -> tuple[str, str] | None:
+    """(input, mode or "error"; or, in text output, the input's own line: (input, "source")),
+    None for the CSV header and neighbour lines."""
+    if fmt == "jsonl":
+        record = json.loads(text)
+        return str(record[key]), "error" if "error" in record else str(record["mode"])
+    if fmt == "csv":
+        row = next(csv.reader([text]))
+        if number == 1:
+            if row != _csv_header(key):
+                raise ValueError(f"the header is {row}, not {_csv_header(key)}")
+            return None
+        return row[0], "error" if row[4] else row[1]
+    if text.startswith("    "):
+        return None  # a neighbour
+    if text.startswith("  "):
+        mode = text[2:9].strip()
+        if not mode:
+            raise ValueError("no mode")
+        return "", mode
+    return text.rstrip("\n"), "source"

@@ -34,7 +34,7 @@ from ragcap.decoders.clipcap import MAPPINGS, ClipCapConfig, ClipCapDecoder
 from ragcap.decoders.decap import DeCapConfig, DeCapDecoder
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
-from ragcap.util import default_device, write_atomic
+from ragcap.util import checkpoint_bytes, default_device, ensure_free_space, write_atomic
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
@@ -184,6 +184,7 @@ def train_decoder(
         start_epoch, log = _restore(out / CHECKPOINT_FILE, fingerprint, model, optimizer, scheduler)
 
     vectors_t, noisy_t = torch.from_numpy(vectors), torch.from_numpy(noisy)
+    ensure_free_space(out, checkpoint_bytes(model), "the training checkpoint and the decoder")  # before training, not after
     for epoch in range(start_epoch, config.epochs):
         model.train()
         # The order depends only on (seed, epoch), so a resumed run sees the same batches.
@@ -204,6 +205,7 @@ def train_decoder(
                 progress(epoch * steps_per_epoch + i + 1, total_steps, value)
         row = {"epoch": epoch + 1, "train_loss": total_loss / total_tokens, "val_loss": _evaluate(model, vectors_t, targets, val_idx, config)}
         log.append(row)
+        ensure_free_space(out, checkpoint_bytes(model), f"the epoch {epoch + 1} checkpoint and the decoder")
         _checkpoint(out / CHECKPOINT_FILE, epoch + 1, log, fingerprint, model, optimizer, scheduler)
         write_atomic(out / LOG_FILE, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in log)))
 

@@ -1,7 +1,8 @@
-"""Small helpers every stage shares: devices, atomic files, batching, telling paths from names."""
+"""Small helpers every stage shares: devices, atomic files, free space, batching, telling paths from names."""
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import tempfile
@@ -32,16 +33,23 @@ def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, need_bytes: int = 0) -> Iterator[Path]:
     """A temporary sibling of `path` to write; renamed over `path` only if the block succeeds.
 
     So a crash, a full disk or Ctrl-C never leaves a half-written file under the real name, and
     an existing file is only replaced by a complete one. The temporary name is unique, so two
     processes writing the same file never trip over each other's temporary; the data is fsynced
-    before the rename, so the rename cannot overtake the data after a power cut.
+    before the rename, so the rename cannot overtake the data after a power cut. need_bytes:
+    refuse up front (DiskFullError) unless that much is free; a write that fills the disk anyway
+    also ends in DiskFullError, with the temporary removed.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if need_bytes:
+        ensure_free_space(path.parent, need_bytes, str(path))
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise disk_full_error(e, path) or e
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -50,14 +58,101 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         _match_umask(tmp)
         os.replace(tmp, path)
+    except Exception as e:
+        # Writers report a full disk in their own words (torch: "file write failed"); the
+        # free space left says what happened.
+        raise disk_full_error(e, path) or e
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: str | Path, write: Callable[[Path], None], need_bytes: int = 0) -> None:
     """write(tmp) into a temporary sibling, then rename it over `path` (see atomic_path)."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, need_bytes) as tmp:
         write(tmp)
+
+
+# A write that failed with less than this free on its filesystem failed for want of space.
+FULL_BELOW_BYTES = 1 << 20
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes an unprivileged write may still use on the filesystem holding `path` (or its
+    nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+def ensure_free_space(path: str | Path, need_bytes: int, what: str) -> None:
+    """DiskFullError naming the directory and both amounts unless `need_bytes` are free there."""
+    from ragcap.errors import DiskFullError
+
+    free = free_bytes(path)
+    if free < need_bytes:
+        raise DiskFullError(
+            f"not enough free space in {path} for {what}: it needs {format_bytes(need_bytes)}, "
+            f"{format_bytes(free)} are free; nothing was written: free some space and rerun"
+        )
+
+
+def disk_full_error(exc: BaseException, path: str | Path):
+    """A DiskFullError for `exc` if it was a write failing on a full filesystem, else None."""
+    from ragcap.errors import DiskFullError, RagcapError
+
+    if isinstance(exc, RagcapError):
+        return None
+    no_space = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    try:
+        free = free_bytes(Path(path).parent)
+    except OSError:
+        return None
+    if not no_space and free >= FULL_BELOW_BYTES:
+        return None
+    error = DiskFullError(
+        f"the disk holding {path} is full ({format_bytes(free)} free) and the write was stopped; "
+        f"nothing was half-written: free some space and rerun"
+    )
+    error.__cause__ = exc
+    return error
+
+
+def checkpoint_bytes(model) -> int:
+    """Room to write a training checkpoint of `model` beside the one it replaces, and then the
+    decoder's weights: weights and AdamW's two moments are 3x the parameters, the weights 1x."""
+    return 4 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def format_bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} bytes"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
+
+
+def on_memory_filesystem(path: str | Path) -> bool:
+    """Whether `path` lies on tmpfs/ramfs, where even *reading* a hole of a memory-mapped file
+    takes memory from the filesystem's size (disk filesystems map a shared zero page instead)."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    target = os.path.realpath(path)
+    best, kind = "", ""
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best, kind = point, fields[2]
+    return kind in ("tmpfs", "ramfs")
 
 
 def _match_umask(path: Path) -> None:

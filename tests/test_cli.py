@@ -49,7 +49,8 @@ def test_ingest_reports_counts_and_reruns_add_nothing(corpus, tiny_clip_dir):
     again = last_json(ragcap("ingest", "text", corpus, "-c", "things", "--json"))
     assert (again["stored"], again["already_stored"], again["points"]) == (0, 20, 20)
     listed = last_json(ragcap("collections", "--json"))
-    assert listed == [{"name": "things", "points": 20, "embedder": first["embedder"], "dim": 32, "vectors": "float16"}]
+    assert listed == [{"name": "things", "points": 20, "embedder": first["embedder"], "dim": 32, "vectors": "float16",
+                       "status": "ok", "problem": ""}]
 
 
 def test_search_text_and_image(filled, tmp_path):

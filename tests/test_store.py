@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -13,9 +14,9 @@ import numpy as np
 import pytest
 
 from ragcap.embedder_info import EmbedderInfo
-from ragcap.errors import EmbedderMismatch, StoreError
+from ragcap.errors import DamagedCollection, EmbedderMismatch, StoreError
 from ragcap.store import open_store, point_id
-from ragcap.store.edge import SIDECAR, EdgeIndexConfig, EdgeStore
+from ragcap.store.edge import RECORD, EdgeIndexConfig, EdgeStore
 
 DIM = 32
 CLIP = EmbedderInfo("ViT-B-32:openai", DIM)
@@ -44,6 +45,11 @@ def store(request, tmp_path):
     s.close()
 
 
+def indexed(store: EdgeStore, name: str = "mem") -> int:
+    with store._use(name, "reading its info") as shard:
+        return shard.info().indexed_vectors_count
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,7 +68,7 @@ def test_open_store_defaults_to_edge_under_ragcap_home(ragcap_home):
     with open_store() as s:
         assert isinstance(s, EdgeStore)
         s.create("c", CLIP)
-    assert (ragcap_home / "collections" / "c" / SIDECAR).is_file()
+    assert (ragcap_home / "collections" / "c" / RECORD).is_file()
 
 
 def test_create_records_embedder_and_lists_collection(store):
@@ -137,7 +143,7 @@ def test_edge_compressed_index_keeps_exact_top_k(tmp_path, quantization):
     with EdgeStore(tmp_path, config) as s:
         ids, vectors = fill(s, n=2000)
         s.optimize("mem")
-        assert s._shard("mem").info().indexed_vectors_count == 2000
+        assert indexed(s) == 2000
         queries = unit_vectors(20, seed=4)
         exact = queries @ vectors.T
         for row, hits in zip(exact, s.search("mem", queries, k=10)):
@@ -149,9 +155,9 @@ def test_edge_search_builds_index_when_many_points_wait(tmp_path):
     with EdgeStore(tmp_path, config) as s:
         fill(s, n=500)
     with EdgeStore(tmp_path, config) as s:  # a fresh process that never saw the upserts
-        assert s._shard("mem").info().indexed_vectors_count == 0
+        assert indexed(s) == 0
         s.search("mem", unit_vectors(1), k=3)
-        assert s._shard("mem").info().indexed_vectors_count == 500
+        assert indexed(s) == 500
 
 
 def test_batched_search_equals_single_queries(store):
@@ -225,22 +231,27 @@ def test_drop_removes_collection(store):
     assert store.count("mem") == 5
 
 
-def test_edge_half_created_collection_is_invisible_and_replaced(tmp_path):
+def test_edge_directory_without_record_is_refused_listed_and_droppable(tmp_path):
     root = tmp_path / "home"
     with open_store(path=root) as s:
         (root / "collections" / "half" / "shard").mkdir(parents=True)
-        assert not s.exists("half") and s.collections() == []
-        s.create("half", CLIP)
-        assert s.embedder("half") == CLIP
+        assert not s.exists("half")
+        [info] = s.collections()
+        assert (info.name, info.status) == ("half", "damaged") and "no record" in info.problem
+        with pytest.raises(DamagedCollection, match="restore-record"):
+            s.create("half", CLIP)
+        assert (root / "collections" / "half" / "shard").is_dir()  # refused, not deleted
         s.drop("half")
         assert not (root / "collections" / "half").exists()
+        s.create("half", CLIP)
+        assert s.embedder("half") == CLIP
 
 
 def test_edge_vector_dtype_survives_reopen_and_older_collections_are_float32(tmp_path):
     with EdgeStore(tmp_path) as s:
         fill(s, "half", n=5, vector_dtype="float16")
         fill(s, "old", n=5)
-    sidecar = tmp_path / "collections" / "old" / SIDECAR  # as written before float16 storage
+    sidecar = tmp_path / "collections" / "old" / RECORD  # as written before float16 storage
     record = json.loads(sidecar.read_text())
     del record["vector_dtype"]
     sidecar.write_text(json.dumps(record))
@@ -272,20 +283,37 @@ def test_edge_persists_across_reopen_and_processes(tmp_path):
     assert json.loads(out.stdout) == [200, expected]
 
 
-def test_edge_second_process_gets_clear_error_while_open(tmp_path):
+def test_edge_collection_is_handed_to_another_process_between_operations(tmp_path):
+    """Qdrant Edge lets one process open a collection; an idle holder hands it over to a
+    process that waits, and takes it back for its own next operation."""
     root = tmp_path / "home"
     with open_store(path=root) as s:
         fill(s, n=3)
+        assert s.count("mem") == 3  # holds it open
         code = (
-            "from ragcap.errors import StoreError\n"
             "from ragcap.store import open_store\n"
-            f"s = open_store(path={str(root)!r})\n"
-            "try:\n    s.count('mem')\nexcept StoreError as e:\n    print(e)\n"
+            f"s = open_store(path={str(root)!r}, wait=30)\n"
+            "print(s.count('mem'))\n"
+            "s.close()\n"
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-        assert "in use by another process" in out.stdout
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    assert out.stdout == ""
+        assert out.stdout.strip() == "3"
+        assert s.count("mem") == 3  # reopened after the handover
+
+
+def test_edge_busy_collection_error_names_the_holder_after_wait(tmp_path):
+    root = tmp_path / "home"
+    with open_store(path=root) as s:
+        fill(s, n=3)
+        with s._use("mem", "holding it"):  # an operation in progress is never interrupted
+            code = (
+                "from ragcap.errors import CollectionBusy\n"
+                "from ragcap.store import open_store\n"
+                f"s = open_store(path={str(root)!r}, wait=0.3)\n"
+                "try:\n    s.count('mem')\nexcept CollectionBusy as e:\n    print(e)\n"
+            )
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert f"in use by pid {os.getpid()}" in out.stdout and "--wait" in out.stdout
 
 
 @pytest.mark.parametrize("written,shown", [("http://127.0.0.1:{port}", "http://127.0.0.1:{port}"),
@@ -323,3 +351,26 @@ def test_url_and_api_key_come_from_env(monkeypatch, tmp_path):
     # An explicit path means the embedded store even when a server is configured.
     with open_store(path=tmp_path) as edge:
         assert isinstance(edge, EdgeStore)
+
+
+def test_check_passes_a_sound_collection_and_finds_a_bad_point(store):
+    from ragcap.api import check_collection
+
+    ids, vectors = fill(store, n=50)
+    report = store.check("mem")
+    assert report.ok and report.points == 50 and report.damaged_ids == []
+    stray = point_id("mem", "caption 0 with another text")  # an id that is not its caption's
+    store.upsert("mem", [stray], vectors[:1], [{"no caption": True}])
+    report = store.check("mem")
+    assert report.damaged_ids == [stray] and "has no caption" in report.problems[0] and report.repairable
+    repaired, deleted = check_collection(store, "mem", repair=True)
+    assert deleted == 1 and repaired.ok and store.count("mem") == 50
+
+
+def test_search_refuses_similarities_outside_the_unit_interval(store, monkeypatch):
+    from ragcap.store import Hit
+
+    fill(store, n=20)
+    monkeypatch.setattr(type(store), "_search", lambda self, *a, **k: [[Hit("x", 15.6, {"caption": "?"})]])
+    with pytest.raises(DamagedCollection, match=r"15.6 .*outside \[-1, 1\].*ragcap check mem"):
+        store.search("mem", unit_vectors(1), k=1)

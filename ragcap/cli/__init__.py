@@ -6,9 +6,10 @@ One module per group of commands registers on the shared Typer app:
     features  embed-images
     models    models list / save-random / save-random-lm / stretch / import
     longclip  finetune-longclip
+    serve     serve (HTTP API and web page)
 """
 
-from ragcap.cli import decode, features, longclip, memory, models  # noqa: F401  (registration)
+from ragcap.cli import decode, features, longclip, memory, models, serve  # noqa: F401  (registration)
 from ragcap.cli.common import app
 
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import functools
+import os
+import pickle
+import traceback
 from typing import Annotated, Callable, Optional
 
+import click
 import typer
 
-from ragcap.errors import RagcapError
+from ragcap.errors import Interrupted, RagcapError
+from ragcap.store import DEFAULT_WAIT_S
 
 app = typer.Typer(
     help="Retrieval-augmented image captioning with a Qdrant caption memory.",
@@ -27,29 +32,71 @@ Collection = Annotated[str, typer.Option("--collection", "-c", help="Collection 
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 Device = Annotated[Optional[str], typer.Option("--device", help="torch device (default: cuda if available, else cpu).")]
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Embedder (default: the collection's).")]
+Wait = Annotated[
+    float,
+    typer.Option("--wait", metavar="SECONDS", help="How long to wait for a collection another ragcap process is using (embedded store; negative: as long as it takes)."),
+]
 
 
-def command(app_: typer.Typer, name: str | None = None) -> Callable:
-    """Register a command whose RagcapErrors become one-line messages and exit status 1."""
+def command(app_: typer.Typer, name: str | None = None, interrupted: str = "interrupted") -> Callable:
+    """Register a command whose errors become one line on stderr and a non-zero exit status:
+    ragcap's own errors with their message, anything else (the store engine, the OS, a bug)
+    described in a line too. RAGCAP_DEBUG=1 prints the traceback first. `interrupted` is what
+    Ctrl-C prints (e.g. how to resume)."""
 
     def register(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except RagcapError as err:
-                typer.echo(f"ragcap: error: {err}", err=True)
-                raise typer.Exit(1) from None
-            except _server_errors() as err:
-                typer.echo(f"ragcap: error: the Qdrant server failed: {err}", err=True)
-                raise typer.Exit(1) from None
-            except KeyboardInterrupt:
-                typer.echo("ragcap: interrupted; rerun the same command to resume", err=True)
-                raise typer.Exit(130) from None
+            except (typer.Exit, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+                raise  # the command's own exit status, and usage errors
+            except KeyboardInterrupt as err:
+                _fail(err, f"ragcap: {interrupted}", 130)
+            except Interrupted as err:  # Ctrl-C, with what was kept and how to go on
+                _fail(err, f"ragcap: {err}", err.exit_code)
+            except BaseException as err:
+                if isinstance(err, (SystemExit, GeneratorExit)):
+                    raise
+                _fail(err, f"ragcap: error: {describe_error(err)}", getattr(err, "exit_code", 1))
 
         return app_.command(name)(run)
 
     return register
+
+
+def _fail(err: BaseException, line: str, code: int) -> None:
+    if os.environ.get("RAGCAP_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(err)
+    notes = getattr(err, "__notes__", ())
+    typer.echo("; ".join([line, *notes]), err=True)
+    raise typer.Exit(code) from None
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for any error: ragcap's own say what to do; the others say what happened."""
+    from ragcap.util import disk_full_error
+
+    if isinstance(err, RagcapError):
+        return str(err)
+    if isinstance(err, _server_errors()):
+        return f"the Qdrant server failed: {err}"
+    if isinstance(err, RecursionError):
+        return "the input is nested too deeply to parse (Python's recursion limit); flatten it or skip it (--skip-bad)"
+    if isinstance(err, MemoryError):
+        return "out of memory; use smaller batches (--batch-size) or a machine with more memory"
+    if isinstance(err, pickle.UnpicklingError):
+        return f"refused to load a file that is not plain tensors ({err}); ragcap never runs code from a checkpoint"
+    if isinstance(err, OSError):
+        full = disk_full_error(err, err.filename or ".")
+        if full is not None:
+            return str(full)
+        where = f": {err.filename}" if err.filename else ""
+        return f"{err.strerror or err}{where}"
+    if type(err).__name__ == "PanicException" or type(err) is Exception:
+        # The store engine's bindings raise plain Exception, and Rust panics as PanicException.
+        return f"the store engine failed: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+    return f"unexpected {type(err).__name__}: {err} (a bug in ragcap: rerun with RAGCAP_DEBUG=1 and report the traceback)"
 
 
 def _server_errors() -> tuple[type[Exception], ...]:
@@ -59,11 +106,15 @@ def _server_errors() -> tuple[type[Exception], ...]:
     return (UnexpectedResponse, ResponseHandlingException)
 
 
-def store(url: str | None, api_key: str | None):
-    """The store the flags name (a server URL, else the embedded store); use it in a `with`."""
+def store(url: str | None, api_key: str | None, wait: float = DEFAULT_WAIT_S):
+    """The store the flags name (a server URL, else the embedded store); use it in a `with`.
+    Waiting for a collection that another process uses is announced on stderr."""
     from ragcap.store import open_store
 
-    return open_store(url=url, api_key=api_key)
+    def announce(message: str) -> None:
+        typer.echo(f"ragcap: {message}", err=True)
+
+    return open_store(url=url, api_key=api_key, wait=None if wait < 0 else wait, on_wait=announce)
 
 
 # Decoding options shared by every command that writes captions, for every decoder kind.

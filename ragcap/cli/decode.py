@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ragcap.cli.common import (
-    Beam, Collection, Device, Json, MaxTokens, Model, NumCaptions, QdrantKey, QdrantUrl, Seed, Temperature, TopK, TopP, app,
-    command, search_options, store,
+    DEFAULT_WAIT_S, Beam, Collection, Device, Json, MaxTokens, Model, NumCaptions, QdrantKey, QdrantUrl, Seed, Temperature, TopK,
+    TopP, Wait, app, command, search_options, store,
 )
 from ragcap.errors import RagcapError
 
 
-@command(app, "train-decoder")
+@command(app, "train-decoder", interrupted="interrupted; rerun with --resume to continue from the last complete epoch")
 def train_decoder(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the trained decoder (and its checkpoints).")],
     collection: Annotated[Optional[str], typer.Option("--collection", "-c", help="Train on this collection's captions and vectors.")] = None,
@@ -38,6 +37,7 @@ def train_decoder(
     resume: Annotated[bool, typer.Option(help="Continue from the last complete epoch in --out.")] = False,
     qdrant_url: QdrantUrl = None,
     qdrant_api_key: QdrantKey = None,
+    wait: Wait = DEFAULT_WAIT_S,
     json_out: Json = False,
 ):
     """Train DeCap's decoder on text only: reproduce each caption from its own stored embedding."""
@@ -46,15 +46,17 @@ def train_decoder(
     from ragcap.train import TrainConfig, with_overrides
 
     from ragcap import api
+    from ragcap.locks import hold_directory
 
-    with store(qdrant_url, qdrant_api_key) as st:
+    lock = hold_directory(out, f"--out {out}")  # a second run into --out is refused before any work
+    with store(qdrant_url, qdrant_api_key, wait) as st:
         captions, vectors, info = api.training_data(st, collection, parquet)
     if max_tokens is not None:  # up to the encoder's context (248 for a Long-CLIP model), not beyond
         check_decoder_length(info.spec, max_tokens)
     config = with_overrides(TrainConfig(), n_layer=layers, n_head=heads, n_embd=width, max_tokens=max_tokens, epochs=epochs,
                             batch_size=batch_size, lr=lr, noise_std=_noise_std(noise), val_fraction=val_fraction, seed=seed,
                             label_smoothing=label_smoothing, dropout=dropout, warmup_steps=warmup_steps, prune_vocab=prune_vocab)
-    result = _train("train-decoder", captions, vectors, info, out, config, resume)
+    result = _train("train-decoder", lock, captions, vectors, info, out, config, resume)
     if json_out:
         emit_json({"out": str(out), "captions": len(captions), "embedder": info.spec, **result})
     else:
@@ -85,6 +87,7 @@ def train_clipcap(
     device: Device = None,
     qdrant_url: QdrantUrl = None,
     qdrant_api_key: QdrantKey = None,
+    wait: Wait = DEFAULT_WAIT_S,
     json_out: Json = False,
 ):
     """Train ClipCap: paired on image features (--features), text-only on caption embeddings
@@ -93,11 +96,13 @@ def train_clipcap(
     from ragcap.train import ClipCapTrainConfig, with_overrides
 
     from ragcap import api
+    from ragcap.locks import hold_directory
 
     if collection is not None and parquet is not None:
         raise RagcapError("pass at most one of --collection NAME or --parquet FILE")
+    lock = hold_directory(out, f"--out {out}")  # a second run into --out is refused before any work
     if collection is not None:
-        with store(qdrant_url, qdrant_api_key) as st:
+        with store(qdrant_url, qdrant_api_key, wait) as st:
             data = api.training_examples(st, collection, parquet, features)
     else:
         data = api.training_examples(None, None, parquet, features)
@@ -105,7 +110,7 @@ def train_clipcap(
                             prefix_length=prefix_length, clip_length=clip_length, mapping_layers=mapping_layers,
                             max_tokens=max_tokens, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                             val_fraction=val_fraction, seed=seed, device=device)
-    result = _train("train-clipcap", data.captions, data.vectors, data.embedder, out, config, resume, groups=data.groups, noisy=data.noisy)
+    result = _train("train-clipcap", lock, data.captions, data.vectors, data.embedder, out, config, resume, groups=data.groups, noisy=data.noisy)
     if json_out:
         emit_json({"out": str(out), "captions": len(data.captions), "paired": data.paired, "embedder": data.embedder.spec, **result})
     else:
@@ -121,8 +126,8 @@ def _noise_std(variance: float | None) -> float | None:
     return math.sqrt(variance)
 
 
-def _train(name: str, captions, vectors, info, out: Path, config, resume: bool, **data) -> dict:
-    """ragcap.train.train_decoder with a progress bar showing steps, rate, ETA and the loss."""
+def _train(name: str, lock, captions, vectors, info, out: Path, config, resume: bool, **data) -> dict:
+    """ragcap.train.train_decoder, holding --out's lock, with a progress bar showing steps, rate, ETA and the loss."""
     from ragcap.report import progress
     from ragcap.train import train_decoder
 
@@ -134,7 +139,7 @@ def _train(name: str, captions, vectors, info, out: Path, config, resume: bool, 
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         bar.refresh()
 
-    with bar:
+    with lock, bar:
         return train_decoder(captions, vectors, info, out, config, resume=resume, progress=report, **data)
 
 
@@ -159,19 +164,21 @@ def caption(
     full_memory: Annotated[bool, typer.Option(help="Exact pd over every stored caption (slow; for checking).")] = False,
     neighbours: Annotated[int, typer.Option(help="Also report this many retrieved captions with scores.")] = 0,
     fmt: Annotated[str, typer.Option("--format", help="text, jsonl or csv.")] = "text",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results here instead of stdout.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results here instead of stdout (via FILE.partial, renamed when complete).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted -o FILE: skip the inputs it already holds.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     model: Model = None,
     device: Device = None,
     qdrant_url: QdrantUrl = None,
     qdrant_api_key: QdrantKey = None,
+    wait: Wait = DEFAULT_WAIT_S,
     json_out: Annotated[bool, typer.Option("--json", help="Same as --format jsonl.")] = False,
 ):
     """Caption images (or texts) with one or more modes."""
     from ragcap import api
     from ragcap.caption import CaptionSettings, iter_inputs
     from ragcap.modes import parse_modes
-    from ragcap.report import CAPTION_FORMATS, CaptionWriter, progress, write_all
+    from ragcap.report import CAPTION_FORMATS, CaptionWriter, caption_output, progress, write_all
 
     fmt = "jsonl" if json_out else fmt
     if fmt not in CAPTION_FORMATS:
@@ -182,20 +189,16 @@ def caption(
     settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, search=search, prompt_k=prompt_k,
                                full_memory=full_memory, batch_size=batch_size, neighbours=neighbours)
     paths = list(iter_inputs(inputs or []))
-    st = store(qdrant_url, qdrant_api_key)
-    out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
-    try:
-        captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device, image_only=not text)
-        writer = CaptionWriter(out, fmt, key="text" if text else "file")
-        failed = write_all(captioner.caption_texts(text), writer) if text else 0
+    key = "text" if text else "file"
+    with store(qdrant_url, qdrant_api_key, wait) as st, caption_output(output, fmt, settings.modes, key, resume) as out:
+        text, paths = [t for t in text or [] if t not in out.done], [p for p in paths if p not in out.done]
+        captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device, image_only=key == "file")
+        writer = CaptionWriter(out.stream, fmt, key=key, header=out.header)
+        failed = out.failed + (write_all(captioner.caption_texts(text), writer) if text else 0)
         if paths:
             with progress(len(paths), "caption", "images") as bar:
                 results = captioner.caption_images(paths)
                 failed += write_all(_counting(results, bar), writer)
-    finally:
-        if output:
-            out.close()
-        st.close()
     if failed:
         typer.echo(f"ragcap: {failed} input(s) failed; see the error lines", err=True)
         raise typer.Exit(1)
@@ -239,6 +242,7 @@ def evaluate(
     device: Device = None,
     qdrant_url: QdrantUrl = None,
     qdrant_api_key: QdrantKey = None,
+    wait: Wait = DEFAULT_WAIT_S,
     json_out: Annotated[bool, typer.Option("--json", help="Print scores and per-image captions as JSON.")] = False,
 ):
     """Caption a set of images with one or more modes and score them with the COCO metrics."""
@@ -256,7 +260,7 @@ def evaluate(
         raise RagcapError(f"none of the {len(refs)} images in {references} is in {images}; check --images and --split")
     search = search_options(beam, 1, max_tokens, top_p, top_k, temperature, seed)
     settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, search=search, batch_size=batch_size)
-    with store(qdrant_url, qdrant_api_key) as st:
+    with store(qdrant_url, qdrant_api_key, wait) as st:
         if not allow_leakage:
             leaked = api.find_leakage(st, collection, matched.pairs)
             if leaked:

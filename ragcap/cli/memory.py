@@ -1,4 +1,4 @@
-"""Commands on the caption memory: ingest, collections, search, drop, export."""
+"""Commands on the caption memory: ingest, collections, search, drop, check, export."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from ragcap.cli.common import Collection, Device, Json, Model, QdrantKey, QdrantUrl, app, command, store
+from ragcap.cli.common import DEFAULT_WAIT_S, Collection, Device, Json, Model, QdrantKey, QdrantUrl, Wait, app, command, store
+from ragcap.errors import RagcapError
 
 
-@command(app)
+@command(app, interrupted="interrupted; the batches stored so far are kept: rerun the same command to resume")
 def ingest(
     source: Annotated[str, typer.Argument(help="Corpus kind: coco-captions, flickr, cc3m, text, jsonl, csv, parquet, hf, clip-retrieval.")],
     paths: Annotated[Optional[list[str]], typer.Argument(help="Files, a directory (clip-retrieval: its output folder), or a Hugging Face data set name.")] = None,
@@ -32,9 +33,13 @@ def ingest(
     device: Device = None,
     qdrant_url: QdrantUrl = None,
     qdrant_api_key: QdrantKey = None,
+    wait: Wait = -1,
     json_out: Json = False,
 ):
-    """Read a caption corpus, embed every caption and store it in a Qdrant collection."""
+    """Read a caption corpus, embed every caption and store it in a Qdrant collection.
+
+    Workers (--shard) and readers may use the collection at the same time: on the embedded
+    store they take turns, and an ingest waits for its turn as long as it takes (--wait)."""
     from pipelines import ReadOptions, filters, get_reader
     from ragcap import api
     from ragcap.ingest import IngestOptions
@@ -61,7 +66,7 @@ def ingest(
         total = sum(1 for _ in reader(paths, ReadOptions(**{**vars(read_options), "skip_bad": True})))
     if limit is not None:
         total = limit if total is None else min(total, limit)
-    with store(qdrant_url, qdrant_api_key) as st, progress(total, f"ingest {collection}", "captions") as bar:
+    with store(qdrant_url, qdrant_api_key, wait) as st, progress(total, f"ingest {collection}", "captions") as bar:
         info, summary = api.ingest_corpus(st, source, paths, collection, model, read_options, options, device, bar.update)
         points = st.count(collection)
     result = {"collection": collection, "embedder": info.spec, "points": points, **summary.to_dict()}
@@ -71,8 +76,8 @@ def ingest(
         typer.echo(
             f"{collection}: read {summary.read}, stored {summary.stored}, already stored {summary.already_stored}, "
             f"duplicates {summary.duplicates}, excluded {summary.excluded}, too long {summary.too_long}, "
-            f"other shards {summary.other_shards}, skipped bad {summary.skipped_bad}, truncated {summary.truncated}; "
-            f"{points} points in the collection"
+            f"other shards {summary.other_shards}, skipped bad {summary.skipped_bad}, truncated {summary.truncated} "
+            f"(over 77 tokens {summary.over_77_tokens}, over 248 {summary.over_248_tokens}); {points} points in the collection"
         )
         for line in summary.bad:
             typer.echo(f"  skipped {line}", err=True)
@@ -80,26 +85,36 @@ def ingest(
 
 @command(app)
 def collections(qdrant_url: QdrantUrl = None, qdrant_api_key: QdrantKey = None, json_out: Json = False):
-    """List collections with their size and the embedder that filled them."""
+    """List collections with their size, the embedder that filled them, and their status.
+
+    A collection another process is using is listed as busy, a damaged one as damaged (with
+    what is wrong); the exit status is 1 if any is damaged."""
     from ragcap.report import emit_json, print_table
 
     with store(qdrant_url, qdrant_api_key) as st:
         rows = [
             {
                 "name": c.name,
-                "points": c.points,
+                "points": "?" if c.points is None else c.points,
                 "embedder": c.embedder.spec if c.embedder else "?",
                 "dim": c.embedder.dim if c.embedder else "?",
                 "vectors": c.vector_dtype,
+                "status": c.status,
+                "problem": c.problem,
             }
             for c in st.collections()
         ]
     if json_out:
         emit_json(rows)
     elif rows:
-        print_table(rows, ["name", "points", "embedder", "dim", "vectors"])
+        print_table(rows, ["name", "points", "embedder", "dim", "vectors", "status"])
+        for row in rows:
+            if row["problem"]:
+                typer.echo(f"ragcap: {row['name']}: {row['problem']}", err=True)
     else:
         typer.echo("no collections; create one with `ragcap ingest`")
+    if any(row["status"] == "damaged" for row in rows):
+        raise typer.Exit(1)
 
 
 @command(app)
@@ -111,20 +126,22 @@ def search(
     device: Device = None,
     qdrant_url: QdrantUrl = None,
     qdrant_api_key: QdrantKey = None,
+    wait: Wait = DEFAULT_WAIT_S,
     json_out: Json = False,
 ):
     """Show the captions nearest to a text or an image."""
+    from ragcap import api
     from ragcap.embed import load_embedder
-    from ragcap.images import IMAGE_EXTENSIONS, load_image
+    from ragcap.images import IMAGE_EXTENSIONS
     from ragcap.report import emit_json
 
-    with store(qdrant_url, qdrant_api_key) as st:
-        embedder = load_embedder(model or st.embedder(collection).spec, device)
-        st.check_embedder(collection, embedder.info)
-        is_image = Path(query).suffix.lower() in IMAGE_EXTENSIONS and Path(query).exists()
-        vector = embedder.encode_images([load_image(query)]) if is_image else embedder.encode_text([query]).vectors
-        hits = st.search(collection, vector, k)[0]
-    rows = [{"score": round(float(h.score), 6), **h.payload} for h in hits]
+    is_image = Path(query).suffix.lower() in IMAGE_EXTENSIONS and Path(query).exists()
+    with store(qdrant_url, qdrant_api_key, wait) as st:
+        embedder = load_embedder(model, device) if model else None
+        (found,) = api.search(st, collection, [Path(query) if is_image else query], k, embedder, device=device)
+    if found.exception is not None:
+        raise found.exception
+    rows = [{"score": round(float(h.score), 6), **h.payload} for h in found.neighbours]
     if json_out:
         emit_json({"query": query, "kind": "image" if is_image else "text", "neighbours": rows})
     else:
@@ -138,14 +155,66 @@ def drop(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     qdrant_url: QdrantUrl = None,
     qdrant_api_key: QdrantKey = None,
+    wait: Wait = DEFAULT_WAIT_S,
 ):
-    """Delete a collection."""
-    with store(qdrant_url, qdrant_api_key) as st:
-        points = st.count(name)
-        if not yes and not typer.confirm(f"delete collection '{name}' ({points} points)?"):
+    """Delete a collection, also a damaged one (it is not opened)."""
+    with store(qdrant_url, qdrant_api_key, wait) as st:
+        listed = {c.name: c for c in st.collections()}
+        info = listed.get(name)
+        what = "?" if info is None or info.points is None else info.points
+        state = f", {info.status}" if info is not None and info.status != "ok" else ""
+        if not yes and not typer.confirm(f"delete collection '{name}' ({what} points{state})?"):
             raise typer.Exit(1)
         st.drop(name)
-    typer.echo(f"dropped {name} ({points} points)")
+    typer.echo(f"dropped {name} ({what} points)")
+
+
+@command(app)
+def check(
+    name: Annotated[str, typer.Argument(help="Collection to verify.")],
+    repair: Annotated[bool, typer.Option(help="Delete the damaged points (rerunning the ingest then re-embeds exactly those).")] = False,
+    restore_record: Annotated[bool, typer.Option(help="Rewrite a lost or unreadable record for --model, after checking that it reproduces the stored vectors.")] = False,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="With --restore-record: the embedder that filled the collection.")] = None,
+    device: Device = None,
+    qdrant_url: QdrantUrl = None,
+    qdrant_api_key: QdrantKey = None,
+    wait: Wait = DEFAULT_WAIT_S,
+    json_out: Json = False,
+):
+    """Verify a collection: its record, counts, readable payloads, finite unit-norm vectors, ids."""
+    from ragcap import api
+    from ragcap.report import emit_json
+
+    if restore_record and not model:
+        raise RagcapError("--restore-record needs --model SPEC: the embedder that filled the collection")
+    with store(qdrant_url, qdrant_api_key, wait) as st:
+        if restore_record:
+            points = api.restore_record(st, name, model, device)
+            typer.echo(f"{name}: record restored for {model} ({points} points)", err=True)
+        report, deleted = api.check_collection(st, name, repair)
+    if json_out:
+        emit_json({"collection": name, "ok": report.ok, "points": report.points, "problems": report.problems,
+                   "damaged_points": len(report.damaged_ids), "lost": report.lost, "deleted": deleted,
+                   "repairable": report.repairable})
+    elif report.ok:
+        typer.echo(f"{name}: ok ({report.points} points)")
+    else:
+        typer.echo(f"{name}: {len(report.problems)} problem(s)")
+        for problem in report.problems:
+            typer.echo(f"  {problem}")
+    if deleted:
+        typer.echo(f"ragcap: deleted {deleted} damaged points; rerun the ingest that filled '{name}' to re-embed them", err=True)
+    if report.ok:
+        return
+    if report.repairable and (report.damaged_ids or report.lost):
+        fixes = [f"deletes the {len(report.damaged_ids)} damaged points"] if report.damaged_ids else []
+        fixes += [f"accepts the loss of {report.lost} points"] if report.lost else []
+        hint = f"`ragcap check {name} --repair` {' and '.join(fixes)}; rerunning the ingest then re-embeds exactly the missing ones"
+    else:
+        hint = (f"this cannot be repaired in place: restore a `ragcap export` backup (`ragcap drop {name}`, then "
+                f"`ragcap ingest parquet FILE --vector-field vector -c {name}`), or drop it and re-ingest")
+    typer.echo(f"ragcap: {hint}", err=True)
+    raise typer.Exit(1)
 
 
 @command(app)
@@ -154,13 +223,14 @@ def export(
     out: Annotated[Path, typer.Argument(help="Parquet file to write.")],
     qdrant_url: QdrantUrl = None,
     qdrant_api_key: QdrantKey = None,
+    wait: Wait = DEFAULT_WAIT_S,
     json_out: Json = False,
 ):
     """Write captions, payloads and vectors to Parquet (load elsewhere with `ingest parquet --vector-field vector`)."""
     from ragcap.export import export_collection
     from ragcap.report import emit_json, progress
 
-    with store(qdrant_url, qdrant_api_key) as st, progress(st.count(name), f"export {name}", "points") as bar:
+    with store(qdrant_url, qdrant_api_key, wait) as st, progress(st.count(name), f"export {name}", "points") as bar:
         rows = export_collection(st, name, out, bar.update)
         spec = st.embedder(name).spec
     if json_out:

@@ -14,6 +14,10 @@ Vectors are stored as float16 unless a collection is created with vector_dtype="
 clip-retrieval keeps CLIP embeddings: half the disk and page cache, and the rounding (relative
 2^-11 per component) moves a cosine by ~1e-5, which with DeCap's tau = 0.01 shifts projection
 weights by ~0.1%. ":memory:" ignores Qdrant's datatype, so ClientStore rounds for it.
+
+A store never returns what it cannot vouch for: similarities outside [-1, 1] or missing
+neighbours mean damaged files and raise DamagedCollection, and `check` verifies a whole
+collection (readable payloads, finite unit vectors, ids that match their captions).
 """
 
 from __future__ import annotations
@@ -22,16 +26,17 @@ import os
 import re
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from ragcap.embedder_info import EmbedderInfo
-from ragcap.errors import EmbedderMismatch, StoreError
+from ragcap.errors import DamagedCollection, EmbedderMismatch, StoreError
 
 __all__ = [
+    "CheckReport",
     "CollectionInfo",
     "EmbedderInfo",
     "Hit",
@@ -45,8 +50,16 @@ __all__ = [
 _ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/ragcap/ragcap/point")
 VECTOR_DTYPES = ("float16", "float32")
 VECTORS_PER_CALL = 2048  # returned vectors per search call (see Store.search)
-# Collection names become directory names in the embedded store: keep them path-safe.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Collection names become directory names in the embedded store: keep them path-safe (and
+# never hidden: the store's own lock and staging files start with a dot).
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+NAME_RULE = "1 to 128 characters: letters, digits, '_', '-' or '.', starting with a letter or digit"
+# How long a command waits for a collection another process is using (the CLI's --wait).
+DEFAULT_WAIT_S = 60.0
+# Stored vectors are unit vectors, so similarities lie in [-1, 1]; float16 storage moves them
+# by ~1e-3 at most. Anything further out comes from damaged vectors.
+SCORE_TOLERANCE = 0.01
+NORM_TOLERANCE = 0.01
 
 
 @dataclass
@@ -60,9 +73,27 @@ class Hit:
 @dataclass
 class CollectionInfo:
     name: str
-    points: int
+    points: int | None  # None: unknown (a damaged collection)
     embedder: EmbedderInfo | None  # None: a collection on a shared server that ragcap did not create
     vector_dtype: str  # "float16" or "float32", how its vectors are stored
+    status: str = "ok"  # "ok", "busy" (another process is using it) or "damaged"
+    problem: str = ""  # what is wrong or who is using it
+
+
+@dataclass
+class CheckReport:
+    """What `Store.check` found: problems (one line each) and the ids of points that are damaged."""
+
+    name: str
+    points: int | None = None
+    problems: list[str] = field(default_factory=list)
+    damaged_ids: list[str] = field(default_factory=list)
+    lost: int = 0  # points stored once that are gone (embedded store: counted in its record)
+    repairable: bool = True  # whether deleting damaged_ids (then re-ingesting) fixes it
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
 
 
 def point_id(collection: str, normalised_caption: str) -> str:
@@ -91,10 +122,8 @@ def check_vector_dtype(vector_dtype: str) -> None:
 
 
 def check_name(name: str) -> None:
-    if not _NAME_RE.match(name):
-        raise StoreError(
-            f"bad collection name {name!r}: use letters, digits, '_', '-' or '.', starting with a letter or digit"
-        )
+    if not _NAME_RE.fullmatch(name):
+        raise StoreError(f"bad collection name {name!r}: use {NAME_RULE}")
 
 
 class Store(ABC):
@@ -128,14 +157,24 @@ class Store(ABC):
         # One call per batch, except that returned vectors arrive as Python lists (~32 bytes a
         # component until converted): 32 queries x k=1024 x 512-d would be ~500 MB at once.
         step = max(1, VECTORS_PER_CALL // k) if with_vectors else max(1, len(queries))
-        return [
+        results = [
             hits
             for start in range(0, len(queries), step)
             for hits in self._search(name, queries[start : start + step], k, with_vectors)
         ]
+        for hits in results:
+            for hit in hits:
+                if not abs(hit.score) <= 1 + SCORE_TOLERANCE or (hit.vector is not None and not np.isfinite(hit.vector).all()):
+                    raise DamagedCollection(
+                        f"collection '{name}' returned a similarity of {hit.score:.4g} for point {hit.id}, "
+                        f"outside [-1, 1]: its stored vectors are damaged; run `ragcap check {name}`"
+                    )
+        return results
 
     @abstractmethod
-    def _search(self, name: str, queries: np.ndarray, k: int, with_vectors: bool) -> list[list[Hit]]:
+    def _search(
+        self, name: str, queries: np.ndarray, k: int, with_vectors: bool, with_payload: bool = True
+    ) -> list[list[Hit]]:
         """search() for validated float32 queries, in one batched call."""
 
     @abstractmethod
@@ -145,7 +184,22 @@ class Store(ABC):
         """Every point once, in batches of (ids, float32 vectors (b, dim) or (b, 0), payloads)."""
 
     @abstractmethod
+    def _scroll_ids(self, name: str) -> Iterator[list[str]]:
+        """Every id once, in batches, reading nothing else (so damaged payloads cannot stop it)."""
+
+    @abstractmethod
+    def _retrieve(self, name: str, ids: list[str]) -> list[tuple[str, np.ndarray, dict]]:
+        """(id, float32 vector, payload) of each of `ids` that is stored."""
+
+    @abstractmethod
+    def delete(self, name: str, ids: list[str]) -> None:
+        """Remove points (`ragcap check --repair` removes damaged ones, which a re-ingest restores)."""
+
+    @abstractmethod
     def count(self, name: str) -> int: ...
+
+    def recount(self, name: str) -> None:
+        """Accept a loss `check` reported (the embedded store records its size; servers count)."""
 
     @abstractmethod
     def drop(self, name: str, missing_ok: bool = False) -> None:
@@ -156,6 +210,73 @@ class Store(ABC):
 
     def optimize(self, name: str) -> None:
         """Build the search index now (call at the end of an ingest). Servers do this themselves."""
+
+    def check(self, name: str, batch_size: int = 1024) -> CheckReport:
+        """Read every point back: payloads readable with a caption, vectors finite and unit-norm,
+        ids those of their captions, and each point found by searching for its own vector."""
+        report = CheckReport(name)
+        dim = self.embedder(name).dim
+        ids = [i for batch in self._scroll_ids(name) for i in batch]
+        report.points = len(ids)
+        counted = self.count(name)
+        if counted != len(ids):
+            report.problems.append(f"the collection counts {counted} points but lists {len(ids)}")
+            report.repairable = False
+        good: list[tuple[str, np.ndarray]] = []
+        for start in range(0, len(ids), batch_size):
+            for pid, vector, problem in self._check_points(name, ids[start : start + batch_size], dim):
+                if problem:
+                    report.damaged_ids.append(pid)
+                    if len(report.problems) < 20:
+                        report.problems.append(f"point {pid}: {problem}")
+                elif len(good) < 16:
+                    good.append((pid, vector))
+        if len(report.damaged_ids) > 20:
+            report.problems.append(f"... {len(report.damaged_ids)} damaged points in all")
+        if good:
+            k = min(10, len(ids))
+            try:
+                found = self._search(name, np.stack([v for _, v in good]), k, False, with_payload=False)
+            except StoreError as e:
+                found = []
+                report.problems.append(str(e))
+                report.repairable = False
+            for (pid, _), hits in zip(good, found):
+                if len(hits) < k or hits[0].score < 1 - SCORE_TOLERANCE:
+                    report.problems.append(f"searching for point {pid}'s own vector returns {len(hits)} of {k} neighbours, best {hits[0].score if hits else None}: the index or the deleted-points flags are damaged")
+                    report.repairable = False
+                    break
+        return report
+
+    def _check_points(self, name: str, ids: list[str], dim: int) -> Iterator[tuple[str, np.ndarray | None, str]]:
+        """(id, vector, problem or "") per id; a batch the engine cannot read is split to find the culprits."""
+        try:
+            records = {pid: (vector, payload) for pid, vector, payload in self._retrieve(name, ids)}
+        except StoreError as e:
+            if len(ids) == 1:
+                yield ids[0], None, f"unreadable ({e})"
+                return
+            half = len(ids) // 2
+            yield from self._check_points(name, ids[:half], dim)
+            yield from self._check_points(name, ids[half:], dim)
+            return
+        for pid in ids:
+            if pid not in records:
+                yield pid, None, "listed but cannot be read"
+                continue
+            vector, payload = records[pid]
+            caption = payload.get("caption")
+            if not isinstance(caption, str):
+                problem = "its payload has no caption"
+            elif vector.shape != (dim,) or not np.isfinite(vector).all():
+                problem = f"its vector is not {dim} finite numbers"
+            elif abs(float(np.linalg.norm(vector)) - 1) > NORM_TOLERANCE:
+                problem = f"its vector has norm {float(np.linalg.norm(vector)):.4g}, not 1"
+            elif pid != point_id(name, caption):
+                problem = "its id is not its caption's (a damaged id map or payload)"
+            else:
+                problem = ""
+            yield pid, vector, problem
 
     def check_embedder(self, name: str, embedder: EmbedderInfo) -> None:
         stored = self.embedder(name)
@@ -188,10 +309,14 @@ def open_store(
     api_key: str | None = None,
     path: Path | str | None = None,
     memory: bool = False,
+    wait: float | None = DEFAULT_WAIT_S,
+    on_wait: Callable[[str], None] | None = None,
 ) -> Store:
     """url -> Qdrant server; memory -> qdrant-client ":memory:"; otherwise the embedded store
     under `path` or default_home(). With no explicit choice, RAGCAP_QDRANT_URL (and
-    RAGCAP_QDRANT_API_KEY) select a server."""
+    RAGCAP_QDRANT_API_KEY) select a server. wait: seconds to wait for a collection of the
+    embedded store that another process is using (None: as long as it takes); on_wait(message)
+    is told when a wait begins to last."""
     if memory:
         from ragcap.store.client import ClientStore
 
@@ -204,4 +329,4 @@ def open_store(
         return ClientStore.connect(url, api_key or os.environ.get("RAGCAP_QDRANT_API_KEY") or None)
     from ragcap.store.edge import EdgeStore
 
-    return EdgeStore(Path(path) if path is not None else default_home())
+    return EdgeStore(Path(path) if path is not None else default_home(), wait=wait, on_wait=on_wait)

@@ -64,7 +64,12 @@ class ClientStore(Store):
             # None is Qdrant's default, float32; a foreign collection may have named vectors (a dict).
             datatype = getattr(info.config.params.vectors, "datatype", None)
             vector_dtype = "float16" if datatype == models.Datatype.FLOAT16 else "float32"
-            infos.append(CollectionInfo(name, info.points_count or 0, self._from_metadata(info), vector_dtype))
+            try:
+                embedder = self._from_metadata(info)
+            except (KeyError, TypeError, ValueError) as e:
+                infos.append(CollectionInfo(name, info.points_count, None, vector_dtype, "damaged", f"unreadable {META_KEY} metadata ({e!r})"))
+                continue
+            infos.append(CollectionInfo(name, info.points_count or 0, embedder, vector_dtype))
         return infos
 
     @staticmethod
@@ -142,12 +147,14 @@ class ClientStore(Store):
             found.update(str(r.id) for r in records)
         return found
 
-    def _search(self, name: str, queries: np.ndarray, k: int, with_vectors: bool) -> list[list[Hit]]:
+    def _search(
+        self, name: str, queries: np.ndarray, k: int, with_vectors: bool, with_payload: bool = True
+    ) -> list[list[Hit]]:
         requests = [
             models.QueryRequest(
                 query=q.tolist(),
                 limit=k,
-                with_payload=True,
+                with_payload=with_payload,
                 with_vector=with_vectors,
                 # local mode is exact and warns about search params
                 params=None if self.where == ":memory:" else models.SearchParams(hnsw_ef=HNSW_EF),
@@ -186,6 +193,24 @@ class ClientStore(Store):
                 yield [str(r.id) for r in records], vectors, [r.payload or {} for r in records]
             if offset is None:
                 return
+
+    def _scroll_ids(self, name: str) -> Iterator[list[str]]:
+        self.embedder(name)
+        offset = None
+        while True:
+            records, offset = self.client.scroll(name, limit=4096, offset=offset, with_payload=False, with_vectors=False)
+            yield [str(r.id) for r in records]
+            if offset is None:
+                return
+
+    def _retrieve(self, name: str, ids: list[str]) -> list[tuple[str, np.ndarray, dict]]:
+        self.embedder(name)
+        records = self.client.retrieve(name, list(ids), with_payload=True, with_vectors=True)
+        return [(str(r.id), np.asarray(r.vector, dtype=np.float32), r.payload or {}) for r in records]
+
+    def delete(self, name: str, ids: list[str]) -> None:
+        self.embedder(name)
+        self.client.delete(name, points_selector=models.PointIdsList(points=list(ids)), wait=True)
 
     def count(self, name: str) -> int:
         self.embedder(name)

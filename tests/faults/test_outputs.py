@@ -1,0 +1,139 @@
+"""Output files: never truncated by a failed run, never complete-looking when cut short, resumable."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+from PIL import Image
+
+from tests.faults.conftest import cli, ingest, inline, messages, one_error_line, start, wait_for
+
+
+@pytest.fixture
+def photos(tmp_path, tiny_clip_dir):
+    """A collection to caption against (mode clipre needs no decoder) and six images, the fourth
+    named stop.png: the stopper halts a caption run when it loads that one."""
+    ingest("shapes", [f"a {c} square on white" for c in ("red", "green", "blue", "black")], tiny_clip_dir)
+    paths = []
+    for i, colour in enumerate(["red", "green", "blue", "black", "white", "yellow"]):
+        path = tmp_path / ("stop.png" if i == 3 else f"img{i}.png")
+        Image.new("RGB", (64, 64), colour).save(path)
+        paths.append(path)
+    return paths
+
+
+def caption_args(photos, out, *extra):
+    return ["caption", *photos, "-c", "shapes", "--mode", "clipre", "--format", "jsonl", "--batch-size", "1", "-o", out, *extra]
+
+
+def stopped_run(photos, out, tmp_path):
+    """A caption run halted while loading stop.png, after writing the three images before it."""
+    marker = tmp_path / "reached"
+    run = start("-m", "tests.faults.stopper", marker, "ragcap.images:load_image:stop.png", *caption_args(photos, out))
+    wait_for(marker.exists, "the run reached stop.png", process=run)
+    return run
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_caption_killed_then_resumed_equals_an_uninterrupted_run(photos, tmp_path):
+    """Issue row: `caption -o` killed mid-run left a complete-looking partial file under the final name."""
+    reference = tmp_path / "reference.jsonl"
+    assert inline(*caption_args(photos, reference)).exit_code == 0
+
+    out = tmp_path / "out.jsonl"
+    run = stopped_run(photos, out, tmp_path)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    partial = tmp_path / "out.jsonl.partial"
+    assert not out.exists()
+    assert [r["file"] for r in records(partial)] == [str(p) for p in photos[:3]]
+
+    line = one_error_line(cli(*caption_args(photos, out)))  # starting over would lose it: refused
+    assert "--resume" in line and str(partial) in line
+    resumed = cli(*caption_args(photos, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert records(out) == records(reference) and not partial.exists()
+
+
+def test_ctrl_c_keeps_the_results_and_says_how_to_resume(photos, tmp_path):
+    """Issue row: Ctrl-C promised a resume that did not exist."""
+    out = tmp_path / "out.jsonl"
+    run = stopped_run(photos, out, tmp_path)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and "Traceback" not in err, err
+    [line] = messages(err)
+    assert line == f"ragcap: interrupted; the results so far are kept in {out}.partial: rerun with --resume to continue"
+    assert cli(*caption_args(photos, out, "--resume")).returncode == 0
+    assert [r["file"] for r in records(out)] == [str(p) for p in photos]
+
+
+def test_resume_drops_what_a_kill_cut_short(photos, tmp_path):
+    """A cut last line, and an input with only some of its modes, are redone; other formats too."""
+    for fmt in ("jsonl", "csv", "text"):
+        out = tmp_path / f"out.{fmt}"
+        args = ["caption", *photos, "-c", "shapes", "--mode", "clipre", "--format", fmt, "-o", out]
+        assert inline(*args).exit_code == 0
+        complete = out.read_text()
+        lines = complete.splitlines(keepends=True)
+        cut = "".join(lines[: len(lines) // 2]) + lines[len(lines) // 2][:5]  # half the results and a cut line
+        out.rename(tmp_path / f"out.{fmt}.partial")
+        (tmp_path / f"out.{fmt}.partial").write_text(cut)
+        assert inline(*args, "--resume").exit_code == 0
+        assert out.read_text() == complete, fmt
+
+
+def test_failed_run_leaves_an_existing_output_untouched(photos, tmp_path):
+    """Issue row: a typo in -c truncated the existing output to 0 bytes."""
+    out = tmp_path / "out.jsonl"
+    out.write_text("results of an earlier run\n")
+    line = one_error_line(cli(*caption_args(photos, out)[:-2], "-c", "shapez", "-o", out))
+    assert "no collection 'shapez'" in line
+    assert out.read_text() == "results of an earlier run\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out.jsonl"]
+
+
+def test_two_runs_into_one_output_file(photos, tmp_path):
+    out = tmp_path / "out.jsonl"
+    run = stopped_run(photos, out, tmp_path)
+    try:
+        line = one_error_line(cli(*caption_args(photos, out)))
+        assert "another ragcap process is writing" in line
+    finally:
+        run.kill()
+        run.wait()
+
+
+def test_resume_with_other_modes_is_refused(photos, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert inline(*caption_args(photos[:2], out)).exit_code == 0
+    line = one_error_line(cli("caption", *photos, "-c", "shapes", "--mode", "pd", "--format", "jsonl", "-o", out, "--resume"))
+    assert "mode 'clipre'" in line and "same --mode" in line
+    assert len(records(out)) == 2
+
+
+def test_export_failure_leaves_an_existing_file_untouched(tmp_path):
+    out = tmp_path / "backup.parquet"
+    out.write_bytes(b"an earlier backup")
+    line = one_error_line(cli("export", "nothing", out))
+    assert "no collection 'nothing'" in line
+    assert out.read_bytes() == b"an earlier backup" and [p.name for p in tmp_path.iterdir()] == ["backup.parquet"]
+
+
+def test_no_resume_without_an_output_file(photos):
+    assert "--resume continues an output file" in one_error_line(cli("caption", *photos, "-c", "shapes", "--mode", "clipre", "--resume"))
+
+
+def test_caption_ctrl_c_on_stdout_output_is_one_line(photos, tmp_path):
+    marker = tmp_path / "reached"
+    run = start("-m", "tests.faults.stopper", marker, "ragcap.images:load_image:stop.png",
+                "caption", *photos, "-c", "shapes", "--mode", "clipre", "--batch-size", "1")
+    wait_for(marker.exists, "the run reached stop.png", process=run)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and messages(err) == ["ragcap: interrupted"]
