@@ -48,15 +48,15 @@ def train_decoder(
     from ragcap import api
     from ragcap.locks import hold_directory
 
-    lock = hold_directory(out, f"--out {out}")  # a second run into --out is refused before any work
-    with store(qdrant_url, qdrant_api_key, wait) as st:
-        captions, vectors, info = api.training_data(st, collection, parquet)
-    if max_tokens is not None:  # up to the encoder's context (248 for a Long-CLIP model), not beyond
-        check_decoder_length(info.spec, max_tokens)
-    config = with_overrides(TrainConfig(), n_layer=layers, n_head=heads, n_embd=width, max_tokens=max_tokens, epochs=epochs,
-                            batch_size=batch_size, lr=lr, noise_std=_noise_std(noise), val_fraction=val_fraction, seed=seed,
-                            label_smoothing=label_smoothing, dropout=dropout, warmup_steps=warmup_steps, prune_vocab=prune_vocab)
-    result = _train("train-decoder", lock, captions, vectors, info, out, config, resume)
+    with hold_directory(out, f"--out {out}"):  # a second run into --out is refused before any work
+        with store(qdrant_url, qdrant_api_key, wait) as st:
+            captions, vectors, info = api.training_data(st, collection, parquet)
+        if max_tokens is not None:  # up to the encoder's context (248 for a Long-CLIP model), not beyond
+            check_decoder_length(info.spec, max_tokens)
+        config = with_overrides(TrainConfig(), n_layer=layers, n_head=heads, n_embd=width, max_tokens=max_tokens, epochs=epochs,
+                                batch_size=batch_size, lr=lr, noise_std=_noise_std(noise), val_fraction=val_fraction, seed=seed,
+                                label_smoothing=label_smoothing, dropout=dropout, warmup_steps=warmup_steps, prune_vocab=prune_vocab)
+        result = _train("train-decoder", captions, vectors, info, out, config, resume)
     if json_out:
         emit_json({"out": str(out), "captions": len(captions), "embedder": info.spec, **result})
     else:
@@ -100,17 +100,17 @@ def train_clipcap(
 
     if collection is not None and parquet is not None:
         raise RagcapError("pass at most one of --collection NAME or --parquet FILE")
-    lock = hold_directory(out, f"--out {out}")  # a second run into --out is refused before any work
-    if collection is not None:
-        with store(qdrant_url, qdrant_api_key, wait) as st:
-            data = api.training_examples(st, collection, parquet, features)
-    else:
-        data = api.training_examples(None, None, parquet, features)
-    config = with_overrides(ClipCapTrainConfig(), mapping=mapping, lm=lm, train_lm=train_lm, noise_std=_noise_std(noise),
-                            prefix_length=prefix_length, clip_length=clip_length, mapping_layers=mapping_layers,
-                            max_tokens=max_tokens, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                            val_fraction=val_fraction, seed=seed, device=device)
-    result = _train("train-clipcap", lock, data.captions, data.vectors, data.embedder, out, config, resume, groups=data.groups, noisy=data.noisy)
+    with hold_directory(out, f"--out {out}"):  # a second run into --out is refused before any work
+        if collection is not None:
+            with store(qdrant_url, qdrant_api_key, wait) as st:
+                data = api.training_examples(st, collection, parquet, features)
+        else:
+            data = api.training_examples(None, None, parquet, features)
+        config = with_overrides(ClipCapTrainConfig(), mapping=mapping, lm=lm, train_lm=train_lm, noise_std=_noise_std(noise),
+                                prefix_length=prefix_length, clip_length=clip_length, mapping_layers=mapping_layers,
+                                max_tokens=max_tokens, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                                val_fraction=val_fraction, seed=seed, device=device)
+        result = _train("train-clipcap", data.captions, data.vectors, data.embedder, out, config, resume, groups=data.groups, noisy=data.noisy)
     if json_out:
         emit_json({"out": str(out), "captions": len(data.captions), "paired": data.paired, "embedder": data.embedder.spec, **result})
     else:
@@ -126,8 +126,8 @@ def _noise_std(variance: float | None) -> float | None:
     return math.sqrt(variance)
 
 
-def _train(name: str, lock, captions, vectors, info, out: Path, config, resume: bool, **data) -> dict:
-    """ragcap.train.train_decoder, holding --out's lock, with a progress bar showing steps, rate, ETA and the loss."""
+def _train(name: str, captions, vectors, info, out: Path, config, resume: bool, **data) -> dict:
+    """ragcap.train.train_decoder with a progress bar showing steps, rate, ETA and the loss."""
     from ragcap.report import progress
     from ragcap.train import train_decoder
 
@@ -139,7 +139,7 @@ def _train(name: str, lock, captions, vectors, info, out: Path, config, resume: 
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         bar.refresh()
 
-    with lock, bar:
+    with bar:
         return train_decoder(captions, vectors, info, out, config, resume=resume, progress=report, **data)
 
 
