@@ -84,6 +84,7 @@ class TextCaptionRequest(BaseModel):
     modes: list[str] | None = Field(None, description="Modes to run (default: the server's --mode).")
     k: int | None = Field(None, ge=1, description="Neighbours in the pd projection (default: the server's).")
     neighbours: int | None = Field(None, ge=0, description="Also return this many retrieved captions.")
+    num_captions: int | None = Field(None, ge=1, description="Captions per text and mode: the n best beams, or n samples.")
 
 
 class TextCaptionResponse(BaseModel):
