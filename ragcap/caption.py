@@ -121,6 +121,14 @@ class Captioner:
             self.search_k = min(max([m.neighbours(self) for m in modes] + [settings.neighbours]), size)
         self.with_vectors = any(m.vectors and m.neighbours(self) for m in modes)
 
+    def runtime(self) -> dict[str, str]:
+        """Where the loaded models run: {"device": "cpu", "precision": "float32"}; several
+        models on different devices or dtypes are listed comma-separated."""
+        models = [self.embedder.model, self.decoder, getattr(self.prompter, "model", None)]
+        first = [next(m.parameters()) for m in models if m is not None]
+        return {"device": ",".join(sorted({str(p.device) for p in first})),
+                "precision": ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in first}))}
+
     def with_settings(self, settings: CaptionSettings) -> "Captioner":
         """A captioner for other settings (modes, k, neighbours, decoding) over the same loaded
         models and memory: how a server answers each request's options without loading anything."""

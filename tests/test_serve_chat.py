@@ -192,3 +192,8 @@ def test_num_captions_in_the_python_api(captioner):
     settings = replace(captioner.settings, modes=("pd",), search=SearchOptions(num_return=2))
     (result,) = list(captioner.with_settings(settings).caption_texts(["a horse"]))
     assert len(result.alternatives) == 2 and result.caption == result.alternatives[0][0]
+
+
+def test_info_says_where_the_models_run(server):
+    info = httpx.get(f"{server.url}/v1/info", headers={"Authorization": f"Bearer {KEY}"}, timeout=60).json()
+    assert (info["device"], info["precision"]) == ("cpu", "float32")

@@ -57,6 +57,7 @@ def serve(
     from ragcap import api
     from ragcap.caption import CaptionSettings
     from ragcap.modes import parse_modes
+    from ragcap.report import announce_runtime
     from ragcap.serve import serve as run
 
     config = ServeConfig(
@@ -71,5 +72,6 @@ def serve(
     with store(qdrant_url, qdrant_api_key) as st:
         # The text tower too: /v1/caption/text and /v1/search take texts.
         captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device, image_only=False)
+        announce_runtime(captioner.runtime())
         run(captioner, config)
     typer.echo("ragcap: stopped", err=True)

@@ -153,7 +153,7 @@ async def info(svc: Svc) -> InfoResponse:
     """What this server captions with, its defaults and its limits (the web page reads it)."""
     c = svc.config
     return InfoResponse(
-        version=__version__, collection=svc.collection, embedder=svc.captioner.embedder.info.spec,
+        version=__version__, collection=svc.collection, embedder=svc.captioner.embedder.info.spec, **svc.runtime,
         modes=list(svc.captioner.settings.modes), available_modes=svc.available_modes, k=svc.captioner.k,
         api_key_required=c.api_key is not None,
         limits=Limits(max_upload_bytes=c.max_upload_bytes, max_pixels=c.max_pixels, max_images=c.max_images,

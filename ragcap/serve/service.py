@@ -30,6 +30,7 @@ class Service:
         self.captioner = captioner.with_settings(replace(captioner.settings, batch_size=config.max_batch, max_pixels=config.max_pixels))
         loaded = {"decoder": captioner.decoder is not None, "lm": captioner.prompter is not None, None: True}
         self.available_modes = [name for name, mode in MODES.items() if loaded[mode.needs]]
+        self.runtime = captioner.runtime()  # device and precision, for /v1/info
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="ragcap-model")
         self.metrics = Metrics(lambda: self.batcher.pending)
         self.batcher = Batcher(self._run, self.executor, config.max_batch, config.max_wait_s, config.max_queue, self._observe)
