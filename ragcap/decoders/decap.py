@@ -63,6 +63,7 @@ class DeCapConfig:
     # False: ragcap feeds <start_of_text> after the prefix (how ragcap trains). True: decoding
     # starts from the prefix alone and the decoder writes <start_of_text> itself, as DeCap's
     # published decoders were trained to and DeCap's inference does; max_tokens then counts it.
+    # Decoding only: ragcap trains (and scores) with <start_of_text> fed, as written below.
     writes_sot: bool = False
 
     def __post_init__(self):
