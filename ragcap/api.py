@@ -185,16 +185,18 @@ def embed_images(
     device: str | None = None,
     batch_size: int = 64,
     on_progress: Callable[[int], None] | None = None,
+    patches: bool = False,
 ):
-    """Encode the referenced images into a features file (ragcap.features.embed_images). The
-    embedder is, in order: the one asked for, the one an existing `out` records, DEFAULT_MODEL."""
+    """Encode the referenced images into a features file (ragcap.features.embed_images), with
+    their patch features if asked. The embedder is, in order: the one asked for, the one an
+    existing `out` records, DEFAULT_MODEL."""
     from ragcap.embed import load_embedder
     from ragcap import features
 
     if model is None and Path(out).is_file():
         model = features.read_features(out).embedder.spec
     embedder = load_embedder(model or DEFAULT_MODEL, device, image_only=True)
-    return features.embed_images(refs, pairs, embedder, out, batch_size, on_progress)
+    return features.embed_images(refs, pairs, embedder, out, batch_size, on_progress, patches)
 
 
 def find_leakage(store: Store, collection: str, image_keys: Iterable[str]) -> int:

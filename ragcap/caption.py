@@ -69,6 +69,7 @@ class Batch:
     captioner: "Captioner"
     queries: np.ndarray  # (b, dim) unit embeddings
     hits: list[list[Hit]]  # neighbours per query (empty lists when no mode retrieves)
+    images: list = field(default_factory=list)  # the decoded images (PIL), for modes that read them; empty for texts
 
 
 def iter_inputs(inputs: Sequence[str]) -> Iterator[str]:
@@ -103,6 +104,11 @@ class Captioner:
         if modes_needing("decoder", settings.modes) and decoder is None:
             names = ", ".join(modes_needing("decoder", settings.modes))
             raise RagcapError(f"mode {names} needs a trained decoder: pass --decoder DIR (see `ragcap train-decoder`)")
+        for name in modes_needing("decoder", settings.modes):
+            if MODES[name].decoder_reads != decoder.conditioning:
+                where = decoder.source or "the decoder"
+                raise RagcapError(f"mode {name} needs a decoder that reads {MODES[name].decoder_reads}, but {where} is a {decoder.kind} model "
+                                  f"(reads {decoder.conditioning}); run the modes of each kind in separate calls")
         if modes_needing("lm", settings.modes) and prompter is None:
             raise RagcapError("mode prompt needs a language model: pass --lm NAME_OR_DIR")
         self.full_memory = None
@@ -142,7 +148,7 @@ class Captioner:
         for chunk in chunks(named, self.settings.batch_size):
             decoded, errors = load_images(chunk, self.settings.max_pixels)
             loaded = [name for i, (_, name) in enumerate(chunk) if i not in errors]
-            results = iter(self._caption(loaded, self.embedder.encode_images(decoded)) if decoded else [])
+            results = iter(self._caption(loaded, self.embedder.encode_images(decoded), decoded) if decoded else [])
             for i, (_, name) in enumerate(chunk):
                 if i in errors:
                     yield [CaptionResult(source=name, error=str(errors[i]), exception=errors[i])]
@@ -153,10 +159,10 @@ class Captioner:
         for chunk in chunks(texts, self.settings.batch_size):
             yield from self._caption(chunk, self.embedder.encode_text(chunk).vectors)
 
-    def _caption(self, sources: list[str], queries: np.ndarray) -> list[CaptionResult]:
+    def _caption(self, sources: list[str], queries: np.ndarray, images: Sequence = ()) -> list[CaptionResult]:
         settings = self.settings
         hits = self.store.search(self.collection, queries, self.search_k, self.with_vectors) if self.search_k else [[] for _ in sources]
-        batch = Batch(self, queries, hits)
+        batch = Batch(self, queries, hits, list(images))
         captions = self._decode_prefixes(batch)
         for name in settings.modes:
             if MODES[name].captions is not None:

@@ -114,6 +114,13 @@ def cross_attention_lm(source: str | Path, config: SmallCapConfig) -> nn.Module:
     return lm
 
 
+def prompt_ids(tokenizer, neighbours: Sequence[Sequence[str]], k: int, max_caption_tokens: int = MAX_CAPTION_TOKENS) -> list[list[int]]:
+    """Each image's prompt tokens: SmallCap's template around its first k retrieved captions of
+    at most max_caption_tokens tokens."""
+    prompts = [build_prompt(select_captions(caps, tokenizer, k, max_caption_tokens)) for caps in neighbours]
+    return tokenizer(prompts, add_special_tokens=False)["input_ids"]
+
+
 class SmallCapDecoder(Decoder):
     kind = "smallcap"
     config_class = SmallCapConfig
@@ -160,9 +167,7 @@ class SmallCapDecoder(Decoder):
         return torch.from_numpy(encoder.encode_image_tokens(images)[1])
 
     def prompt_ids(self, neighbours: Sequence[Sequence[str]]) -> list[list[int]]:
-        """Each image's prompt tokens: SmallCap's template around its first k short retrieved captions."""
-        prompts = [build_prompt(select_captions(caps, self.tokenizer, self.config.k, self.config.max_caption_tokens)) for caps in neighbours]
-        return self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        return prompt_ids(self.tokenizer, neighbours, self.config.k, self.config.max_caption_tokens)
 
     def _patches(self, cond: SmallCapInput) -> torch.Tensor:
         patches = torch.as_tensor(cond.patches)
