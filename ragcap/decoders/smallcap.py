@@ -97,21 +97,30 @@ def reduced_cross_attention(config, width: int, encoder_width: int, layer_idx: i
     return attention
 
 
-def cross_attention_lm(source: str | Path, config: SmallCapConfig) -> nn.Module:
-    """The GPT-2 in `source` (config only) with reduced cross-attention in every block."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def lm_config(source: str | Path):
+    """The language model config in `source` (a directory or hub name)."""
+    from transformers import AutoConfig
 
     try:
-        lm_config = AutoConfig.from_pretrained(str(source))
+        config = AutoConfig.from_pretrained(str(source))
     except (OSError, ValueError) as err:
         raise ModelError(f"no language-model config in {source} ({err}); pass the LM's directory or hub name") from err
-    if lm_config.model_type != "gpt2":
-        raise ModelError(f"SmallCap's cross-attention is built on GPT-2; {source} is a {lm_config.model_type} model")
-    lm_config.add_cross_attention = True
-    lm = AutoModelForCausalLM.from_config(lm_config)
-    for i, block in enumerate(_transformer_blocks(lm)):
-        block.crossattention = reduced_cross_attention(lm_config, config.cross_attention_width, config.encoder_width, i)
-    return lm
+    return config
+
+
+def cross_attention_lm(lm: str | Path | object, config: SmallCapConfig) -> nn.Module:
+    """The GPT-2 of a config (or of the config in a directory / hub name), randomly initialised
+    (or on the meta device), with reduced cross-attention in every block."""
+    from transformers import AutoModelForCausalLM
+
+    lm_cfg = lm_config(lm) if isinstance(lm, (str, Path)) else lm
+    if lm_cfg.model_type != "gpt2":
+        raise ModelError(f"SmallCap's cross-attention is built on GPT-2; {lm} is a {lm_cfg.model_type} model")
+    lm_cfg.add_cross_attention = True
+    model = AutoModelForCausalLM.from_config(lm_cfg)
+    for i, block in enumerate(_transformer_blocks(model)):
+        block.crossattention = reduced_cross_attention(lm_cfg, config.cross_attention_width, config.encoder_width, i)
+    return model
 
 
 def prompt_ids(tokenizer, neighbours: Sequence[Sequence[str]], k: int, max_caption_tokens: int = MAX_CAPTION_TOKENS) -> list[list[int]]:
