@@ -14,11 +14,12 @@ four human captions of other photographs (retrieval is not timed: SmallCap reads
 retrievals too). Random weights rarely write '.', so captions run to the 25-token cap: the worst
 case for both. Captions must be identical.
 
-Also measured: training steps/s of train-smallcap's loop (batch 64 as SmallCap, frozen GPT-2),
+Also measured: training steps/s of train-smallcap's loop (frozen GPT-2; SmallCap's batch is 64),
 and the process's peak resident memory after each phase.
 
     python benchmarks/smallcap.py --json
     python benchmarks/smallcap.py --small --json     # a quick check with a 2-layer LM
+    python benchmarks/smallcap.py --device cuda --n 256 --batch-size 64 --n-reference 16 --json
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16, help="images ragcap captions")
     parser.add_argument("--n-reference", type=int, default=4, help="images the reference captions (it is slow)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--train-captions", type=int, default=192, help="captions per training measurement (3 steps of 64)")
+    parser.add_argument("--train-captions", type=int, default=192, help="captions per training measurement")
+    parser.add_argument("--train-batch-size", type=int, default=64, help="SmallCap's batch size")
     parser.add_argument("--images", type=Path, default=SHARED / "data" / "coco" / "images")
     parser.add_argument("--tokenizer-dir", type=Path, default=SHARED / "models" / "gpt2-tokenizer")
     parser.add_argument("--device", default=None)
@@ -154,8 +156,9 @@ def main() -> None:
             captions = [c for r in rows for c in r["references"]][: args.train_captions]
             prompts = decoder.prompt_ids([neighbours[i % args.n] for i in range(len(captions))])
             reset_peak()
-            result["train"] = {"steps_per_s": training_rate(lm_dir, decoder, captions, prompts, 64, args.device),
-                               "batch_size": 64, "captions": len(captions), "peak_rss_gb": peak_rss_gb()}
+            steps_per_s = training_rate(lm_dir, decoder, captions, prompts, args.train_batch_size, args.device)
+            result["train"] = {"steps_per_s": steps_per_s, "captions_per_s": steps_per_s * args.train_batch_size,
+                               "batch_size": args.train_batch_size, "captions": len(captions), "peak_rss_gb": peak_rss_gb()}
     result.update(threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
                   python=platform.python_version(), cpu=platform.processor() or platform.machine())
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))

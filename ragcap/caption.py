@@ -96,19 +96,17 @@ class Captioner:
     """Captions batches of queries against one collection with the requested modes."""
 
     def __init__(self, store: Store, collection: str, embedder, settings: CaptionSettings, decoder=None, prompter=None,
-                 full_memory: FullMemory | None = None):
-        """full_memory: the whole memory already loaded for exact pd (with_settings shares it)."""
+                 full_memory: FullMemory | None = None, smallcap=None):
+        """decoder: an embedding decoder (pd, nnd, vd); smallcap: a SmallCap model; full_memory:
+        the whole memory already loaded for exact pd (with_settings shares it)."""
         self.store, self.collection, self.embedder, self.settings = store, collection, embedder, settings
-        self.decoder, self.prompter = decoder, prompter
+        self.decoder, self.prompter, self.smallcap = decoder, prompter, smallcap
         modes = [MODES[m] for m in settings.modes]
         if modes_needing("decoder", settings.modes) and decoder is None:
             names = ", ".join(modes_needing("decoder", settings.modes))
             raise RagcapError(f"mode {names} needs a trained decoder: pass --decoder DIR (see `ragcap train-decoder`)")
-        for name in modes_needing("decoder", settings.modes):
-            if MODES[name].decoder_reads != decoder.conditioning:
-                where = decoder.source or "the decoder"
-                raise RagcapError(f"mode {name} needs a decoder that reads {MODES[name].decoder_reads}, but {where} is a {decoder.kind} model "
-                                  f"(reads {decoder.conditioning}); run the modes of each kind in separate calls")
+        if modes_needing("smallcap", settings.modes) and smallcap is None:
+            raise RagcapError("mode smallcap needs a SmallCap model: pass --decoder DIR (see `ragcap train-smallcap`, `ragcap models import smallcap`)")
         if modes_needing("lm", settings.modes) and prompter is None:
             raise RagcapError("mode prompt needs a language model: pass --lm NAME_OR_DIR")
         self.full_memory = None
@@ -132,7 +130,7 @@ class Captioner:
         models and memory: how a server answers each request's options without loading anything."""
         if settings == self.settings:
             return self
-        return Captioner(self.store, self.collection, self.embedder, settings, self.decoder, self.prompter, self.full_memory)
+        return Captioner(self.store, self.collection, self.embedder, settings, self.decoder, self.prompter, self.full_memory, self.smallcap)
 
     def caption_images(self, images: Iterable[ImageInput], names: Iterable[str] | None = None) -> Iterator[CaptionResult]:
         """Results in input order, one per input and mode: an image that fails to load gets one

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Mode:
     name: str
-    needs: str | None  # the resource it runs: "decoder" (an embedding decoder), "lm", or None
+    needs: str | None  # the resource it runs: "decoder" (an embedding decoder), "lm", "smallcap" (a SmallCap model), or None
     memory: bool  # whether it reads the collection at all
     # How many neighbours it retrieves (the captioner knows k, full-memory and prompt settings).
     neighbours: Callable[["Captioner"], int]
@@ -36,7 +36,6 @@ class Mode:
     prefix: Callable[["Batch"], np.ndarray] | None = None  # embedding modes: one vector per query
     captions: Callable[["Batch"], list] | None = None  # other modes: [[Caption, ...] per query]
     help: str = ""
-    decoder_reads: str = "embedding"  # modes needing a decoder: the Decoder.conditioning of the kinds that serve it
 
 
 def _pd_prefixes(batch: "Batch") -> np.ndarray:
@@ -64,7 +63,7 @@ def _smallcap(batch: "Batch") -> list:
 
     if not batch.images:
         raise RagcapError("mode smallcap captions images (it attends to the image itself), not --text queries")
-    decoder = batch.captioner.decoder
+    decoder = batch.captioner.smallcap
     neighbours = [[hit.payload["caption"] for hit in hits] for hits in batch.hits]
     return decoder.caption(SmallCapInput(decoder.encode_patches(batch.images), neighbours), batch.captioner.settings.search)
 
@@ -84,8 +83,8 @@ MODES: dict[str, Mode] = {
              help="decode the query embedding itself: CLIP's modality gap (DeCap baseline)"),
         Mode("prompt", memory=True, needs="lm", neighbours=lambda run: run.settings.prompt_k * PROMPT_SEARCH_FACTOR, captions=_prompt,
              help="SmallCap's prompt completed by a causal LM"),
-        Mode("smallcap", memory=True, needs="decoder", neighbours=lambda run: run.decoder.config.k * PROMPT_SEARCH_FACTOR, captions=_smallcap,
-             decoder_reads="patches", help="SmallCap: retrieved captions in the prompt, cross-attention to the image (`train-smallcap`)"),
+        Mode("smallcap", memory=True, needs="smallcap", neighbours=lambda run: run.smallcap.config.k * PROMPT_SEARCH_FACTOR, captions=_smallcap,
+             help="SmallCap: retrieved captions in the prompt, cross-attention to the image (`train-smallcap`)"),
     )
 }
 

@@ -69,9 +69,9 @@ def published_config(vocab: int, positions: int) -> dict:
 def reference_logits(state: dict, ids: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
     """SmallCap's decoder forward written from the paper and src/gpt2.py: GPT-2 blocks (LayerNorm,
     causal self-attention, LayerNorm, cross-attention of width w/r to the patches, LayerNorm, MLP)."""
-    g = lambda name: state["decoder." + name]  # noqa: E731
-    ln = lambda x, name: F.layer_norm(x, (WIDTH,), g(name + ".weight"), g(name + ".bias"), 1e-5)  # noqa: E731
-    lin = lambda x, name: x @ g(name + ".weight") + g(name + ".bias")  # noqa: E731  Conv1D: (in, out)
+    g = lambda name: state["decoder." + name]
+    ln = lambda x, name: F.layer_norm(x, (WIDTH,), g(name + ".weight"), g(name + ".bias"), 1e-5)
+    lin = lambda x, name: x @ g(name + ".weight") + g(name + ".bias")  Conv1D: (in, out)
 
     def attend(q, k, v, causal):
         b, n, m = q.shape[0], q.shape[1], k.shape[1]

@@ -263,7 +263,9 @@ def test_refused_inputs(data, tiny_clip_dir, tmp_path):
     result = ragcap("caption", "--text", "a dog", "-c", "others", "--mode", "smallcap", "--decoder", model, ok=False)
     assert result.exit_code == 1 and "captions images" in result.output
     result = ragcap("caption", paths[0], "-c", "others", "--mode", "pd,smallcap", "--decoder", model, ok=False)
-    assert result.exit_code == 1 and "mode pd needs a decoder that reads embedding" in result.output
+    assert result.exit_code == 1 and "mode pd needs a trained decoder" in result.output
+    result = ragcap("caption", paths[0], "-c", "others", "--mode", "smallcap", "--decoder", model, "--decoder", model, ok=False)
+    assert result.exit_code == 1 and "serve the same modes" in result.output
 
     # A model directory whose weights have the wrong shapes.
     from safetensors.torch import load_file, save_file
@@ -273,3 +275,29 @@ def test_refused_inputs(data, tiny_clip_dir, tmp_path):
     save_file(weights, model / "model.safetensors")
     with pytest.raises(ModelError, match="cannot be loaded"):
         load_decoder(model)
+
+
+def test_eval_scores_smallcap_prompt_and_pd_side_by_side(data, tiny_clip_dir, tmp_path):
+    """One run: a SmallCap model and DeCap's decoder (two --decoder), the prompt mode's LM; each
+    mode's captions are the ones `caption` writes with the same settings."""
+    from ragcap.decoders import DeCapConfig, DeCapDecoder
+    from ragcap.embed import load_embedder
+
+    ingest(data["others"], "others", tiny_clip_dir)
+    ragcap("train-smallcap", "--features", data["features"], "-c", "others", "-o", tmp_path / "smallcap", "--lm", data["lm"], *TRAIN)
+    DeCapDecoder(DeCapConfig(embed_dim=32, n_layer=1, n_head=2, n_embd=32, max_tokens=8), load_embedder(str(tiny_clip_dir)).info).save(tmp_path / "decap")
+    rows = data["rows"][:3]
+    images = tmp_path / "images"
+    images.mkdir()
+    for row in rows:
+        (images / row["file"]).write_bytes((data["images"] / row["file"]).read_bytes())
+    refs = write_refs(tmp_path / "refs.jsonl", rows)
+    common = ["-c", "others", "--mode", "smallcap,prompt,pd", "--decoder", tmp_path / "smallcap", "--decoder", tmp_path / "decap",
+              "--lm", data["lm"], "--max-tokens", "6"]
+    report = json.loads(ragcap("eval", refs, "--images", images, *common, "--no-spice", "--json").stdout)
+    assert set(report["scores"]) == {"smallcap", "prompt", "pd"} and report["images_scored"] == 3
+    captioned = {}
+    for line in map(json.loads, ragcap("caption", *[images / r["file"] for r in rows], *common, "--json").stdout.splitlines()):
+        captioned.setdefault(os.path.basename(line["file"]), {})[line["mode"]] = line["caption"]
+    files = {str(r["image_id"]): r["file"] for r in rows}
+    assert {files[key]: modes for key, modes in report["captions"].items()} == captioned
