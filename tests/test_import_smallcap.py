@@ -71,7 +71,7 @@ def reference_logits(state: dict, ids: torch.Tensor, patches: torch.Tensor) -> t
     causal self-attention, LayerNorm, cross-attention of width w/r to the patches, LayerNorm, MLP)."""
     g = lambda name: state["decoder." + name]
     ln = lambda x, name: F.layer_norm(x, (WIDTH,), g(name + ".weight"), g(name + ".bias"), 1e-5)
-    lin = lambda x, name: x @ g(name + ".weight") + g(name + ".bias")  Conv1D: (in, out)
+    lin = lambda x, name: x @ g(name + ".weight") + g(name + ".bias")  # Conv1D: (in, out)
 
     def attend(q, k, v, causal):
         b, n, m = q.shape[0], q.shape[1], k.shape[1]
