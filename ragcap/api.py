@@ -185,16 +185,18 @@ def embed_images(
     device: str | None = None,
     batch_size: int = 64,
     on_progress: Callable[[int], None] | None = None,
+    patches: bool = False,
 ):
-    """Encode the referenced images into a features file (ragcap.features.embed_images). The
-    embedder is, in order: the one asked for, the one an existing `out` records, DEFAULT_MODEL."""
+    """Encode the referenced images into a features file (ragcap.features.embed_images), with
+    their patch features if asked. The embedder is, in order: the one asked for, the one an
+    existing `out` records, DEFAULT_MODEL."""
     from ragcap.embed import load_embedder
     from ragcap import features
 
     if model is None and Path(out).is_file():
         model = features.read_features(out).embedder.spec
     embedder = load_embedder(model or DEFAULT_MODEL, device, image_only=True)
-    return features.embed_images(refs, pairs, embedder, out, batch_size, on_progress)
+    return features.embed_images(refs, pairs, embedder, out, batch_size, on_progress, patches)
 
 
 def find_leakage(store: Store, collection: str, image_keys: Iterable[str]) -> int:
@@ -209,7 +211,7 @@ def load_captioner(
     store: Store,
     collection: str,
     settings: CaptionSettings | None = None,
-    decoder: str | Path | None = None,
+    decoder: str | Path | Sequence[str | Path] | None = None,
     lm: str = "gpt2",
     model: str | None = None,
     device: str | None = None,
@@ -217,6 +219,8 @@ def load_captioner(
 ) -> Captioner:
     """A Captioner with every resource its modes need, loaded once.
 
+    decoder: a decoder directory, or several of different uses (an embedding decoder for pd,
+    nnd and vd; a SmallCap model for smallcap), each put where its kind serves.
     image_only: load only CLIP's image tower (captioning images never runs the text tower);
     pass False to caption texts.
     """
@@ -225,17 +229,24 @@ def load_captioner(
 
     settings = settings or CaptionSettings()
     embedder = load_embedder(model or store.embedder(collection).spec, device, image_only=image_only)
-    loaded_decoder = prompter = None
-    if modes_needing("decoder", settings.modes) and decoder is not None:
+    loaded: dict[str, object] = {}  # "decoder" / "smallcap" -> the model serving those modes
+    directories = [] if decoder is None else [decoder] if isinstance(decoder, (str, Path)) else list(decoder)
+    if directories and (modes_needing("decoder", settings.modes) or modes_needing("smallcap", settings.modes)):
         from ragcap.decoders import load_decoder
 
-        loaded_decoder = load_decoder(decoder, device=device)
-        loaded_decoder.check_embedder(embedder.info, collection)
+        for directory in directories:
+            found = load_decoder(directory, device=device)
+            use = "smallcap" if found.kind == "smallcap" else "decoder"
+            if use in loaded:
+                raise RagcapError(f"--decoder {directory} and --decoder {loaded[use].source} serve the same modes; pass one of them")
+            found.check_embedder(embedder.info, collection)
+            loaded[use] = found
+    prompter = None
     if modes_needing("lm", settings.modes):
         from ragcap.decoders.lm_prompt import PromptCaptioner
 
         prompter = PromptCaptioner(lm, device=device)
-    return Captioner(store, collection, embedder, settings, decoder=loaded_decoder, prompter=prompter)
+    return Captioner(store, collection, embedder, settings, decoder=loaded.get("decoder"), prompter=prompter, smallcap=loaded.get("smallcap"))
 
 
 @dataclass

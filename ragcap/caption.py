@@ -69,6 +69,7 @@ class Batch:
     captioner: "Captioner"
     queries: np.ndarray  # (b, dim) unit embeddings
     hits: list[list[Hit]]  # neighbours per query (empty lists when no mode retrieves)
+    images: list = field(default_factory=list)  # the decoded images (PIL), for modes that read them; empty for texts
 
 
 def iter_inputs(inputs: Sequence[str]) -> Iterator[str]:
@@ -95,14 +96,17 @@ class Captioner:
     """Captions batches of queries against one collection with the requested modes."""
 
     def __init__(self, store: Store, collection: str, embedder, settings: CaptionSettings, decoder=None, prompter=None,
-                 full_memory: FullMemory | None = None):
-        """full_memory: the whole memory already loaded for exact pd (with_settings shares it)."""
+                 full_memory: FullMemory | None = None, smallcap=None):
+        """decoder: an embedding decoder (pd, nnd, vd); smallcap: a SmallCap model; full_memory:
+        the whole memory already loaded for exact pd (with_settings shares it)."""
         self.store, self.collection, self.embedder, self.settings = store, collection, embedder, settings
-        self.decoder, self.prompter = decoder, prompter
+        self.decoder, self.prompter, self.smallcap = decoder, prompter, smallcap
         modes = [MODES[m] for m in settings.modes]
         if modes_needing("decoder", settings.modes) and decoder is None:
             names = ", ".join(modes_needing("decoder", settings.modes))
             raise RagcapError(f"mode {names} needs a trained decoder: pass --decoder DIR (see `ragcap train-decoder`)")
+        if modes_needing("smallcap", settings.modes) and smallcap is None:
+            raise RagcapError("mode smallcap needs a SmallCap model: pass --decoder DIR (see `ragcap train-smallcap`, `ragcap models import smallcap`)")
         if modes_needing("lm", settings.modes) and prompter is None:
             raise RagcapError("mode prompt needs a language model: pass --lm NAME_OR_DIR")
         self.full_memory = None
@@ -134,7 +138,7 @@ class Captioner:
         models and memory: how a server answers each request's options without loading anything."""
         if settings == self.settings:
             return self
-        return Captioner(self.store, self.collection, self.embedder, settings, self.decoder, self.prompter, self.full_memory)
+        return Captioner(self.store, self.collection, self.embedder, settings, self.decoder, self.prompter, self.full_memory, self.smallcap)
 
     def caption_images(self, images: Iterable[ImageInput], names: Iterable[str] | None = None) -> Iterator[CaptionResult]:
         """Results in input order, one per input and mode: an image that fails to load gets one
@@ -150,7 +154,7 @@ class Captioner:
         for chunk in chunks(named, self.settings.batch_size):
             decoded, errors = load_images(chunk, self.settings.max_pixels)
             loaded = [name for i, (_, name) in enumerate(chunk) if i not in errors]
-            results = iter(self._caption(loaded, self.embedder.encode_images(decoded)) if decoded else [])
+            results = iter(self._caption(loaded, self.embedder.encode_images(decoded), decoded) if decoded else [])
             for i, (_, name) in enumerate(chunk):
                 if i in errors:
                     yield [CaptionResult(source=name, error=str(errors[i]), exception=errors[i])]
@@ -161,10 +165,10 @@ class Captioner:
         for chunk in chunks(texts, self.settings.batch_size):
             yield from self._caption(chunk, self.embedder.encode_text(chunk).vectors)
 
-    def _caption(self, sources: list[str], queries: np.ndarray) -> list[CaptionResult]:
+    def _caption(self, sources: list[str], queries: np.ndarray, images: Sequence = ()) -> list[CaptionResult]:
         settings = self.settings
         hits = self.store.search(self.collection, queries, self.search_k, self.with_vectors) if self.search_k else [[] for _ in sources]
-        batch = Batch(self, queries, hits)
+        batch = Batch(self, queries, hits, list(images))
         captions = self._decode_prefixes(batch)
         for name in settings.modes:
             if MODES[name].captions is not None:

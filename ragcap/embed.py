@@ -313,6 +313,25 @@ class OpenClipEmbedder(Embedder):
             out[start:start + batch_size] = features.float().cpu().numpy()
         return out
 
+    @torch.inference_mode()
+    def encode_image_tokens(self, images: Sequence[Image.Image], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """(unit embeddings (n, dim), patch features (n, tokens, width)) from one forward pass.
+
+        The patch features are the vision transformer's last hidden states before its final
+        LayerNorm, class token first: what Hugging Face's CLIPVisionModel returns as
+        last_hidden_state and SmallCap cross-attends to (50 x 768 for ViT-B/32).
+        """
+        visual = self.model.visual
+        if not hasattr(visual, "transformer") or not hasattr(visual, "class_embedding"):
+            raise ModelError(f"model {self.info.spec} has no vision transformer (a ResNet CLIP?); patch features need a ViT, e.g. ViT-B-32")
+        captured: list[torch.Tensor] = []
+        hook = visual.transformer.register_forward_hook(lambda module, args, output: captured.append(output))
+        try:
+            vectors = self.encode_images(images, batch_size)
+        finally:
+            hook.remove()
+        return vectors, torch.cat(captured).float().cpu().numpy()
+
 
 class SentenceTransformerEmbedder(Embedder):
     supports_images = False

@@ -5,6 +5,7 @@
     clipre  return the nearest caption itself
     vd      decode the query embedding directly (no memory: shows CLIP's modality gap)
     prompt  SmallCap's prompt: complete "Similar images show ... This image shows" with a causal LM
+    smallcap  SmallCap itself: that prompt, and a trained cross-attention to the image's patches
 
 Modes that decode an embedding (pd, nnd, vd) give a prefix vector, and the Captioner decodes
 the prefixes of all of them in one batched call of whichever decoder kind it loaded; the
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Mode:
     name: str
-    needs: str | None  # the resource it runs: "decoder" (an embedding decoder), "lm", or None
+    needs: str | None  # the resource it runs: "decoder" (an embedding decoder), "lm", "smallcap" (a SmallCap model), or None
     memory: bool  # whether it reads the collection at all
     # How many neighbours it retrieves (the captioner knows k, full-memory and prompt settings).
     neighbours: Callable[["Captioner"], int]
@@ -59,6 +60,16 @@ def _prompt(batch: "Batch") -> list:
     return run.prompter.caption([[hit.payload["caption"] for hit in h] for h in batch.hits], k=run.settings.prompt_k, options=run.settings.search)
 
 
+def _smallcap(batch: "Batch") -> list:
+    from ragcap.decoders.smallcap import SmallCapInput
+
+    if not batch.images:
+        raise RagcapError("mode smallcap captions images (it attends to the image itself), not --text queries")
+    decoder = batch.captioner.smallcap
+    neighbours = [[hit.payload["caption"] for hit in hits] for hits in batch.hits]
+    return decoder.caption(SmallCapInput(decoder.encode_patches(batch.images), neighbours), batch.captioner.settings.search)
+
+
 # Prompt mode retrieves 3x its k, so that skipping over-long captions (> 25 GPT-2 tokens) still leaves k.
 PROMPT_SEARCH_FACTOR = 3
 
@@ -74,6 +85,8 @@ MODES: dict[str, Mode] = {
              help="decode the query embedding itself: CLIP's modality gap (DeCap baseline)"),
         Mode("prompt", memory=True, needs="lm", neighbours=lambda run: run.settings.prompt_k * PROMPT_SEARCH_FACTOR, captions=_prompt,
              help="SmallCap's prompt completed by a causal LM"),
+        Mode("smallcap", memory=True, needs="smallcap", neighbours=lambda run: run.smallcap.config.k * PROMPT_SEARCH_FACTOR, captions=_smallcap,
+             help="SmallCap: retrieved captions in the prompt, cross-attention to the image (`train-smallcap`)"),
     )
 }
 

@@ -8,6 +8,8 @@ parameters train (`requires_grad`), and the model gives its targets and teacher-
 
     TrainConfig          DeCap's decoder, trained from scratch (`ragcap train-decoder`)
     ClipCapTrainConfig   ClipCap's mapping network over a pretrained LM (`ragcap train-clipcap`)
+    SmallCapTrainConfig  SmallCap's cross-attention in a frozen GPT-2 (`ragcap train-smallcap`),
+                         whose per-caption conditioning is a Conditioning (patches and a prompt)
 
 Each epoch ends with a held-out loss and an atomic checkpoint (trainable weights, optimiser,
 schedule, RNG), so an interrupted run resumes from its last complete epoch and ends with the
@@ -23,6 +25,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -32,6 +35,7 @@ from transformers import get_linear_schedule_with_warmup
 from ragcap.decoders.base import CONFIG_FILE, IGNORE, Decoder
 from ragcap.decoders.clipcap import MAPPINGS, ClipCapConfig, ClipCapDecoder
 from ragcap.decoders.decap import DeCapConfig, DeCapDecoder
+from ragcap.decoders.smallcap import TRAINED, SmallCapConfig, SmallCapDecoder
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
 from ragcap.util import checkpoint_bytes, default_device, ensure_free_space, write_atomic
@@ -135,12 +139,62 @@ class ClipCapTrainConfig(TrainSettings):
         return ClipCapDecoder(config, embedder, lm, tokenizer).freeze_lm(not self.train_lm)
 
 
+@dataclass(frozen=True)
+class SmallCapTrainConfig(TrainSettings):
+    """SmallCap's cross-attention layers in a frozen GPT-2 (ragcap.decoders.smallcap).
+
+    Loop defaults are SmallCap's train.py (Hugging Face's Seq2SeqTrainer defaults around them):
+    batch 64, AdamW at 1e-4 without weight decay or warm-up, linear decay, plain cross-entropy,
+    10 epochs. train_smallcap fills in the encoder width and the retrieval embedder.
+    """
+
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    label_smoothing: float = 0.0
+    lm: str = "gpt2"  # hub name or directory of a GPT-2 causal LM
+    # None: the LM's width / 4, SmallCap7M (SmallCap's 3.5M and 1.8M models: / 8, / 16).
+    cross_attention_width: int | None = None
+    k: int = 4  # retrieved captions per prompt
+    max_tokens: int = 25  # SmallCapConfig.max_tokens
+    encoder_width: int = 0
+    retrieval_spec: str = ""
+    retrieval_dim: int = 0
+
+    def build(self, embedder: EmbedderInfo, captions: list[str]) -> SmallCapDecoder:
+        from ragcap.decoders.lm import load_causal_lm
+        from ragcap.decoders.smallcap import cross_attention_lm
+
+        tokenizer, pretrained = load_causal_lm(self.lm)
+        width = self.cross_attention_width or pretrained.config.n_embd // 4
+        config = SmallCapConfig(encoder_width=self.encoder_width, cross_attention_width=width, retrieval_spec=self.retrieval_spec,
+                                retrieval_dim=self.retrieval_dim, k=self.k, max_tokens=self.max_tokens)
+        # The LM's weights, and SmallCap's new cross-attention layers (GPT-2's initialisation) around them.
+        lm = cross_attention_lm(self.lm, config)
+        missing, unexpected = lm.load_state_dict(pretrained.state_dict(), strict=False)
+        if unexpected or any(not any(part in name for part in TRAINED) for name in missing):
+            raise ModelError(f"the weights of {self.lm} do not fit its GPT-2 config (unexpected {unexpected[:3]}, missing {missing[:3]})")
+        lm.tie_weights()
+        return SmallCapDecoder(config, embedder, lm, tokenizer)
+
+
+class Conditioning(Protocol):
+    """What a kind reads per caption when it is more than one vector (SmallCap: patches and a prompt)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, rows: torch.Tensor) -> Any: ...  # the rows' conditioning, as teacher_forced_logits reads it
+
+    def digest(self) -> bytes: ...  # identifies the data, for resuming
+
+
 Progress = Callable[[int, int, float], None]
 
 
 def train_decoder(
     captions: list[str],
-    vectors: np.ndarray,
+    vectors: np.ndarray | Conditioning,
     embedder: EmbedderInfo,
     out_dir: str | Path,
     config: TrainSettings = TrainConfig(),
@@ -151,13 +205,15 @@ def train_decoder(
 ) -> dict:
     """Train the kind `config` builds on (caption, vector) pairs.
 
-    groups: the image each caption belongs to (paired data), so the held-out split keeps an
-    image's captions together; noisy: which rows get config.noise_std (text rows; default all).
+    vectors: one row per caption, or a Conditioning; groups: the image each caption belongs to
+    (paired data), so the held-out split keeps an image's captions together; noisy: which rows get config.noise_std (text rows; default all).
     Returns {"epochs": [log rows], "train_loss", "val_loss", "steps", "out_dir"};
     progress(step, total_steps, loss) is called after every step.
     """
     out = Path(out_dir)
-    vectors = _check_inputs(captions, vectors, embedder)
+    vectors = _check_inputs(captions, vectors, embedder) if isinstance(vectors, np.ndarray) else vectors
+    if len(vectors) != len(captions):
+        raise ModelError(f"{len(captions)} captions but conditioning for {len(vectors)}")
     noisy = np.ones(len(captions), dtype=bool) if noisy is None else np.asarray(noisy, dtype=bool)
     device = default_device(config.device)
     torch.manual_seed(config.seed)  # weight init, dropout and noise all draw from torch's RNG
@@ -183,7 +239,8 @@ def train_decoder(
     if resume and (out / CHECKPOINT_FILE).is_file():
         start_epoch, log = _restore(out / CHECKPOINT_FILE, fingerprint, model, optimizer, scheduler)
 
-    vectors_t, noisy_t = torch.from_numpy(vectors), torch.from_numpy(noisy)
+    vectors_t = torch.from_numpy(vectors) if isinstance(vectors, np.ndarray) else vectors
+    noisy_t = torch.from_numpy(noisy)
     ensure_free_space(out, checkpoint_bytes(model), "the training checkpoint and the decoder")  # before training, not after
     for epoch in range(start_epoch, config.epochs):
         model.train()
@@ -192,7 +249,7 @@ def train_decoder(
         total_loss, total_tokens = 0.0, 0
         for i in range(steps_per_epoch):
             batch = order[i * config.batch_size : (i + 1) * config.batch_size]
-            prefixes = _with_noise(vectors_t[batch].to(device), noisy_t[batch].to(device), config.noise_std)
+            prefixes = _with_noise(_rows(vectors_t, batch, device), noisy_t[batch].to(device), config.noise_std)
             loss, n_tokens = _loss(model, prefixes, targets[batch], config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -230,9 +287,14 @@ def _check_inputs(captions: list[str], vectors: np.ndarray, embedder: EmbedderIn
     return vectors
 
 
+def _rows(vectors: torch.Tensor | Conditioning, rows: torch.Tensor, device: torch.device):
+    """The rows' conditioning: vectors on the device, or what a Conditioning gives (the kind moves it)."""
+    return vectors[rows].to(device) if isinstance(vectors, torch.Tensor) else vectors[rows]
+
+
 def _with_noise(prefixes: torch.Tensor, noisy: torch.Tensor, std: float) -> torch.Tensor:
     """CapDec's noise injection (normalise, add N(0, std^2), normalise) on the noisy rows."""
-    if std <= 0:
+    if std <= 0:  # also every Conditioning: noise is for vectors
         return prefixes
     noised = F.normalize(F.normalize(prefixes, dim=-1) + std * torch.randn_like(prefixes), dim=-1)
     return torch.where(noisy.unsqueeze(1), noised, prefixes)
@@ -256,7 +318,7 @@ def _evaluate(model: Decoder, vectors: torch.Tensor, targets: torch.Tensor, idx:
     total, tokens = 0.0, 0
     for start in range(0, len(idx), config.batch_size):
         batch = torch.from_numpy(idx[start : start + config.batch_size])
-        loss, n = _loss(model, vectors[batch].to(model.device), targets[batch], config.label_smoothing)
+        loss, n = _loss(model, _rows(vectors, batch, model.device), targets[batch], config.label_smoothing)
         total += loss.item() * n
         tokens += n
     return total / tokens
@@ -277,14 +339,15 @@ def _split(n: int, val_fraction: float, seed: int, groups: Sequence[str] | None 
     return np.flatnonzero(~held_out[unit_of_row]), np.flatnonzero(held_out[unit_of_row])
 
 
-def _fingerprint(kind: str, captions: list[str], vectors: np.ndarray, embedder: EmbedderInfo, config: TrainSettings,
+def _fingerprint(kind: str, captions: list[str], vectors: np.ndarray | Conditioning, embedder: EmbedderInfo, config: TrainSettings,
                  groups: Sequence[str] | None, noisy: np.ndarray) -> dict:
     """What a checkpoint must match to be resumed: same kind, data, embedder and settings."""
     digest = hashlib.sha256("\n".join(captions).encode())
-    for part in (vectors.tobytes(), noisy.tobytes(), "\n".join(groups or []).encode()):
+    data = vectors.tobytes() if isinstance(vectors, np.ndarray) else vectors.digest()
+    for part in (data, noisy.tobytes(), "\n".join(groups or []).encode()):
         digest.update(part)
     settings = {k: v for k, v in asdict(config).items() if k != "device"}
-    return {"kind": kind, "data": digest.hexdigest(), "count": len(captions), "shape": list(vectors.shape),
+    return {"kind": kind, "data": digest.hexdigest(), "count": len(captions), "shape": list(getattr(vectors, "shape", [len(vectors)])),
             "embedder": embedder.to_dict(), "config": settings}
 
 

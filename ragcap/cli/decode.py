@@ -1,4 +1,4 @@
-"""Commands that write captions: train-decoder, train-clipcap, caption, eval."""
+"""Commands that write captions: train-decoder, train-clipcap, train-smallcap, caption, eval."""
 
 from __future__ import annotations
 
@@ -117,6 +117,59 @@ def train_clipcap(
         typer.echo(f"ClipCap for {data.embedder.spec} written to {out} ({data.paired} paired, {len(data.captions) - data.paired} text-only captions)")
 
 
+@command(app, "train-smallcap", interrupted="interrupted; rerun with --resume to continue from the last complete epoch")
+def train_smallcap(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the trained SmallCap model (and its checkpoints).")],
+    features: Annotated[Path, typer.Option(help="`embed-images --patches` features file: the images, their references and patch features.")],
+    collection: Annotated[str, typer.Option("--collection", "-c", help="The memory to retrieve the prompts' captions from.")],
+    query_features: Annotated[Optional[Path], typer.Option(help="The same images embedded by the memory's model, when --features is of another (the encoder).")] = None,
+    lm: Annotated[str, typer.Option(help="GPT-2 causal LM (frozen): hub name or directory.")] = "gpt2",
+    cross_attention_width: Annotated[Optional[int], typer.Option(help="Width of the cross-attention [default: the LM's width / 4, SmallCap7M; / 8 and / 16 are SmallCap3.5M and 1.8M].")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", "-k", help="Retrieved captions per prompt (SmallCap: 4).")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Captions are cut to this many LM tokens before the stop '.' (SmallCap: 25).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (SmallCap: 10).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Captions per step (SmallCap: 64).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate (SmallCap: 1e-4).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps (at most 10% of the run; SmallCap: 0).")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Held-out fraction of images for the per-epoch validation loss.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for the split, initialisation and batches.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last complete epoch in --out.")] = False,
+    device: Device = None,
+    qdrant_url: QdrantUrl = None,
+    qdrant_api_key: QdrantKey = None,
+    wait: Wait = DEFAULT_WAIT_S,
+    json_out: Json = False,
+):
+    """Train SmallCap's cross-attention (a frozen GPT-2 reading the image's patch features) with
+    prompts retrieved from -c, each image's own captions left out of its prompt."""
+    from ragcap.decoders.lm_prompt import MAX_CAPTION_TOKENS
+    from ragcap.decoders.tokenizers import load_gpt2_tokenizer
+    from ragcap.report import emit_json, progress
+    from ragcap.smallcap_train import smallcap_data
+    from ragcap.train import SmallCapTrainConfig, with_overrides
+
+    from ragcap.locks import hold_directory
+
+    config = with_overrides(SmallCapTrainConfig(), lm=lm, cross_attention_width=cross_attention_width, k=k, max_tokens=max_tokens,
+                            epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, val_fraction=val_fraction, seed=seed,
+                            device=device)
+    with hold_directory(out, f"--out {out}"):  # a second run into --out is refused before any work
+        tokenizer = load_gpt2_tokenizer(config.lm)
+        with store(qdrant_url, qdrant_api_key, wait) as st, progress(None, "retrieve", "images") as bar:
+            data = smallcap_data(st, collection, features, tokenizer, config.k, MAX_CAPTION_TOKENS, query_features, bar.update)
+        typer.echo(f"ragcap: left {data.excluded} of the training images' own captions out of their prompts "
+                   f"({data.images_with_own} of {len(data.neighbours)} images had some in the memory)", err=True)
+        config = with_overrides(config, encoder_width=int(data.examples.patches.shape[2]), retrieval_spec=data.retrieval.spec,
+                                retrieval_dim=data.retrieval.dim)
+        result = _train("train-smallcap", data.captions, data.examples, data.encoder, out, config, resume, groups=data.groups)
+    summary = {"out": str(out), "captions": len(data.captions), "images": len(data.neighbours), "encoder": data.encoder.spec,
+               "retrieval": data.retrieval.spec, "own_captions_excluded": data.excluded, "images_with_own_captions": data.images_with_own}
+    if json_out:
+        emit_json({**summary, **result})
+    else:
+        typer.echo(f"SmallCap for encoder {data.encoder.spec} and memories of {data.retrieval.spec} written to {out} ({len(data.captions)} captions)")
+
+
 def _noise_std(variance: float | None) -> float | None:
     """--noise is a variance, as CapDec states it (0.016); the loop adds noise of this std."""
     if variance is None:
@@ -147,8 +200,8 @@ def _train(name: str, captions, vectors, info, out: Path, config, resume: bool, 
 def caption(
     inputs: Annotated[Optional[list[str]], typer.Argument(help="Images, directories, globs, @list files, or - for paths on stdin.")] = None,
     collection: Collection = "captions",
-    mode: Annotated[str, typer.Option("--mode", help="Comma-separated: pd, nnd, clipre, vd, prompt.")] = "pd",
-    decoder: Annotated[Optional[Path], typer.Option(help="Trained decoder directory (pd, nnd, vd).")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="Comma-separated: pd, nnd, clipre, vd, prompt, smallcap.")] = "pd",
+    decoder: Annotated[Optional[list[Path]], typer.Option(help="Trained decoder directory: pd, nnd, vd read an embedding decoder, smallcap a SmallCap model (repeat to give both).")] = None,
     lm: Annotated[str, typer.Option(help="Causal LM for prompt mode: hub name or directory.")] = "gpt2",
     text: Annotated[Optional[list[str]], typer.Option("--text", help="Caption from this text instead of images (repeatable).")] = None,
     k: Annotated[Optional[int], typer.Option("--k", "-k", help="Neighbours in the pd projection [default: 1024, or the whole collection if smaller].")] = None,
@@ -224,8 +277,8 @@ def evaluate(
     references: Annotated[Path, typer.Argument(help="Human references: COCO JSON, Karpathy JSON, COCO by-image JSON, Flickr token/CSV, or a JSONL manifest.")],
     images: Annotated[Path, typer.Option("--images", help="Folder of the images to caption (matched to references by id or file name).")],
     collection: Collection = "captions",
-    mode: Annotated[str, typer.Option("--mode", help="Comma-separated modes to score: pd, nnd, clipre, vd, prompt.")] = "pd",
-    decoder: Annotated[Optional[Path], typer.Option(help="Trained decoder directory (pd, nnd, vd).")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="Comma-separated modes to score: pd, nnd, clipre, vd, prompt, smallcap.")] = "pd",
+    decoder: Annotated[Optional[list[Path]], typer.Option(help="Trained decoder directory: pd, nnd, vd read an embedding decoder, smallcap a SmallCap model (repeat to give both).")] = None,
     lm: Annotated[str, typer.Option(help="Causal LM for prompt mode.")] = "gpt2",
     ref_format: Annotated[Optional[str], typer.Option("--ref-format", help="Reference format (default: detected).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Karpathy split to score (default: test).")] = None,

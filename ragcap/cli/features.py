@@ -20,11 +20,12 @@ def embed_images(
     ref_format: Annotated[Optional[str], typer.Option("--ref-format", help="Reference format (default: detected).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Karpathy or manifest split to encode (Karpathy default: test).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch (also the resume granularity).")] = 64,
+    patches: Annotated[bool, typer.Option(help="Also store the vision transformer's patch features (for `train-smallcap`; ViT models only).")] = False,
     device: Device = None,
     json_out: Json = False,
 ):
     """Encode every image the references list, once, with its references: training data for
-    `train-clipcap --features`. Missing and unreadable images are listed and skipped."""
+    `train-clipcap --features` (and with --patches, `train-smallcap --features`). Missing and unreadable images are listed and skipped."""
     from ragcap import api
     from ragcap import evaluate as ev
     from ragcap.report import emit_json, progress
@@ -34,7 +35,7 @@ def embed_images(
     if not matched.pairs:
         raise RagcapError(f"none of the {len(refs)} images in {references} is in {images}; check --images and --split")
     with progress(len(matched.pairs), "embed-images", "images") as bar:
-        summary = api.embed_images(refs, matched.pairs, out, model, device, batch_size, on_progress=bar.update)
+        summary = api.embed_images(refs, matched.pairs, out, model, device, batch_size, on_progress=bar.update, patches=patches)
     for path, error in summary.broken.items():
         typer.echo(f"ragcap: could not read {path}: {error}", err=True)
     if not summary.images:

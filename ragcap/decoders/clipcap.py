@@ -21,8 +21,6 @@ config and tokenizer under lm/ and its weights in model.safetensors with the map
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ragcap.decoders.base import IGNORE, Decoder, resolved
-from ragcap.decoders.lm import LMInput, LMStepper
+from ragcap.decoders.lm import LMInput, LMStepper, save_lm_assets
 from ragcap.decoders.tokenizers import load_gpt2_tokenizer
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
@@ -193,14 +191,7 @@ class ClipCapDecoder(Decoder):
     # ---- persistence ------------------------------------------------------------------------
 
     def save_assets(self, out: Path) -> None:
-        # Written next to their place, then moved in one file at a time: never half a file.
-        target = out / LM_DIR
-        target.mkdir(exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out, prefix=".lm.") as tmp:
-            self.lm.config.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            for written in Path(tmp).iterdir():
-                os.replace(written, target / written.name)
+        save_lm_assets(self.lm, self.tokenizer, out / LM_DIR)
 
 
 def lm_skeleton(source: str | Path) -> nn.Module:

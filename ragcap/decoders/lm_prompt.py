@@ -52,7 +52,7 @@ def build_prompt(captions: Sequence[str]) -> str:
     return PROMPT_HEAD + "\n\n".join(captions) + PROMPT_TAIL
 
 
-def _normalise(caption: str) -> str:
+def normalise_caption(caption: str) -> str:
     # SmallCap's datastore holds Karpathy-tokenised captions (' '.join(tokens)): no surrounding
     # whitespace and no final period. Raw corpora (COCO json) have both; without this the last
     # neighbour would read "...horse..\n\n" and a stray "\n" would break the template's layout.
@@ -71,7 +71,7 @@ def select_captions(
     so any collection behaves the same. Token counts are of the normalised caption, as it
     appears in the prompt.
     """
-    captions = [c for c in map(_normalise, neighbour_captions) if c]
+    captions = [c for c in map(normalise_caption, neighbour_captions) if c]
     if not captions:
         return []
     lengths = [len(ids) for ids in tokenizer(captions, add_special_tokens=False)["input_ids"]]

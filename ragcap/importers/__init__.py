@@ -17,11 +17,13 @@ from ragcap.errors import ModelError
 from ragcap.importers.clipcap import import_clipcap
 from ragcap.importers.decap import import_decap
 from ragcap.importers.longclip import import_longclip
+from ragcap.importers.smallcap import import_smallcap
 
 IMPORTERS: dict[str, Callable[..., Path]] = {
     "longclip": import_longclip,  # Long-CLIP-B/L (beichenzbc/Long-CLIP): OpenAI-CLIP state dicts, 248 tokens
     "clipcap": import_clipcap,  # ClipCap (rmokady/CLIP_prefix_caption): mapping network + GPT-2, as a decoder
     "decap": import_decap,  # DeCap (dhg-wei/DeCap): its text-only decoder, as a decap decoder
+    "smallcap": import_smallcap,  # SmallCap (RitaRamo/smallcap): GPT-2 with reduced cross-attention, as a decoder
 }
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -38,11 +40,14 @@ def import_model(kind: str, source: str, out: str | Path, **options) -> Path:
 
 
 def checkpoint_file(source: str, suffixes: tuple[str, ...] = CHECKPOINT_SUFFIXES) -> Path:
-    """The local file a SOURCE names: a path, or the one checkpoint file of an hf-hub:ORG/NAME repository."""
+    """The local file a SOURCE names: a path, or the one checkpoint file of a directory or of an
+    hf-hub:ORG/NAME repository (whose config.json, if any, is fetched beside it)."""
     if not source.startswith("hf-hub:"):
         path = Path(source).expanduser()
+        if path.is_dir():
+            return _only_checkpoint(source, path, suffixes)
         if not path.is_file():
-            raise ModelError(f"{path}: no such checkpoint file (give a file, or hf-hub:ORG/NAME)")
+            raise ModelError(f"{path}: no such checkpoint file (give a file, a directory holding one, or hf-hub:ORG/NAME)")
         return path
     repo = source.removeprefix("hf-hub:")
     if repo.count("/") != 1 or not all(repo.split("/")):
@@ -52,14 +57,19 @@ def checkpoint_file(source: str, suffixes: tuple[str, ...] = CHECKPOINT_SUFFIXES
     from pipelines.files import hub_reachable
 
     try:
-        folder = Path(snapshot_download(repo, allow_patterns=[f"*{s}" for s in suffixes], local_files_only=not hub_reachable()))
+        patterns = [f"*{s}" for s in suffixes] + ["config.json"]
+        folder = Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=not hub_reachable()))
     except Exception as e:  # huggingface_hub raises several kinds for "not cached and not reachable"
         raise ModelError(
             f"{source}: not in the local Hugging Face cache and the hub cannot be reached ({type(e).__name__}); "
             "download the checkpoint elsewhere and pass its file"
         ) from e
+    return _only_checkpoint(source, folder, suffixes)
+
+
+def _only_checkpoint(source: str, folder: Path, suffixes: tuple[str, ...]) -> Path:
     files = sorted(p for p in folder.rglob("*") if p.suffix in suffixes)
     if len(files) != 1:
         found = ", ".join(p.name for p in files) or "none"
-        raise ModelError(f"{source}: expected one checkpoint file ({'/'.join(suffixes)}) in the repository, found {found}; pass the file itself")
+        raise ModelError(f"{source}: expected one checkpoint file ({'/'.join(suffixes)}) in it, found {found}; pass the file itself")
     return files[0]

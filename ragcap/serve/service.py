@@ -28,7 +28,7 @@ class Service:
         self.config = config
         # A full batch is one pass of the captioner; uploads over the pixel limit are refused.
         self.captioner = captioner.with_settings(replace(captioner.settings, batch_size=config.max_batch, max_pixels=config.max_pixels))
-        loaded = {"decoder": captioner.decoder is not None, "lm": captioner.prompter is not None, None: True}
+        loaded = {"decoder": captioner.decoder is not None, "lm": captioner.prompter is not None, "smallcap": captioner.smallcap is not None, None: True}
         self.available_modes = [name for name, mode in MODES.items() if loaded[mode.needs]]
         self.runtime = captioner.runtime()  # device and precision, for /v1/info
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="ragcap-model")
