@@ -22,6 +22,7 @@ from pipelines import ReadOptions
 from pipelines.filters import normalise_caption
 from ragcap import api
 from ragcap.distributed import RayOptions
+from ragcap.distributed.caption import caption_on_ray
 from ragcap.distributed.cluster import Cluster, plan_actors
 from ragcap.distributed.write import ServerTarget, StoredIds, upsert_retrying, write_batch
 from ragcap.errors import OptionError, SourceError, StoreError
@@ -203,6 +204,43 @@ def test_an_unreadable_line_stops_the_run_with_its_location_and_nothing_is_creat
         with pytest.raises(SourceError, match=r"bad.jsonl:2: invalid JSON"):
             ingest(store, [bad], TWO_ACTORS, model=str(tiny_clip_dir))
         assert not store.exists("c")
+
+
+def test_caption_on_ray_gives_the_captions_of_one_process(ray_cluster, tmp_path, ragcap_home, tiny_clip_dir):
+    from typer.testing import CliRunner
+
+    from ragcap.caption import CaptionSettings
+    from ragcap.cli import app
+    from ragcap.embed import load_embedder
+    from tests.serving import fill, png, tiny_decoder
+
+    embedder = load_embedder(str(tiny_clip_dir))
+    decoder = tiny_decoder(tmp_path / "decoder", embedder)
+    images = []
+    for i in range(9):
+        images.append(tmp_path / f"{i}.png")
+        images[-1].write_bytes(png(i))
+    images.insert(4, tmp_path / "broken.png")
+    images[4].write_bytes(b"not an image")
+    with open_store() as store:
+        fill(store, embedder)
+        settings = CaptionSettings(modes=("pd", "clipre"), neighbours=2, batch_size=3)
+        alone = list(api.load_captioner(store, "mem", settings, decoder).caption_images(images))
+    out = tmp_path / "captions.jsonl"
+    done = CliRunner().invoke(app, ["caption", *map(str, images), "-c", "mem", "--mode", "pd,clipre", "--neighbours", "2",
+                                    "--batch-size", "3", "--decoder", str(decoder), "-o", str(out), "--format", "jsonl",
+                                    "--engine", "ray", "--actors", "2", "--cpus-per-actor", "0.5"])
+    assert done.exit_code == 1, done.output  # the broken image, reported in its place
+    spread = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["file"], r.get("mode"), r.get("caption"), r.get("error")) for r in spread] == [
+        (r.source, r.mode, r.caption, r.error) for r in alone]
+    assert "broken.png" in spread[8]["file"] and "not an image" in spread[8]["error"]
+    for got, expected in zip(spread, alone):
+        if expected.neighbours:
+            assert [n["caption"] for n in got["neighbours"]] == [c for c, _ in expected.neighbours]
+            assert [n["score"] for n in got["neighbours"]] == pytest.approx([s for _, s in expected.neighbours], abs=1e-4)
+    with open_store() as store, pytest.raises(StoreError, match="'nothing'"):  # an actor's error, out of Ray's wrappers
+        list(caption_on_ray(store, "nothing", settings, [str(images[0])], TWO_ACTORS, decoder))
 
 
 # ------------------------------------------------------------------------------- bad input

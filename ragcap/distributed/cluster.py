@@ -144,3 +144,16 @@ def plan_actors(options: RayOptions, cluster: Cluster, write_tasks: bool) -> Act
             f"{actors * cpus + reserved:g} CPUs; the cluster has {cluster.cpus:g}, and the run would wait forever: pass {hint}"
         )
     return ActorPlan(actors, cpus, gpus)
+
+
+def ragcap_error(error: BaseException) -> RagcapError | None:
+    """The RagcapError a task raised (bad input, an unreachable server), out of Ray's wrappers."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, RagcapError) and type(error).__module__.startswith("ragcap"):
+            if hasattr(error, "__notes__"):
+                del error.__notes__  # Ray Data's notes on its retry settings: nothing a user can act on
+            return error
+        error = getattr(error, "cause", None) or error.__cause__
+    return None

@@ -6,17 +6,23 @@ from __future__ import annotations
 from ragcap.ingest import IngestSummary
 
 
+def share_cpus(device: str | None, threads: int) -> None:
+    """An actor on the CPU runs its share of the node's cores, not every core once per actor."""
+    import torch
+
+    from ragcap.util import default_device
+
+    if default_device(device).type == "cpu":
+        torch.set_num_threads(threads)
+
+
 class CaptionEmbedder:
     """One embedding actor: the model is loaded once, then embeds batch after batch."""
 
     def __init__(self, spec: str, device: str | None, threads: int):
-        import torch
-
         from ragcap.embed import load_embedder
-        from ragcap.util import default_device
 
-        if default_device(device).type == "cpu":
-            torch.set_num_threads(threads)  # its share of the node, not every core once per actor
+        share_cpus(device, threads)
         self.embedder = load_embedder(spec, device)
 
     def __call__(self, batch: dict) -> dict:

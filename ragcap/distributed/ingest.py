@@ -20,10 +20,10 @@ from typing import Callable
 import numpy as np
 
 from ragcap.distributed import RayOptions
-from ragcap.distributed.cluster import READ_CPUS, WRITE_CPUS, connect, plan_actors
+from ragcap.distributed.cluster import READ_CPUS, WRITE_CPUS, connect, plan_actors, ragcap_error
 from ragcap.distributed.source import ReadJob, file_groups, prepared_captions
-from ragcap.distributed.write import ServerIds, ServerTarget, StoredIds, counts, write_batch, write_parquet_part
-from ragcap.errors import RagcapError, SourceError, StoreError
+from ragcap.distributed.write import ServerIds, ServerTarget, StoredIds, counts, worker_store, write_batch, write_parquet_part
+from ragcap.errors import SourceError, StoreError
 from ragcap.ingest import IngestSummary, _create, _nothing_to_store
 from ragcap.store import Store
 
@@ -60,14 +60,8 @@ def _sink(store: Store, parquet_out: Path | None) -> str:
 
     if parquet_out is not None:
         return "parquet"
-    if isinstance(store, ClientStore):
-        if store.where == ":memory:":
-            raise StoreError(
-                "--engine ray writes from its worker processes, which cannot reach qdrant-client's in-memory store: "
-                "pass --qdrant-url, or use the embedded store"
-            )
-        return "server"
-    return "embedded"
+    worker_store(store)  # refuses qdrant-client's in-memory store, which no worker reaches
+    return "server" if isinstance(store, ClientStore) else "embedded"
 
 
 def _run(job: ReadJob, paths, store: Store, sink: str, parquet_out, plan, device, on_progress) -> IngestSummary:
@@ -102,7 +96,7 @@ def _run(job: ReadJob, paths, store: Store, sink: str, parquet_out, plan, device
                 tick(consumed - reported)
                 reported = consumed
     except Exception as e:
-        raise _ragcap_error(e) or e
+        raise ragcap_error(e) or e
     finally:
         if created and not summary.stored:
             _drop_if_empty(store, collection)
@@ -205,19 +199,6 @@ def _merge(summary: IngestSummary, parts: list[IngestSummary]) -> None:
             summary.bad = [line for part in parts for line in part.bad][:MAX_BAD_REPORTED]
         else:
             setattr(summary, field.name, sum(getattr(part, field.name) for part in parts))
-
-
-def _ragcap_error(error: BaseException) -> RagcapError | None:
-    """The RagcapError a task raised (bad input, an unreachable server), out of Ray's wrappers."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, RagcapError) and type(error).__module__.startswith("ragcap"):
-            if hasattr(error, "__notes__"):
-                del error.__notes__  # Ray Data's notes on its retry settings: nothing a user can act on
-            return error
-        error = getattr(error, "cause", None) or error.__cause__
-    return None
 
 
 def _quiet_ray_data() -> None:

@@ -46,6 +46,24 @@ class ServerTarget:
 _CONNECTIONS: dict[tuple[str, str | None], Store] = {}  # per worker process, reused across its tasks
 
 
+def worker_store(store: Store) -> Callable[[], Store]:
+    """How Ray's worker processes open `store` themselves: a server by its URL, the embedded
+    store by its folder (only on this machine); never qdrant-client's in-memory store."""
+    from functools import partial
+
+    from ragcap.store import open_store
+    from ragcap.store.client import ClientStore
+
+    if not isinstance(store, ClientStore):
+        return partial(open_store, path=store.root, wait=store.wait)
+    if store.where == ":memory:":
+        raise StoreError(
+            "--engine ray works in other processes, which cannot reach qdrant-client's in-memory store: "
+            "pass --qdrant-url, or use the embedded store"
+        )
+    return ServerTarget(store.where, store.api_key).open
+
+
 def is_transient(error: BaseException) -> bool:
     from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
