@@ -223,16 +223,26 @@ def embed_images(
     device: str | None = None,
     batch_size: int = 64,
     on_progress: Callable[[int], None] | None = None,
+    engine: RayOptions | None = None,
 ):
-    """Encode the referenced images into a features file (ragcap.features.embed_images). The
-    embedder is, in order: the one asked for, the one an existing `out` records, DEFAULT_MODEL."""
-    from ragcap.embed import load_embedder
+    """Encode the referenced images into a features file (ragcap.features.embed_images), in
+    this process or (`engine`) on a Ray cluster's actors. The embedder is, in order: the one
+    asked for, the one an existing `out` records, DEFAULT_MODEL."""
     from ragcap import features
+    from ragcap.embed import describe_embedder, load_embedder
 
-    if model is None and Path(out).is_file():
-        model = features.read_features(out).embedder.spec
-    embedder = load_embedder(model or DEFAULT_MODEL, device, image_only=True)
-    return features.embed_images(refs, pairs, embedder, out, batch_size, on_progress)
+    spec = model or (features.read_features(out).embedder.spec if Path(out).is_file() else DEFAULT_MODEL)
+    if engine is not None:
+        from ragcap.distributed.images import encode_on_ray
+
+        with encode_on_ray(spec, device, engine) as encode:
+            return features.embed_images(refs, pairs, describe_embedder(spec), encode, out, batch_size, on_progress)
+    embedder = load_embedder(spec, device, image_only=True)
+
+    def encode(batches):
+        return (features.encode_files(embedder, files) for files in batches)
+
+    return features.embed_images(refs, pairs, embedder.info, encode, out, batch_size, on_progress)
 
 
 def find_leakage(store: Store, collection: str, image_keys: Iterable[str]) -> int:

@@ -20,7 +20,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -112,35 +112,43 @@ def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
+def encode_files(embedder, files: list[Path], names: list[str] | None = None) -> tuple[np.ndarray | None, dict[int, str]]:
+    """Load and encode one batch of image files: the vectors of those that load, in order, and
+    the error of each that does not (naming the file as `names` does), by its index in `files`."""
+    images, broken = [], {}
+    for i, path in enumerate(files):
+        try:
+            images.append(load_image(path, name=names and names[i]))
+        except ImageError as err:
+            broken[i] = str(err)
+    return (embedder.encode_images(images) if images else None), broken
+
+
 def embed_images(
     refs: References,
     pairs: dict[str, Path],
-    embedder,
+    info: EmbedderInfo,
+    encode: Callable[[Iterator[list[Path]]], Iterator[tuple[np.ndarray | None, dict[int, str]]]],
     out: str | Path,
     batch_size: int = 64,
     on_progress: Callable[[int], None] | None = None,
 ) -> FeatureSummary:
     """Encode the image of every reference that has one (pairs: image id -> file, from
-    ragcap.evaluate.match_images) into `out`; see the module docstring for resuming."""
+    ragcap.evaluate.match_images) into `out`; see the module docstring for resuming.
+    encode: batches of files -> encode_files' answer for each, in order (in this process, or
+    on a Ray cluster's actors)."""
     out = Path(out)
     if not out.parent.is_dir():
         raise RagcapError(f"cannot write {out}: the folder {out.parent} does not exist; create it first")
-    info = embedder.info
     summary = FeatureSummary(out=str(out), embedder=info.spec, missing=sorted(set(refs) - set(pairs)))
     done = _done_so_far(out, info)
-    todo = [key for key in pairs if key not in done]
+    batches = list(chunks([key for key in pairs if key not in done], batch_size))
     parts = parts_dir(out)
     next_part = len(list(parts.glob("part-*.parquet")))
-    for batch in chunks(todo, batch_size):
-        images, kept = [], []
-        for key in batch:
-            try:
-                images.append(load_image(pairs[key]))
-                kept.append(key)
-            except ImageError as err:
-                summary.broken[str(pairs[key])] = str(err)
+    for batch, (vectors, broken) in zip(batches, encode([pairs[key] for key in batch] for batch in batches)):
+        summary.broken.update({str(pairs[batch[i]]): error for i, error in broken.items()})
+        kept = [key for i, key in enumerate(batch) if i not in broken]
         if kept:
-            vectors = embedder.encode_images(images)
             table = _table(info, kept, [pairs[k].name for k in kept], vectors, [refs[k].captions for k in kept])
             parts.mkdir(exist_ok=True)
             _write_parquet(parts / f"part-{next_part:06d}.parquet", table)

@@ -206,7 +206,7 @@ def test_an_unreadable_line_stops_the_run_with_its_location_and_nothing_is_creat
         assert not store.exists("c")
 
 
-def test_caption_on_ray_gives_the_captions_of_one_process(ray_cluster, tmp_path, ragcap_home, tiny_clip_dir):
+def test_caption_on_ray_gives_the_captions_of_one_process(ray_cluster, tmp_path, ragcap_home, tiny_clip_dir, monkeypatch):
     from typer.testing import CliRunner
 
     from ragcap.caption import CaptionSettings
@@ -222,12 +222,14 @@ def test_caption_on_ray_gives_the_captions_of_one_process(ray_cluster, tmp_path,
         images[-1].write_bytes(png(i))
     images.insert(4, tmp_path / "broken.png")
     images[4].write_bytes(b"not an image")
+    monkeypatch.chdir(tmp_path)  # relative paths, which the actors must resolve as the driver does
+    images = [image.name for image in images]
     with open_store() as store:
         fill(store, embedder)
         settings = CaptionSettings(modes=("pd", "clipre"), neighbours=2, batch_size=3)
         alone = list(api.load_captioner(store, "mem", settings, decoder).caption_images(images))
     out = tmp_path / "captions.jsonl"
-    done = CliRunner().invoke(app, ["caption", *map(str, images), "-c", "mem", "--mode", "pd,clipre", "--neighbours", "2",
+    done = CliRunner().invoke(app, ["caption", *images, "-c", "mem", "--mode", "pd,clipre", "--neighbours", "2",
                                     "--batch-size", "3", "--decoder", str(decoder), "-o", str(out), "--format", "jsonl",
                                     "--engine", "ray", "--actors", "2", "--cpus-per-actor", "0.5"])
     assert done.exit_code == 1, done.output  # the broken image, reported in its place
@@ -240,7 +242,32 @@ def test_caption_on_ray_gives_the_captions_of_one_process(ray_cluster, tmp_path,
             assert [n["caption"] for n in got["neighbours"]] == [c for c, _ in expected.neighbours]
             assert [n["score"] for n in got["neighbours"]] == pytest.approx([s for _, s in expected.neighbours], abs=1e-4)
     with open_store() as store, pytest.raises(StoreError, match="'nothing'"):  # an actor's error, out of Ray's wrappers
-        list(caption_on_ray(store, "nothing", settings, [str(images[0])], TWO_ACTORS, decoder))
+        list(caption_on_ray(store, "nothing", settings, images[:1], TWO_ACTORS, decoder))
+
+
+def test_embed_images_on_ray_writes_the_features_of_one_process(ray_cluster, tmp_path, tiny_clip_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ragcap.cli import app
+    from ragcap.features import read_features
+    from tests.serving import png
+
+    (tmp_path / "images").mkdir()
+    rows = [{"file": f"{i}.png", "image_id": i, "references": [f"picture {i}"]} for i in range(7)]
+    for row in rows:
+        (tmp_path / "images" / row["file"]).write_bytes(png(row["image_id"]))
+    (tmp_path / "images" / "3.png").write_bytes(b"not an image")
+    (tmp_path / "refs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)  # relative paths, which the actors must resolve as the driver does
+    common = ["embed-images", "refs.jsonl", "--images", "images", "-m", str(tiny_clip_dir), "--batch-size", "2", "--json"]
+    alone = CliRunner().invoke(app, [*common, "-o", "alone.parquet"])
+    spread = CliRunner().invoke(app, [*common, "-o", "ray.parquet", "--engine", "ray", "--actors", "2", "--cpus-per-actor", "0.5"])
+    assert alone.exit_code == spread.exit_code == 1  # the unreadable image, reported by both
+    assert json.loads(spread.stdout)["broken"] == json.loads(alone.stdout)["broken"] != {}
+    expected, got = read_features(tmp_path / "alone.parquet"), read_features(tmp_path / "ray.parquet")
+    assert (got.image_ids, got.files, got.references, got.embedder) == (expected.image_ids, expected.files, expected.references, expected.embedder)
+    assert len(got.image_ids) == 6
+    np.testing.assert_allclose(got.vectors, expected.vectors, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------- bad input

@@ -33,10 +33,10 @@ class CaptionActor:
             # first call raises it instead (an empty collection, a decoder of another embedder).
             self.error = e
 
-    def caption(self, paths: list[str]) -> list[list[CaptionResult]]:
+    def caption(self, paths: list[str], names: list[str]) -> list[list[CaptionResult]]:
         if self.error is not None:
             raise self.error
-        return list(self.captioner.caption_each(paths))
+        return list(self.captioner.caption_each(paths, names))
 
 
 def caption_on_ray(
@@ -68,7 +68,10 @@ def caption_on_ray(
         args = (open_store, collection, settings, decoder, lm, model, device, plan.threads)
         pool = ActorPool([actor.remote(*args) for _ in range(plan.actors)])
         try:
-            for groups in pool.map(lambda a, batch: a.caption.remote(batch), chunks(paths, settings.batch_size)):
+            # Absolute paths (a worker's directory is not this one), results named as given.
+            calls = pool.map(lambda a, batch: a.caption.remote([str(Path(p).absolute()) for p in batch], batch),
+                             chunks(paths, settings.batch_size))
+            for groups in calls:
                 for results in groups:
                     yield from results
         except Exception as e:
