@@ -362,7 +362,12 @@ class EdgeStore(Store):
     def layout(self, name: str) -> CollectionLayout:
         """Read from the shard's own config, which the engine follows."""
         if name not in self._layouts:
-            on_disk, quantization = files.shard_storage(self._dir(name) / "shard")
+            shard = self._dir(name) / "shard"
+            try:
+                on_disk, quantization = files.shard_storage(shard)
+            except (OSError, ValueError, KeyError) as e:
+                raise DamagedCollection(f"collection '{name}' is damaged: {shard / 'edge_config.json'} is unreadable ({e}); "
+                                        f"`ragcap check {name}` tells more") from None
             self._layouts[name] = CollectionLayout(on_disk=on_disk, quantization=quantization)
         return self._layouts[name]
 
@@ -515,14 +520,15 @@ class EdgeStore(Store):
             if waiting > self.config.index_after:
                 self.optimize(name)
             self._maybe_unindexed.discard(name)
-        params = self.config.search_params(self.layout(name).quantization)
-        requests = [
-            qe.QueryRequest(
-                limit=k, query=qe.Query.Nearest(q), with_payload=with_payload, with_vector=with_vectors, params=params
-            )
-            for q in queries
-        ]
         with self._use(name, "searching") as shard:
+            # The layout is read from the shard's config once opening has found it sound.
+            params = self.config.search_params(self.layout(name).quantization)
+            requests = [
+                qe.QueryRequest(
+                    limit=k, query=qe.Query.Nearest(q), with_payload=with_payload, with_vector=with_vectors, params=params
+                )
+                for q in queries
+            ]
             results = shard.query_batch(qe.QueryBatchRequest(requests))
             held = self._lease(name).points
         if any(len(points) < min(k, held) for points in results):
