@@ -29,6 +29,8 @@ _EXPORTS = {
     "training_data": "ragcap.api",
     "export_collection": "ragcap.api",
     "IngestOptions": "ragcap.api",
+    "CollectionLayout": "ragcap.store",
+    "RayOptions": "ragcap.distributed",
     "CaptionSettings": "ragcap.caption",
     "CaptionResult": "ragcap.caption",
     "Captioner": "ragcap.caption",

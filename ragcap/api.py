@@ -14,7 +14,7 @@ turns requests into them, so a behaviour can never live in only one of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -22,16 +22,19 @@ import numpy as np
 
 from ragcap.caption import CaptionSettings, Captioner
 from ragcap.embedder_info import EmbedderInfo
-from ragcap.errors import ImageError, ModelError, RagcapError
+from ragcap.distributed import RayOptions
+from ragcap.errors import ImageError, ModelError, OptionError, RagcapError
 from ragcap.export import export_collection, parquet_embedder
 from ragcap.images import ImageInput, image_name, load_images
 from ragcap.ingest import IngestOptions, IngestSummary
-from ragcap.store import CheckReport, Hit, Store, open_store
+from ragcap.store import CheckReport, CollectionLayout, Hit, Store, open_store
 
 __all__ = [
     "CaptionSettings",
     "Captioner",
+    "CollectionLayout",
     "IngestOptions",
+    "RayOptions",
     "TrainingExamples",
     "check_collection",
     "embed_images",
@@ -58,13 +61,15 @@ def ingest_embedder(
     device: str | None = None,
     vectors_from: str | Path | None = None,
     pre_embedded: bool = False,
+    load: bool = True,
 ) -> tuple[EmbedderInfo, Callable[[], object]]:
     """The embedder identity for an ingest, and a loader called only if something needs embedding.
 
     The model is, in order: the one asked for, the collection's own, the one a pre-embedded
     Parquet file (`vectors_from`) records, DEFAULT_MODEL. A source whose records all carry
     vectors (`pre_embedded`) needs no model at all, only its identity: loading a Parquet export
-    or clip-retrieval's embeddings into a server loads no weights.
+    or clip-retrieval's embeddings into a server loads no weights. load=False: the identity
+    alone, read from the model's config (Ray's actors load the weights, not the driver).
     """
     from ragcap.embed import describe_embedder, load_embedder
 
@@ -80,6 +85,8 @@ def ingest_embedder(
             raise ModelError(f"{where} records no embedder; pass --model with the spec its vectors were made with (e.g. ViT-L-14:openai)")
         info = describe_embedder(model)
         return info, lambda: load_embedder(model, device)
+    if not load:
+        return describe_embedder(model or DEFAULT_MODEL), lambda: load_embedder(model or DEFAULT_MODEL, device)
     embedder = load_embedder(model or DEFAULT_MODEL, device)
     return embedder.info, lambda: embedder
 
@@ -94,20 +101,51 @@ def ingest_corpus(
     options: IngestOptions | None = None,
     device: str | None = None,
     on_progress: Callable[[int], None] | None = None,
+    engine: RayOptions | None = None,
+    parquet_out: str | Path | None = None,
 ) -> tuple[EmbedderInfo, IngestSummary]:
-    """Read a corpus with the `source` pipeline and fill `collection` (see ragcap.ingest)."""
-    from pipelines import ReadOptions, get_reader
+    """Read a corpus with the `source` pipeline and fill `collection` (see ragcap.ingest); with
+    `engine`, on a Ray cluster (see ragcap.distributed), optionally into Parquet parts instead."""
+    from pipelines import PRE_EMBEDDED, ReadOptions, get_reader
     from ragcap.ingest import ingest
 
     reader = get_reader(source)
     read_options = read_options or ReadOptions()
-    from pipelines import PRE_EMBEDDED
-
+    options = options or IngestOptions()
+    if parquet_out is not None and engine is None:
+        raise OptionError("--parquet-out writes from Ray's tasks: add --engine ray")
+    if parquet_out is None:
+        check_layout(store, collection, options.layout)
     given_vectors = source == "parquet" and read_options.vector_field is not None
     vectors_from = paths[0] if given_vectors and paths else None
-    info, load = ingest_embedder(store, collection, model, device, vectors_from, pre_embedded=given_vectors or source in PRE_EMBEDDED)
-    summary = ingest(reader(paths, read_options), store, collection, info, load, options, on_progress)
-    return info, summary
+    pre_embedded = given_vectors or source in PRE_EMBEDDED
+    info, load = ingest_embedder(store, collection, model, device, vectors_from, pre_embedded, load=engine is None)
+    if engine is None:
+        return info, ingest(reader(paths, read_options), store, collection, info, load, options, on_progress)
+    from ragcap.distributed.ingest import ingest_on_ray
+    from ragcap.distributed.source import ReadJob
+
+    job = ReadJob(source, collection, info, read_options, options, given_vectors=pre_embedded)
+    out = Path(parquet_out) if parquet_out is not None else None
+    return info, ingest_on_ray(job, list(paths), store, engine, out, device, on_progress)
+
+
+def check_layout(store: Store, collection: str, layout: CollectionLayout) -> None:
+    """Before any work: OptionError unless `store` can lay out a new collection so, or the
+    existing one already is (--shards and the rest apply when a collection is created)."""
+    store.check_layout(layout)
+    if not store.exists(collection):
+        return
+    have = store.layout(collection)
+    asked = {f.name: getattr(layout, f.name) for f in fields(layout) if getattr(layout, f.name) not in (None, False)}
+    differ = {k: v for k, v in asked.items() if getattr(have, k) != v}
+    if differ:
+        wanted = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in differ.items())
+        held = ", ".join(f"{k.replace('_', '-')} {getattr(have, k)}" for k in differ)
+        raise OptionError(
+            f"collection '{collection}' exists with {held}, not {wanted}; these apply when a collection is "
+            "created: drop it (or ingest into another name) to change them"
+        )
 
 
 def training_data(
@@ -185,18 +223,27 @@ def embed_images(
     device: str | None = None,
     batch_size: int = 64,
     on_progress: Callable[[int], None] | None = None,
+    engine: RayOptions | None = None,
     patches: bool = False,
 ):
     """Encode the referenced images into a features file (ragcap.features.embed_images), with
-    their patch features if asked. The embedder is, in order: the one asked for, the one an
-    existing `out` records, DEFAULT_MODEL."""
-    from ragcap.embed import load_embedder
+    their patch features if asked, in this process or (`engine`) on a Ray cluster's actors. The
+    embedder is, in order: the one asked for, the one an existing `out` records, DEFAULT_MODEL."""
     from ragcap import features
+    from ragcap.embed import describe_embedder, load_embedder
 
-    if model is None and Path(out).is_file():
-        model = features.read_features(out).embedder.spec
-    embedder = load_embedder(model or DEFAULT_MODEL, device, image_only=True)
-    return features.embed_images(refs, pairs, embedder, out, batch_size, on_progress, patches)
+    spec = model or (features.read_features(out).embedder.spec if Path(out).is_file() else DEFAULT_MODEL)
+    if engine is not None:
+        from ragcap.distributed.images import encode_on_ray
+
+        with encode_on_ray(spec, device, engine, patches) as encode:
+            return features.embed_images(refs, pairs, describe_embedder(spec), encode, out, batch_size, on_progress, patches)
+    embedder = load_embedder(spec, device, image_only=True)
+
+    def encode(batches):
+        return (features.encode_files(embedder, files, patches=patches) for files in batches)
+
+    return features.embed_images(refs, pairs, embedder.info, encode, out, batch_size, on_progress, patches)
 
 
 def find_leakage(store: Store, collection: str, image_keys: Iterable[str]) -> int:

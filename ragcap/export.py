@@ -29,29 +29,41 @@ def parquet_embedder(path: str | Path) -> EmbedderInfo | None:
     return EmbedderInfo.from_dict(json.loads(raw)) if raw else None
 
 
+def export_schema(info: EmbedderInfo):
+    """The export format: id, caption, payload (JSON), vector; the embedder in the metadata."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [("id", pa.string()), ("caption", pa.string()), ("payload", pa.string()), ("vector", pa.list_(pa.float32(), info.dim))],
+        metadata={EMBEDDER_METADATA_KEY: json.dumps(info.to_dict())},
+    )
+
+
+def export_table(ids: list[str], payloads: list[dict], vectors, info: EmbedderInfo):
+    """One batch of points (vectors: float32 (n, dim)) as a table of the export format."""
+    import pyarrow as pa
+
+    columns = [
+        pa.array(ids, pa.string()),
+        pa.array([p["caption"] for p in payloads], pa.string()),
+        pa.array([json.dumps(p, ensure_ascii=False) for p in payloads], pa.string()),
+        pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), info.dim),
+    ]
+    return pa.Table.from_arrays(columns, schema=export_schema(info))
+
+
 def export_collection(store: Store, name: str, out: str | Path, on_progress: Callable[[int], None] | None = None) -> int:
     """Write every point of `name` to the Parquet file `out`; returns the number of points."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     out = Path(out)
     if not out.parent.is_dir():
         raise RagcapError(f"cannot write {out}: the folder {out.parent} does not exist; create it first")
     info = store.embedder(name)
-    schema = pa.schema(
-        [("id", pa.string()), ("caption", pa.string()), ("payload", pa.string()), ("vector", pa.list_(pa.float32(), info.dim))],
-        metadata={EMBEDDER_METADATA_KEY: json.dumps(info.to_dict())},
-    )
     rows = 0
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, export_schema(info)) as writer:
         for ids, vectors, payloads in store.scroll(name, with_vectors=True):
-            columns = [
-                pa.array(ids, pa.string()),
-                pa.array([p["caption"] for p in payloads], pa.string()),
-                pa.array([json.dumps(p, ensure_ascii=False) for p in payloads], pa.string()),
-                pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), info.dim),
-            ]
-            writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+            writer.write_table(export_table(ids, payloads, vectors, info))
             rows += len(ids)
             if on_progress is not None:
                 on_progress(len(ids))

@@ -21,7 +21,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -140,10 +140,28 @@ def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
+def encode_files(embedder, files: list[Path], names: list[str] | None = None, patches: bool = False
+                 ) -> tuple[np.ndarray | None, np.ndarray | None, dict[int, str]]:
+    """Load and encode one batch of image files: the vectors (and patch features, if asked) of
+    those that load, in order, and the error of each that does not (naming the file as `names`
+    does), by its index in `files`."""
+    images, broken = [], {}
+    for i, path in enumerate(files):
+        try:
+            images.append(load_image(path, name=names and names[i]))
+        except ImageError as err:
+            broken[i] = str(err)
+    if not images:
+        return None, None, broken
+    vectors, tokens = embedder.encode_image_tokens(images) if patches else (embedder.encode_images(images), None)
+    return vectors, tokens, broken
+
+
 def embed_images(
     refs: References,
     pairs: dict[str, Path],
-    embedder,
+    info: EmbedderInfo,
+    encode: Callable[[Iterator[list[Path]]], Iterator[tuple[np.ndarray | None, np.ndarray | None, dict[int, str]]]],
     out: str | Path,
     batch_size: int = 64,
     on_progress: Callable[[int], None] | None = None,
@@ -151,26 +169,20 @@ def embed_images(
 ) -> FeatureSummary:
     """Encode the image of every reference that has one (pairs: image id -> file, from
     ragcap.evaluate.match_images) into `out`, with patch features if asked; see the module
-    docstring for resuming."""
+    docstring for resuming. encode: batches of files -> encode_files' answer for each, in order
+    (in this process, or on a Ray cluster's actors)."""
     out = Path(out)
     if not out.parent.is_dir():
         raise RagcapError(f"cannot write {out}: the folder {out.parent} does not exist; create it first")
-    info = embedder.info
     summary = FeatureSummary(out=str(out), embedder=info.spec, missing=sorted(set(refs) - set(pairs)))
     done = _done_so_far(out, info, patches)
-    todo = [key for key in pairs if key not in done]
+    batches = list(chunks([key for key in pairs if key not in done], batch_size))
     parts = parts_dir(out)
     next_part = len(list(parts.glob("part-*.parquet")))
-    for batch in chunks(todo, batch_size):
-        images, kept = [], []
-        for key in batch:
-            try:
-                images.append(load_image(pairs[key]))
-                kept.append(key)
-            except ImageError as err:
-                summary.broken[str(pairs[key])] = str(err)
+    for batch, (vectors, tokens, broken) in zip(batches, encode([pairs[key] for key in batch] for batch in batches)):
+        summary.broken.update({str(pairs[batch[i]]): error for i, error in broken.items()})
+        kept = [key for i, key in enumerate(batch) if i not in broken]
         if kept:
-            vectors, tokens = embedder.encode_image_tokens(images) if patches else (embedder.encode_images(images), None)
             table = _table(info, kept, [pairs[k].name for k in kept], vectors, [refs[k].captions for k in kept], tokens)
             parts.mkdir(exist_ok=True)
             _write_parquet(parts / f"part-{next_part:06d}.parquet", table)

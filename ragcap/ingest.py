@@ -18,7 +18,7 @@ from pipelines import filters
 from pipelines.base import BadRecord, CaptionRecord
 from ragcap.embedder_info import CLIP_CONTEXT, LONG_CONTEXT, EmbedderInfo
 from ragcap.errors import SourceError, StoreError
-from ragcap.store import Store, point_id
+from ragcap.store import CollectionLayout, Store, point_id
 
 
 @dataclass
@@ -32,6 +32,7 @@ class IngestOptions:
     # embedder sorts each call's captions by length: at 4096 padding costs ~5%, at 1000 ~30%.
     batch_size: int = 4096
     vector_dtype: str = "float16"  # storage of a collection this run creates (see ragcap.store)
+    layout: CollectionLayout = CollectionLayout()  # shards, replicas, on-disk vectors, quantization of one it creates
 
 
 @dataclass
@@ -143,7 +144,7 @@ def ingest(
                 embedder = load_embedder()
             vectors, embedded = _vectors_for(todo, embedder, embedder_info, summary, tick)
             if not exists:
-                _create(store, collection, embedder_info, options.vector_dtype)
+                _create(store, collection, embedder_info, options.vector_dtype, options.layout)
                 exists = True
             store.upsert(collection, [pid for pid, _ in todo], vectors, [rec.payload() for _, rec in todo])
             summary.stored += len(todo)
@@ -158,10 +159,10 @@ def ingest(
     return summary
 
 
-def _create(store: Store, collection: str, info: EmbedderInfo, vector_dtype: str) -> None:
+def _create(store: Store, collection: str, info: EmbedderInfo, vector_dtype: str, layout: CollectionLayout) -> None:
     """Create the collection, or join it when a parallel worker (--shard) created it first."""
     try:
-        store.create(collection, info, vector_dtype)
+        store.create(collection, info, vector_dtype, layout)
     except StoreError:
         if not store.exists(collection):
             raise

@@ -38,3 +38,10 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     from tests.helpers import make_tiny_clip
 
     return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=0)
+
+
+def pytest_configure(config):
+    """Tests marked xdist_group run in one worker (`-n 2` alone would spread them): the Ray
+    tests share one local cluster, which two workers would each start."""
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"

@@ -50,7 +50,8 @@ def test_ingest_reports_counts_and_reruns_add_nothing(corpus, tiny_clip_dir):
     assert (again["stored"], again["already_stored"], again["points"]) == (0, 20, 20)
     listed = last_json(ragcap("collections", "--json"))
     assert listed == [{"name": "things", "points": 20, "embedder": first["embedder"], "dim": 32, "vectors": "float16",
-                       "status": "ok", "problem": ""}]
+                       "shards": None, "replicas": None, "write_consistency": None, "on_disk": False,
+                       "quantization": "turbo4", "status": "ok", "problem": ""}]
 
 
 def test_search_text_and_image(filled, tmp_path):

@@ -158,8 +158,8 @@ def test_a_worker_joins_a_collection_another_worker_created_meanwhile(store, emb
         def __getattr__(self, name):
             return getattr(store, name)
 
-        def create(self, name, info, vector_dtype):
-            store.create(name, info, vector_dtype)
+        def create(self, name, info, vector_dtype, layout=None):
+            store.create(name, info, vector_dtype, layout)
             raise StoreError(f"collection '{name}' already exists")
 
     summary = ingest(records(CAPTIONS[:8]), Racing(), "c", embedder.info, lambda: embedder, IngestOptions())

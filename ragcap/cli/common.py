@@ -32,6 +32,30 @@ Collection = Annotated[str, typer.Option("--collection", "-c", help="Collection 
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 Device = Annotated[Optional[str], typer.Option("--device", help="torch device (default: cuda if available, else cpu).")]
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Embedder (default: the collection's).")]
+# Running on a Ray cluster (see ragcap.distributed), shared by the commands that can.
+Engine = Annotated[Optional[str], typer.Option("--engine", help="ray: run on a Ray cluster (pip install 'ragcap[ray]'); default: this process.")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray-address", envvar="RAGCAP_RAY_ADDRESS", help="Ray cluster to join: HOST:6379, ray://HOST:10001 or auto [default: start one here, on 127.0.0.1 only].")]
+Actors = Annotated[Optional[int], typer.Option("--actors", help="Model actors [default: one per GPU, else one per spare CPU].")]
+GpusPerActor = Annotated[Optional[float], typer.Option("--gpus-per-actor", help="GPUs each actor reserves [default: 1 if the cluster has GPUs, else 0].")]
+CpusPerActor = Annotated[Optional[float], typer.Option("--cpus-per-actor", help="CPUs each actor reserves; fractions allowed [default: 1].")]
+
+
+def ray_options(engine, address, actors, gpus_per_actor, cpus_per_actor):
+    """RayOptions from the Ray flags, or None without --engine ray (then the others are refused)."""
+    from ragcap.distributed import RayOptions
+    from ragcap.errors import OptionError
+
+    if engine not in (None, "ray"):
+        raise OptionError(f"unknown --engine {engine!r}; the one engine is ray (leave it out to run in this process)")
+    given = {"--ray-address": address, "--actors": actors, "--gpus-per-actor": gpus_per_actor, "--cpus-per-actor": cpus_per_actor}
+    if engine is None:
+        named = [flag for flag, value in given.items() if value is not None and flag != "--ray-address"]
+        if named:
+            raise OptionError(f"{', '.join(named)} need --engine ray")
+        return None
+    return RayOptions(address, actors, gpus_per_actor, cpus_per_actor)
+
+
 Wait = Annotated[
     float,
     typer.Option("--wait", metavar="SECONDS", help="How long to wait for a collection another ragcap process is using (embedded store; negative: as long as it takes)."),

@@ -9,10 +9,10 @@ from typing import Annotated, Optional
 import typer
 
 from ragcap.cli.common import (
-    DEFAULT_WAIT_S, Beam, Collection, Device, Json, MaxTokens, Model, NumCaptions, QdrantKey, QdrantUrl, Seed, Temperature, TopK,
-    TopP, Wait, app, command, search_options, store,
+    DEFAULT_WAIT_S, Actors, Beam, Collection, CpusPerActor, Device, Engine, GpusPerActor, Json, MaxTokens, Model, NumCaptions,
+    QdrantKey, QdrantUrl, RayAddress, Seed, Temperature, TopK, TopP, Wait, app, command, ray_options, search_options, store,
 )
-from ragcap.errors import RagcapError
+from ragcap.errors import OptionError, RagcapError
 
 
 @command(app, "train-decoder", interrupted="interrupted; rerun with --resume to continue from the last complete epoch")
@@ -219,15 +219,23 @@ def caption(
     fmt: Annotated[str, typer.Option("--format", help="text, jsonl or csv.")] = "text",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results here instead of stdout (via FILE.partial, renamed when complete).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted -o FILE: skip the inputs it already holds.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Images per batch (with --engine ray: per actor call).")] = 32,
     model: Model = None,
     device: Device = None,
+    engine: Engine = None,
+    ray_address: RayAddress = None,
+    actors: Actors = None,
+    gpus_per_actor: GpusPerActor = None,
+    cpus_per_actor: CpusPerActor = None,
     qdrant_url: QdrantUrl = None,
     qdrant_api_key: QdrantKey = None,
     wait: Wait = DEFAULT_WAIT_S,
     json_out: Annotated[bool, typer.Option("--json", help="Same as --format jsonl.")] = False,
 ):
-    """Caption images (or texts) with one or more modes."""
+    """Caption images (or texts) with one or more modes.
+
+    With --engine ray the images are captioned by a Ray cluster's actors, each with the models
+    loaded once; results are written in input order, as without it."""
     from ragcap import api
     from ragcap.caption import CaptionSettings, iter_inputs
     from ragcap.modes import parse_modes
@@ -241,18 +249,28 @@ def caption(
     search = search_options(beam, num_captions, max_tokens, top_p, top_k, temperature, seed)
     settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, search=search, prompt_k=prompt_k,
                                full_memory=full_memory, batch_size=batch_size, neighbours=neighbours)
+    engine_options = ray_options(engine, ray_address, actors, gpus_per_actor, cpus_per_actor)
+    if engine_options is not None and text:
+        raise OptionError("--engine ray captions images; caption --text in this process (leave --engine out)")
     paths = list(iter_inputs(inputs or []))
     key = "text" if text else "file"
     with store(qdrant_url, qdrant_api_key, wait) as st, caption_output(output, fmt, settings.modes, key, resume) as out:
         text, paths = [t for t in text or [] if t not in out.done], [p for p in paths if p not in out.done]
-        captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device, image_only=key == "file")
-        runtime = captioner.runtime()
-        announce_runtime(runtime)
+        runtime = None  # on Ray, each actor has its own device: no one line can say where
+        if engine_options is None:
+            captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device, image_only=key == "file")
+            runtime = captioner.runtime()
+            announce_runtime(runtime)
         writer = CaptionWriter(out.stream, fmt, key=key, header=out.header, runtime=runtime)
         failed = out.failed + (write_all(captioner.caption_texts(text), writer) if text else 0)
         if paths:
             with progress(len(paths), "caption", "images") as bar:
-                results = captioner.caption_images(paths)
+                if engine_options is None:
+                    results = captioner.caption_images(paths)
+                else:
+                    from ragcap.distributed.caption import caption_on_ray
+
+                    results = caption_on_ray(st, collection, settings, paths, engine_options, decoder, lm, model, device)
                 failed += write_all(_counting(results, bar), writer)
     if failed:
         typer.echo(f"ragcap: {failed} input(s) failed; see the error lines", err=True)

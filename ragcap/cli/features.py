@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ragcap.cli.common import Device, Json, Model, app, command
+from ragcap.cli.common import Actors, CpusPerActor, Device, Engine, GpusPerActor, Json, Model, RayAddress, app, command, ray_options
 from ragcap.errors import RagcapError
 
 
@@ -22,20 +22,28 @@ def embed_images(
     batch_size: Annotated[int, typer.Option(help="Images per batch (also the resume granularity).")] = 64,
     patches: Annotated[bool, typer.Option(help="Also store the vision transformer's patch features (for `train-smallcap`; ViT models only).")] = False,
     device: Device = None,
+    engine: Engine = None,
+    ray_address: RayAddress = None,
+    actors: Actors = None,
+    gpus_per_actor: GpusPerActor = None,
+    cpus_per_actor: CpusPerActor = None,
     json_out: Json = False,
 ):
     """Encode every image the references list, once, with its references: training data for
-    `train-clipcap --features` (and with --patches, `train-smallcap --features`). Missing and unreadable images are listed and skipped."""
+    `train-clipcap --features` (and with --patches, `train-smallcap --features`). Missing and
+    unreadable images are listed and skipped. With --engine ray the images are encoded by a Ray
+    cluster's actors (every node must see --images)."""
     from ragcap import api
     from ragcap import evaluate as ev
     from ragcap.report import emit_json, progress
 
+    engine_options = ray_options(engine, ray_address, actors, gpus_per_actor, cpus_per_actor)
     refs = ev.load_references(references, ref_format, split)
     matched = ev.match_images(refs, images)
     if not matched.pairs:
         raise RagcapError(f"none of the {len(refs)} images in {references} is in {images}; check --images and --split")
     with progress(len(matched.pairs), "embed-images", "images") as bar:
-        summary = api.embed_images(refs, matched.pairs, out, model, device, batch_size, on_progress=bar.update, patches=patches)
+        summary = api.embed_images(refs, matched.pairs, out, model, device, batch_size, bar.update, engine_options, patches)
     for path, error in summary.broken.items():
         typer.echo(f"ragcap: could not read {path}: {error}", err=True)
     if not summary.images:

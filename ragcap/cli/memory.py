@@ -8,7 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ragcap.cli.common import DEFAULT_WAIT_S, Collection, Device, Json, Model, QdrantKey, QdrantUrl, Wait, app, command, store
+from ragcap.cli.common import (
+    DEFAULT_WAIT_S, Actors, Collection, CpusPerActor, Device, Engine, GpusPerActor, Json, Model, QdrantKey, QdrantUrl, RayAddress,
+    Wait, app, command, ray_options, store,
+)
 from ragcap.errors import RagcapError
 
 
@@ -30,6 +33,17 @@ def ingest(
     shard: Annotated[Optional[str], typer.Option(help="I/N: ingest only the I-th of N disjoint slices (parallel workers).")] = None,
     batch_size: Annotated[int, typer.Option(help="Captions embedded and upserted together (the resume granularity).")] = 4096,
     vector_dtype: Annotated[str, typer.Option(help="Storage of a new collection: float16 (half the memory) or float32.")] = "float16",
+    shards: Annotated[Optional[int], typer.Option(help="Qdrant server: shards of a new collection, spread over the cluster's nodes.")] = None,
+    replicas: Annotated[Optional[int], typer.Option(help="Qdrant server: copies of each shard of a new collection (2 survives losing a node).")] = None,
+    write_consistency: Annotated[Optional[int], typer.Option(help="Qdrant server: replicas that must confirm each write.")] = None,
+    on_disk: Annotated[bool, typer.Option("--on-disk", help="Keep a new collection's vectors on disk (memory-mapped); quantized codes stay in RAM.")] = False,
+    quantization: Annotated[Optional[str], typer.Option(help="Codes searched first, then rescored: int8, binary, none, or turbo4 (embedded store) [default: embedded turbo4, server none].")] = None,
+    engine: Engine = None,
+    ray_address: RayAddress = None,
+    actors: Actors = None,
+    gpus_per_actor: GpusPerActor = None,
+    cpus_per_actor: CpusPerActor = None,
+    parquet_out: Annotated[Optional[Path], typer.Option(help="With --engine ray: write Parquet parts (the `ragcap export` format) to this folder instead of a collection.")] = None,
     device: Device = None,
     qdrant_url: QdrantUrl = None,
     qdrant_api_key: QdrantKey = None,
@@ -39,18 +53,22 @@ def ingest(
     """Read a caption corpus, embed every caption and store it in a Qdrant collection.
 
     Workers (--shard) and readers may use the collection at the same time: on the embedded
-    store they take turns, and an ingest waits for its turn as long as it takes (--wait)."""
+    store they take turns, and an ingest waits for its turn as long as it takes (--wait).
+    With --engine ray the corpus is read, embedded and written by a Ray cluster's tasks."""
     from pipelines import ReadOptions, filters, get_reader
     from ragcap import api
     from ragcap.ingest import IngestOptions
     from ragcap.report import emit_json, progress
-    from ragcap.store import check_vector_dtype
+    from ragcap.store import CollectionLayout, check_vector_dtype
 
     reader = get_reader(source)
     paths = paths or []
     read_options = ReadOptions(text_field=text_field, id_field=id_field, vector_field=vector_field, split=split, skip_bad=skip_bad)
     check_vector_dtype(vector_dtype)
-    options = IngestOptions(limit=limit, batch_size=batch_size, vector_dtype=vector_dtype)
+    engine_options = ray_options(engine, ray_address, actors, gpus_per_actor, cpus_per_actor)
+    layout = CollectionLayout(shards, replicas, write_consistency, on_disk, quantization)
+    layout.check()
+    options = IngestOptions(limit=limit, batch_size=batch_size, vector_dtype=vector_dtype, layout=layout)
     if exclude_images is not None:
         options.exclude_images = frozenset(filters.load_image_ids(exclude_images))
     if max_tokens is not None:
@@ -60,16 +78,19 @@ def ingest(
         options.shard = filters.parse_shard(shard)
 
     # A first pass over regular files counts the records for the progress bar's ETA (and fails
-    # fast on a bad path); parsing is cheap next to embedding. Pipes and hub names are read once.
+    # fast on a bad path); parsing is cheap next to embedding on one machine, not next to a
+    # cluster's. Pipes and hub names are read once.
     total = None
-    if paths and all(os.path.isfile(p) for p in paths):
+    if engine_options is None and paths and all(os.path.isfile(p) for p in paths):
         total = sum(1 for _ in reader(paths, ReadOptions(**{**vars(read_options), "skip_bad": True})))
     if limit is not None:
         total = limit if total is None else min(total, limit)
     with store(qdrant_url, qdrant_api_key, wait) as st, progress(total, f"ingest {collection}", "captions") as bar:
-        info, summary = api.ingest_corpus(st, source, paths, collection, model, read_options, options, device, bar.update)
-        points = st.count(collection)
-    result = {"collection": collection, "embedder": info.spec, "points": points, **summary.to_dict()}
+        info, summary = api.ingest_corpus(st, source, paths, collection, model, read_options, options, device, bar.update,
+                                          engine_options, parquet_out)
+        points = st.count(collection) if parquet_out is None else summary.stored + summary.already_stored
+    result = {"collection": collection, "embedder": info.spec, "points": points, **summary.to_dict(),
+              "engine": engine or "local", **({"parquet_out": str(parquet_out)} if parquet_out is not None else {})}
     if json_out:
         emit_json(result)
     else:
@@ -77,7 +98,8 @@ def ingest(
             f"{collection}: read {summary.read}, stored {summary.stored}, already stored {summary.already_stored}, "
             f"duplicates {summary.duplicates}, excluded {summary.excluded}, too long {summary.too_long}, "
             f"other shards {summary.other_shards}, skipped bad {summary.skipped_bad}, truncated {summary.truncated} "
-            f"(over 77 tokens {summary.over_77_tokens}, over 248 {summary.over_248_tokens}); {points} points in the collection"
+            f"(over 77 tokens {summary.over_77_tokens}, over 248 {summary.over_248_tokens}); "
+            + (f"{points} points in the collection" if parquet_out is None else f"{points} points in {parquet_out}")
         )
         for line in summary.bad:
             typer.echo(f"  skipped {line}", err=True)
@@ -85,7 +107,8 @@ def ingest(
 
 @command(app)
 def collections(qdrant_url: QdrantUrl = None, qdrant_api_key: QdrantKey = None, json_out: Json = False):
-    """List collections with their size, the embedder that filled them, and their status.
+    """List collections with their size, the embedder that filled them, how they are laid out
+    (vectors on disk, quantization; a server's shards, replicas, write consistency), and their status.
 
     A collection another process is using is listed as busy, a damaged one as damaged (with
     what is wrong); the exit status is 1 if any is damaged."""
@@ -99,6 +122,7 @@ def collections(qdrant_url: QdrantUrl = None, qdrant_api_key: QdrantKey = None, 
                 "embedder": c.embedder.spec if c.embedder else "?",
                 "dim": c.embedder.dim if c.embedder else "?",
                 "vectors": c.vector_dtype,
+                **_layout_columns(c.layout),
                 "status": c.status,
                 "problem": c.problem,
             }
@@ -107,7 +131,8 @@ def collections(qdrant_url: QdrantUrl = None, qdrant_api_key: QdrantKey = None, 
     if json_out:
         emit_json(rows)
     elif rows:
-        print_table(rows, ["name", "points", "embedder", "dim", "vectors", "status"])
+        shown = [{k: "-" if v is None else v for k, v in row.items()} for row in rows]
+        print_table(shown, ["name", "points", "embedder", "dim", "vectors", "on_disk", "quantization", "shards", "replicas", "write_consistency", "status"])
         for row in rows:
             if row["problem"]:
                 typer.echo(f"ragcap: {row['name']}: {row['problem']}", err=True)
@@ -115,6 +140,13 @@ def collections(qdrant_url: QdrantUrl = None, qdrant_api_key: QdrantKey = None, 
         typer.echo("no collections; create one with `ragcap ingest`")
     if any(row["status"] == "damaged" for row in rows):
         raise typer.Exit(1)
+
+
+def _layout_columns(layout) -> dict:
+    names = ("shards", "replicas", "write_consistency", "on_disk", "quantization")
+    if layout is None:
+        return dict.fromkeys(names, "?")
+    return {name: getattr(layout, name) for name in names}  # None: not a server's collection
 
 
 @command(app)

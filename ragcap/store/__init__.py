@@ -38,6 +38,7 @@ from ragcap.errors import DamagedCollection, EmbedderMismatch, StoreError
 __all__ = [
     "CheckReport",
     "CollectionInfo",
+    "CollectionLayout",
     "EmbedderInfo",
     "Hit",
     "Store",
@@ -70,6 +71,52 @@ class Hit:
     vector: np.ndarray | None = None  # float32 (dim,) when asked for
 
 
+QUANTIZATIONS = ("int8", "binary", "turbo4", "none")
+# Candidates rescored with the stored vectors per neighbour asked for, by quantization, for both
+# stores (they run the same engine). turbo4: 4.0 gave recall@10 0.999 on random 512-d vectors,
+# 8.0 gave 1.0 at the same latency (benchmarks/store.py). On 200k random 512-d vectors
+# (benchmarks/quantization.py, docs/scale.md): int8 reached float16's own recall@10 (0.9994) at
+# 2.0 (0.94 at 1.0); binary only 0.18 at 8.0 and 0.25 at 16.0: it suits wider embeddings.
+RESCORE_OVERSAMPLING = {"turbo4": 8.0, "int8": 2.0, "binary": 8.0}
+
+
+@dataclass(frozen=True)
+class CollectionLayout:
+    """Where a new collection's points live: spread over a server cluster, in RAM or on disk.
+
+    None means the store's own default. The cluster fields are a Qdrant server's; the embedded
+    store keeps each collection in one shard on one machine and refuses them.
+    """
+
+    shards: int | None = None  # pieces spread over the cluster's nodes (Qdrant's default: 1)
+    replicas: int | None = None  # copies of each shard; 2 keeps serving while one node is down
+    write_consistency: int | None = None  # replicas that must confirm a write before it returns
+    # Original vectors memory-mapped from disk instead of held in RAM; the quantized codes
+    # stay in RAM and only the k x oversampling candidates of each query are read back.
+    on_disk: bool = False
+    # Compressed codes scanned first, then the best candidates rescored with the stored vectors.
+    # None: the embedded store's turbo4 (see EdgeIndexConfig), none on a server.
+    quantization: str | None = None
+
+    def check(self) -> None:
+        from ragcap.errors import OptionError
+
+        for flag, value in (("--shards", self.shards), ("--replicas", self.replicas), ("--write-consistency", self.write_consistency)):
+            if value is not None and value < 1:
+                raise OptionError(f"{flag} {value}: must be at least 1")
+        if self.write_consistency is not None and self.write_consistency > (self.replicas or 1):
+            raise OptionError(
+                f"--write-consistency {self.write_consistency} exceeds the {self.replicas or 1} replica(s) of each shard; "
+                "pass --replicas at least as large"
+            )
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise OptionError(f"unknown --quantization {self.quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
+
+    @property
+    def clustered(self) -> bool:
+        return any(v is not None for v in (self.shards, self.replicas, self.write_consistency))
+
+
 @dataclass
 class CollectionInfo:
     name: str
@@ -78,6 +125,7 @@ class CollectionInfo:
     vector_dtype: str  # "float16" or "float32", how its vectors are stored
     status: str = "ok"  # "ok", "busy" (another process is using it) or "damaged"
     problem: str = ""  # what is wrong or who is using it
+    layout: CollectionLayout | None = None  # as created (None: unreadable)
 
 
 @dataclass
@@ -136,8 +184,22 @@ class Store(ABC):
     def exists(self, name: str) -> bool: ...
 
     @abstractmethod
-    def create(self, name: str, embedder: EmbedderInfo, vector_dtype: str = "float16") -> None:
+    def create(
+        self, name: str, embedder: EmbedderInfo, vector_dtype: str = "float16", layout: CollectionLayout | None = None
+    ) -> None:
         """Create an empty collection recording `embedder`; StoreError if it exists."""
+
+    def check_layout(self, layout: CollectionLayout) -> None:
+        """OptionError unless this store can create a collection with `layout` (asked before any work)."""
+        layout.check()
+
+    @abstractmethod
+    def layout(self, name: str) -> CollectionLayout:
+        """How `name` was created (shards, replicas, on-disk vectors, quantization)."""
+
+    def ids(self, name: str) -> Iterator[list[str]]:
+        """Every stored id, in batches: what a distributed ingest need not embed again."""
+        return self._scroll_ids(name)
 
     @abstractmethod
     def embedder(self, name: str) -> EmbedderInfo:

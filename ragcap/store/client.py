@@ -13,8 +13,8 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import UnexpectedResponse
 
 from ragcap.embedder_info import EmbedderInfo
-from ragcap.errors import StoreError
-from ragcap.store import CollectionInfo, Hit, Store, check_name, check_vector_dtype, missing_collection
+from ragcap.errors import OptionError, StoreError
+from ragcap.store import RESCORE_OVERSAMPLING, CollectionInfo, CollectionLayout, Hit, Store, check_name, check_vector_dtype, missing_collection
 
 META_KEY = "ragcap_embedder"
 UPSERT_BATCH = 512  # 512 x 512-d floats is ~1 MB of JSON per request
@@ -30,10 +30,12 @@ def _with_scheme(url: str) -> str:
 
 
 class ClientStore(Store):
-    def __init__(self, client: QdrantClient, where: str):
+    def __init__(self, client: QdrantClient, where: str, api_key: str | None = None):
         self.client = client
         self.where = where  # for messages: the URL or ":memory:"
+        self.api_key = api_key  # so that other processes (Ray's write tasks) can connect alike
         self._embedders: dict[str, EmbedderInfo] = {}
+        self._layouts: dict[str, CollectionLayout] = {}  # for each collection's search parameters
         # Local mode ignores the datatype a server applies: the float16 collections it rounds itself.
         self._rounded_locally: set[str] = set()
 
@@ -54,7 +56,7 @@ class ClientStore(Store):
                 f"cannot reach Qdrant at {url} ({reason}); start the server, or fix --qdrant-url / "
                 f"RAGCAP_QDRANT_URL (and RAGCAP_QDRANT_API_KEY)"
             ) from None
-        return cls(QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False), url)
+        return cls(QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False), url, api_key)
 
     def collections(self) -> list[CollectionInfo]:
         names = sorted(c.name for c in self.client.get_collections().collections)
@@ -64,13 +66,46 @@ class ClientStore(Store):
             # None is Qdrant's default, float32; a foreign collection may have named vectors (a dict).
             datatype = getattr(info.config.params.vectors, "datatype", None)
             vector_dtype = "float16" if datatype == models.Datatype.FLOAT16 else "float32"
+            layout = self._layout(info)
             try:
                 embedder = self._from_metadata(info)
             except (KeyError, TypeError, ValueError) as e:
-                infos.append(CollectionInfo(name, info.points_count, None, vector_dtype, "damaged", f"unreadable {META_KEY} metadata ({e!r})"))
+                infos.append(CollectionInfo(name, info.points_count, None, vector_dtype, "damaged", f"unreadable {META_KEY} metadata ({e!r})", layout))
                 continue
-            infos.append(CollectionInfo(name, info.points_count or 0, embedder, vector_dtype))
+            infos.append(CollectionInfo(name, info.points_count or 0, embedder, vector_dtype, layout=layout))
         return infos
+
+    @staticmethod
+    def _layout(info: models.CollectionInfo) -> CollectionLayout:
+        params = info.config.params
+        vectors = params.vectors if isinstance(params.vectors, models.VectorParams) else None
+        quantization = (vectors and vectors.quantization_config) or info.config.quantization_config
+        kind = "none"
+        if isinstance(quantization, models.ScalarQuantization):
+            kind = "int8"
+        elif isinstance(quantization, models.BinaryQuantization):
+            kind = "binary"
+        elif quantization is not None:
+            kind = type(quantization).__name__
+        return CollectionLayout(
+            shards=params.shard_number or 1,
+            replicas=params.replication_factor or 1,
+            write_consistency=params.write_consistency_factor or 1,
+            on_disk=bool(vectors and vectors.on_disk),
+            quantization=kind,
+        )
+
+    def layout(self, name: str) -> CollectionLayout:
+        if name not in self._layouts:
+            if not self.exists(name):
+                raise missing_collection(name)
+            self._layouts[name] = self._layout(self.client.get_collection(name))
+        return self._layouts[name]
+
+    def check_layout(self, layout: CollectionLayout) -> None:
+        super().check_layout(layout)
+        if layout.quantization == "turbo4":
+            raise OptionError("--quantization turbo4 is the embedded store's; a Qdrant server takes int8, binary or none")
 
     @staticmethod
     def _from_metadata(info: models.CollectionInfo) -> EmbedderInfo | None:
@@ -81,8 +116,12 @@ class ClientStore(Store):
         check_name(name)
         return self.client.collection_exists(name)
 
-    def create(self, name: str, embedder: EmbedderInfo, vector_dtype: str = "float16") -> None:
+    def create(
+        self, name: str, embedder: EmbedderInfo, vector_dtype: str = "float16", layout: CollectionLayout | None = None
+    ) -> None:
         check_vector_dtype(vector_dtype)
+        layout = layout or CollectionLayout()
+        self.check_layout(layout)
         if self.exists(name):
             raise StoreError(f"collection '{name}' already exists at {self.where}; drop it or choose another name")
         try:
@@ -93,7 +132,18 @@ class ClientStore(Store):
                     distance=models.Distance.COSINE,
                     datatype=models.Datatype.FLOAT16 if vector_dtype == "float16" else models.Datatype.FLOAT32,
                     hnsw_config=models.HnswConfigDiff(m=HNSW_M, ef_construct=HNSW_EF_CONSTRUCT),
+                    on_disk=layout.on_disk or None,
                 ),
+                # Codes in RAM (always_ram) whatever --on-disk says: scanning them is the search.
+                quantization_config={
+                    "int8": models.ScalarQuantization(
+                        scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, quantile=0.99, always_ram=True)
+                    ),
+                    "binary": models.BinaryQuantization(binary=models.BinaryQuantizationConfig(always_ram=True)),
+                }.get(layout.quantization),
+                shard_number=layout.shards,
+                replication_factor=layout.replicas,
+                write_consistency_factor=layout.write_consistency,
                 metadata={META_KEY: embedder.to_dict()},
             )
         except UnexpectedResponse as e:
@@ -150,14 +200,18 @@ class ClientStore(Store):
     def _search(
         self, name: str, queries: np.ndarray, k: int, with_vectors: bool, with_payload: bool = True
     ) -> list[list[Hit]]:
+        params = None  # local mode is exact and warns about search params
+        if self.where != ":memory:":
+            oversampling = RESCORE_OVERSAMPLING.get(self.layout(name).quantization)
+            rescore = models.QuantizationSearchParams(rescore=True, oversampling=oversampling) if oversampling else None
+            params = models.SearchParams(hnsw_ef=HNSW_EF, quantization=rescore)
         requests = [
             models.QueryRequest(
                 query=q.tolist(),
                 limit=k,
                 with_payload=with_payload,
                 with_vector=with_vectors,
-                # local mode is exact and warns about search params
-                params=None if self.where == ":memory:" else models.SearchParams(hnsw_ef=HNSW_EF),
+                params=params,
             )
             for q in queries
         ]
@@ -223,6 +277,7 @@ class ClientStore(Store):
             raise missing_collection(name)
         self.client.delete_collection(name)
         self._embedders.pop(name, None)
+        self._layouts.pop(name, None)
         self._rounded_locally.discard(name)
 
     def close(self) -> None:

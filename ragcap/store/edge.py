@@ -35,12 +35,14 @@ import numpy as np
 import qdrant_edge as qe
 
 from ragcap.embedder_info import EmbedderInfo
-from ragcap.errors import CollectionBusy, DamagedCollection, RagcapError, StoreError
+from ragcap.errors import CollectionBusy, DamagedCollection, OptionError, RagcapError, StoreError
 from ragcap.locks import Lock, LockBusy
 from ragcap.store import (
     DEFAULT_WAIT_S,
+    RESCORE_OVERSAMPLING,
     CheckReport,
     CollectionInfo,
+    CollectionLayout,
     Hit,
     Store,
     check_name,
@@ -69,9 +71,9 @@ class EdgeIndexConfig:
     # ~6 ms per query at recall@10 = 1.0 (float32) / 0.9995 (float16), index built in ~6 s.
     # HNSW (m=16) reached only recall 0.58 at ef=512 on such data and took a minute per 50k
     # points to build on 2 cores; int8 scalar codes give the same recall but scan twice the
-    # bytes (~9 ms).
-    quantization: str = "turbo4"  # "turbo4" | "int8" | "none" (plain scan of the stored vectors)
-    oversampling: float = 8.0  # 4.0 gave recall 0.999, 8.0 gave 1.0 at the same latency
+    # bytes (~9 ms). A collection created with another --quantization keeps its own.
+    quantization: str = "turbo4"  # "turbo4" | "int8" | "binary" | "none" (plain scan of the stored vectors)
+    oversampling: float = RESCORE_OVERSAMPLING["turbo4"]  # of the default quantization (see RESCORE_OVERSAMPLING)
     # 0 = no graph. Set e.g. 16 for memories of millions of points, where a linear scan of
     # even compressed codes grows past tens of ms; real embeddings (low intrinsic dimension)
     # suit HNSW far better than uniform random vectors do.
@@ -86,35 +88,43 @@ class EdgeIndexConfig:
     indexing_threshold_kb: int = 1000
     upsert_batch: int = 1024  # points per update call: amortises the Python->Rust crossing
 
-    def quantization_config(self):
-        if self.quantization == "turbo4":
+    @staticmethod
+    def quantization_config(quantization: str):
+        # Codes pinned in RAM whether or not the vectors are: scanning them is the search.
+        if quantization == "turbo4":
             return qe.TurboQuantQuantizationConfig(bits=qe.TurboQuantBitSize.Bits4, memory=qe.Memory.Pinned)
-        if self.quantization == "int8":
+        if quantization == "int8":
             return qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99, memory=qe.Memory.Pinned)
-        if self.quantization == "none":
+        if quantization == "binary":
+            return qe.BinaryQuantizationConfig(memory=qe.Memory.Pinned)
+        if quantization == "none":
             return None
-        raise ValueError(f"unknown quantization {self.quantization!r}: use turbo4, int8 or none")
+        raise ValueError(f"unknown quantization {quantization!r}: use turbo4, int8, binary or none")
 
-    def shard_config(self, dim: int, vector_dtype: str = "float16") -> qe.EdgeConfig:
+    def shard_config(self, dim: int, vector_dtype: str = "float16", layout: CollectionLayout | None = None) -> qe.EdgeConfig:
+        layout = layout or CollectionLayout()
         datatype = {"float16": qe.VectorStorageDatatype.Float16, "float32": qe.VectorStorageDatatype.Float32}
         return qe.EdgeConfig(
-            vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine, datatype=datatype[vector_dtype]),
+            vectors=qe.EdgeVectorParams(
+                size=dim, distance=qe.Distance.Cosine, datatype=datatype[vector_dtype], on_disk=layout.on_disk or None
+            ),
             # full_scan_threshold is in KB: with m=0 every segment is scanned anyway.
             hnsw_config=qe.HnswIndexConfig(
                 m=self.hnsw_m, ef_construct=self.hnsw_ef_construct, full_scan_threshold=10_000
             ),
-            quantization_config=self.quantization_config(),
+            quantization_config=self.quantization_config(layout.quantization or self.quantization),
             # One segment: a 2-core machine gains nothing from splitting the scan.
             optimizers=qe.EdgeOptimizersConfig(
                 default_segment_number=1, indexing_threshold=self.indexing_threshold_kb
             ),
         )
 
-    def search_params(self) -> qe.SearchParams:
-        quantization = None
-        if self.quantization != "none":
-            quantization = qe.QuantizationSearchParams(rescore=True, oversampling=self.oversampling)
-        return qe.SearchParams(hnsw_ef=self.hnsw_ef, quantization=quantization)
+    def search_params(self, quantization: str) -> qe.SearchParams:
+        rescore = None
+        if quantization != "none":
+            oversampling = self.oversampling if quantization == self.quantization else RESCORE_OVERSAMPLING[quantization]
+            rescore = qe.QuantizationSearchParams(rescore=True, oversampling=oversampling)
+        return qe.SearchParams(hnsw_ef=self.hnsw_ef, quantization=rescore)
 
 
 def _vector(v) -> np.ndarray:
@@ -158,6 +168,7 @@ class EdgeStore(Store):
         self._leases: dict[str, _Lease] = {}
         self._embedders: dict[str, EmbedderInfo] = {}
         self._vector_dtypes: dict[str, str] = {}  # read with the embedder, from the record
+        self._layouts: dict[str, CollectionLayout] = {}  # read from the shard's config
         self._maybe_unindexed: set[str] = set()
         self._closing = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -211,6 +222,8 @@ class EdgeStore(Store):
         embedder = EmbedderInfo.from_dict(record["embedder"])
         info = CollectionInfo(name, record.get("points"), embedder, record.get("vector_dtype", "float32"))
         problems = files.metadata_problems(d / "shard")
+        if not problems:
+            info.layout = self.layout(name)
         if problems:
             info.status, info.problem = "damaged", f"{problems[0]}; `ragcap check {name}` says more"
         elif not self._lease(name).lock.held and self._lease(name).lock.in_use():
@@ -338,8 +351,32 @@ class EdgeStore(Store):
 
     # ------------------------------------------------------------------ create and drop
 
-    def create(self, name: str, embedder: EmbedderInfo, vector_dtype: str = "float16") -> None:
+    def check_layout(self, layout: CollectionLayout) -> None:
+        super().check_layout(layout)
+        if layout.clustered:
+            raise OptionError(
+                "--shards, --replicas and --write-consistency lay a collection out over a Qdrant server cluster; "
+                "the embedded store keeps each collection in one shard on this machine: drop them, or pass --qdrant-url"
+            )
+
+    def layout(self, name: str) -> CollectionLayout:
+        """Read from the shard's own config, which the engine follows."""
+        if name not in self._layouts:
+            shard = self._dir(name) / "shard"
+            try:
+                on_disk, quantization = files.shard_storage(shard)
+            except (OSError, ValueError, KeyError) as e:
+                raise DamagedCollection(f"collection '{name}' is damaged: {shard / 'edge_config.json'} is unreadable ({e}); "
+                                        f"`ragcap check {name}` tells more") from None
+            self._layouts[name] = CollectionLayout(on_disk=on_disk, quantization=quantization)
+        return self._layouts[name]
+
+    def create(
+        self, name: str, embedder: EmbedderInfo, vector_dtype: str = "float16", layout: CollectionLayout | None = None
+    ) -> None:
         check_vector_dtype(vector_dtype)
+        layout = layout or CollectionLayout()
+        self.check_layout(layout)
         d = self._dir(name)
         lease = self._lease(name)
         with lease.mutex:
@@ -352,7 +389,7 @@ class EdgeStore(Store):
             staging = d.with_name(f".{name}.creating-{os.getpid()}")
             files.ensure_room(d.parent, files.RESERVE_BYTES, f"creating collection '{name}'")
             try:
-                shard = qe.EdgeShard.create(str(staging / "shard"), self.config.shard_config(embedder.dim, vector_dtype))
+                shard = qe.EdgeShard.create(str(staging / "shard"), self.config.shard_config(embedder.dim, vector_dtype, layout))
                 shard.close()
                 files.ensure_room(staging / "shard", files.need_to_open(staging / "shard"), f"creating collection '{name}'")
                 record = files.new_record(embedder.to_dict(), vector_dtype)
@@ -399,6 +436,7 @@ class EdgeStore(Store):
                 lease.lock.release()
         self._embedders.pop(name, None)
         self._vector_dtypes.pop(name, None)
+        self._layouts.pop(name, None)
         self._maybe_unindexed.discard(name)
 
     # ------------------------------------------------------------------ points
@@ -482,14 +520,15 @@ class EdgeStore(Store):
             if waiting > self.config.index_after:
                 self.optimize(name)
             self._maybe_unindexed.discard(name)
-        params = self.config.search_params()
-        requests = [
-            qe.QueryRequest(
-                limit=k, query=qe.Query.Nearest(q), with_payload=with_payload, with_vector=with_vectors, params=params
-            )
-            for q in queries
-        ]
         with self._use(name, "searching") as shard:
+            # The layout is read from the shard's config once opening has found it sound.
+            params = self.config.search_params(self.layout(name).quantization)
+            requests = [
+                qe.QueryRequest(
+                    limit=k, query=qe.Query.Nearest(q), with_payload=with_payload, with_vector=with_vectors, params=params
+                )
+                for q in queries
+            ]
             results = shard.query_batch(qe.QueryBatchRequest(requests))
             held = self._lease(name).points
         if any(len(points) < min(k, held) for points in results):

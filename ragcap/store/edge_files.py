@@ -157,6 +157,17 @@ def shard_vectors(shard_dir: Path) -> tuple[int, str]:
     return int(params["size"]), "float16" if params.get("datatype") == "float16" else "float32"
 
 
+def shard_storage(shard_dir: Path) -> tuple[bool, str]:
+    """(vectors on disk, quantization kind) from the shard's own config."""
+    config = json.loads((shard_dir / "edge_config.json").read_text(encoding="utf-8"))
+    on_disk = bool(config["vectors"][""].get("on_disk"))
+    quantization = config.get("quantization_config") or {}
+    kind = next(iter(quantization), "none")
+    if kind == "turbo":
+        kind = f"turbo{quantization['turbo'].get('bits', 'bits4').removeprefix('bits')}"
+    return on_disk, {"scalar": "int8"}.get(kind, kind)
+
+
 _PROBE = (
     "import sys, qdrant_edge as qe\n"
     "shard = qe.EdgeShard.load(sys.argv[1])\n"
