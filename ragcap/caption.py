@@ -1,8 +1,10 @@
-"""Captioning: inputs -> embeddings -> one batched Qdrant query -> every requested mode (ragcap.modes).
+"""Captioning: inputs -> embeddings -> one search of the memory per batch -> every requested mode (ragcap.modes).
 
 Inputs stream through in batches (load + encode a batch, one batched search, one batched
 decode), so memory stays bounded whatever the folder size, and each image is encoded once
-however many modes run.
+however many modes run. The search multiplies the batch by every stored vector where the
+memory fits (ragcap.retrieve.ExactMemory: exact, and one pass serves every mode), or asks
+Qdrant for each query's top k.
 """
 
 from __future__ import annotations
@@ -21,17 +23,19 @@ from ragcap.errors import ImageError, RagcapError
 from ragcap.generation import SearchOptions
 from ragcap.images import IMAGE_EXTENSIONS, load_image
 from ragcap.modes import MODES, modes_needing, parse_modes
-from ragcap.retrieve import DEFAULT_TAU, FullMemory
+from ragcap.retrieve import DEFAULT_TAU, ExactMemory
 from ragcap.store import Hit, Store
+from ragcap.store.cache import cache_bytes
 from ragcap.util import chunks
 
 __all__ = ["Batch", "CaptionResult", "CaptionSettings", "Captioner", "DEFAULT_K", "iter_inputs", "parse_modes"]
 
-# Top-k for the projection. With tau = 0.01 a neighbour 0.05 less similar than the best
-# weighs e^-5 ~ 0.7% as much, yet when similarities bunch together (512-d random vectors,
-# the worst case) 256 neighbours left cosine 0.998 to DeCap's exact whole-memory projection
-# and 1024 leave 0.9998 (benchmarks/caption.py), for ~20% of pd's speed.
+# Top-k for the projection when Qdrant searches the memory. With tau = 0.01 a neighbour 0.05
+# less similar than the best weighs e^-5 ~ 0.7% as much, yet when similarities bunch together
+# (512-d random vectors, the worst case) 256 neighbours left cosine 0.998 to DeCap's exact
+# whole-memory projection and 1024 leave 0.9998 (benchmarks/caption.py).
 DEFAULT_K = 1024
+MEMORY_SEARCHES = ("auto", "exact", "qdrant")
 
 
 @dataclass
@@ -43,7 +47,13 @@ class CaptionSettings:
     # decides (DeCap: greedy over its trained length; prompt: SmallCap's beam 3 and 25 tokens).
     search: SearchOptions = field(default_factory=SearchOptions)
     prompt_k: int = 4  # SmallCap puts 4 retrieved captions in the prompt
-    full_memory: bool = False  # exact pd over every stored caption instead of the top k
+    # How queries meet the memory: "exact" multiplies them by every stored vector (exact pd and
+    # neighbours, from a copy of the vectors kept beside the collection), "qdrant" asks Qdrant
+    # for the top k (memories larger than memory), "auto" is exact when the copy takes at most
+    # exact_max_bytes.
+    memory: str = "auto"
+    # None: a quarter of the RAM, or half of the GPU's memory (10M 512-d float16 vectors are 10 GB).
+    exact_max_bytes: int | None = None
     batch_size: int = 32
     neighbours: int = 0  # report this many retrieved captions with scores (0 = none)
 
@@ -66,6 +76,7 @@ class Batch:
     captioner: "Captioner"
     queries: np.ndarray  # (b, dim) unit embeddings
     hits: list[list[Hit]]  # neighbours per query (empty lists when no mode retrieves)
+    projections: np.ndarray | None = None  # (b, dim) DeCap's exact projections, when the memory is searched exactly
 
 
 def iter_inputs(inputs: Sequence[str]) -> Iterator[str]:
@@ -100,21 +111,37 @@ class Captioner:
             raise RagcapError(f"mode {names} needs a trained decoder: pass --decoder DIR (see `ragcap train-decoder`)")
         if modes_needing("lm", settings.modes) and prompter is None:
             raise RagcapError("mode prompt needs a language model: pass --lm NAME_OR_DIR")
-        self.full_memory = None
+        if settings.memory not in MEMORY_SEARCHES:
+            raise RagcapError(f"unknown memory search {settings.memory!r}; choose from {', '.join(MEMORY_SEARCHES)}")
+        self.exact: ExactMemory | None = None
         self.k = 0
         self.search_k = 0
         if any(m.memory for m in modes) or settings.neighbours:
             store.check_embedder(collection, embedder.info)
-            size = store.count(collection)
-            if size == 0:
+            version = store.version(collection)
+            if version.points == 0:
                 raise RagcapError(f"collection '{collection}' is empty: fill it with `ragcap ingest`")
+            if self._searches_exactly(cache_bytes(store, collection, version), embedder.device):
+                self.exact = ExactMemory(store, collection, embedder.device)
+                size = self.exact.size
+            else:
+                size = store.count(collection)
             if settings.k is not None and settings.k > size:
                 raise RagcapError(f"--k {settings.k} is larger than collection '{collection}' ({size} captions); use --k {size} or less")
             self.k = min(DEFAULT_K, size) if settings.k is None else settings.k
-            if settings.full_memory and "pd" in settings.modes:
-                self.full_memory = FullMemory(store, collection)
             self.search_k = min(max([m.neighbours(self) for m in modes] + [settings.neighbours]), size)
         self.with_vectors = any(m.vectors and m.neighbours(self) for m in modes)
+
+    def _searches_exactly(self, nbytes: int, device: torch.device) -> bool:
+        if self.settings.memory != "auto":
+            return self.settings.memory == "exact"
+        budget = self.settings.exact_max_bytes
+        if budget is None:
+            if device.type == "cuda":
+                budget = torch.cuda.get_device_properties(device).total_memory // 2
+            else:
+                budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+        return nbytes <= budget
 
     def caption_images(self, paths: Iterable[str]) -> Iterator[CaptionResult]:
         """Results in input order: a file that fails to load gets one error result in its place."""
@@ -138,10 +165,21 @@ class Captioner:
         for chunk in chunks(texts, self.settings.batch_size):
             yield from self._caption(chunk, self.embedder.encode_text(chunk).vectors)
 
+    def _search(self, queries: np.ndarray) -> tuple[list[list[Hit]], np.ndarray | None]:
+        """Each query's neighbours (as many as the modes need) and, searching exactly, its projection."""
+        if self.exact is not None:
+            self.exact.refresh()
+            tau = self.settings.tau if "pd" in self.settings.modes else None
+            scores, rows, projections = self.exact.search(queries, self.search_k, tau)
+            return self.exact.hits(scores, rows, self.with_vectors), projections
+        if self.search_k:
+            return self.store.search(self.collection, queries, self.search_k, self.with_vectors), None
+        return [[] for _ in queries], None
+
     def _caption(self, sources: list[str], queries: np.ndarray) -> list[CaptionResult]:
         settings = self.settings
-        hits = self.store.search(self.collection, queries, self.search_k, self.with_vectors) if self.search_k else [[] for _ in sources]
-        batch = Batch(self, queries, hits)
+        hits, projections = self._search(queries)
+        batch = Batch(self, queries, hits, projections)
         captions = self._decode_prefixes(batch)
         for name in settings.modes:
             if MODES[name].captions is not None:
