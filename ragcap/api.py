@@ -1,11 +1,12 @@
 """ragcap's Python API: the operations behind every command, shared by the CLI and the service.
 
-    from ragcap import api
-    with api.open_store() as store:
-        api.ingest_corpus(store, "text", ["captions.txt"], "memory", model="ViT-B-32:openai")
-        captioner = api.load_captioner(store, "memory", modes=("pd",), decoder="decoders/memory")
-        for result in captioner.caption_images(["photo.jpg"]):
-            print(result.mode, result.caption)
+    from ragcap import CaptionSettings, ingest_corpus, load_captioner, open_store, search
+    with open_store() as store:
+        ingest_corpus(store, "text", ["captions.txt"], "memory", model="ViT-B-32:openai")
+        captioner = load_captioner(store, "memory", CaptionSettings(modes=("pd", "clipre")), decoder="decoders/memory")
+        for result in captioner.caption_images(["photo.jpg", png_bytes, pil_image]):
+            print(result.source, result.mode, result.caption)
+        print(search(store, "memory", ["a dog on a beach", Path("photo.jpg")], k=5)[0].neighbours)
 
 Nothing here prints or parses options: the CLI turns flags into these calls, and the server
 turns requests into them, so a behaviour can never live in only one of them.
@@ -13,6 +14,7 @@ turns requests into them, so a behaviour can never live in only one of them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -20,16 +22,19 @@ import numpy as np
 
 from ragcap.caption import CaptionSettings, Captioner
 from ragcap.embedder_info import EmbedderInfo
-from ragcap.errors import ModelError, RagcapError
+from ragcap.errors import ImageError, ModelError, RagcapError
 from ragcap.export import export_collection, parquet_embedder
+from ragcap.images import ImageInput, image_name, load_images
 from ragcap.ingest import IngestOptions, IngestSummary
-from ragcap.store import CheckReport, Store, open_store
+from ragcap.store import CheckReport, Hit, Store, open_store
 
 __all__ = [
     "CaptionSettings",
     "Captioner",
     "IngestOptions",
+    "TrainingExamples",
     "check_collection",
+    "embed_images",
     "export_collection",
     "find_leakage",
     "ingest_corpus",
@@ -37,7 +42,10 @@ __all__ = [
     "load_captioner",
     "open_store",
     "restore_record",
+    "search",
+    "SearchResult",
     "training_data",
+    "training_examples",
 ]
 
 DEFAULT_MODEL = "ViT-B-32:openai"
@@ -127,6 +135,68 @@ def training_data(
     return captions, np.concatenate(chunks), info
 
 
+@dataclass
+class TrainingExamples:
+    """Captions, one vector each, and what the training loop needs to know about their origin."""
+
+    captions: list[str]
+    vectors: np.ndarray  # (n, dim) float32: the image's embedding (paired) or the caption's own (text)
+    embedder: EmbedderInfo
+    groups: list[str]  # the held-out split keeps a group together: an image's captions
+    noisy: np.ndarray  # bool (n,): text rows, which get --noise; image rows get none
+    paired: int  # how many rows come from image features
+
+
+def training_examples(
+    store: Store | None = None, collection: str | None = None, parquet: str | Path | None = None, features: str | Path | None = None
+) -> TrainingExamples:
+    """Paired examples from an `embed-images` features file and/or text-only ones from a
+    collection or an export, all of one embedder."""
+    if features is None and collection is None and parquet is None:
+        raise RagcapError("nothing to train on: pass --features FILE (paired), and/or --collection NAME or --parquet FILE (text only)")
+    captions: list[str] = []
+    chunks: list[np.ndarray] = []
+    groups: list[str] = []
+    info = None
+    if features is not None:
+        from ragcap.features import read_features
+
+        loaded = read_features(features)
+        captions, vectors, images = loaded.pairs()
+        chunks, groups, info = [vectors], [f"image:{i}" for i in images], loaded.embedder
+    paired = len(captions)
+    if collection is not None or parquet is not None:
+        texts, vectors, text_info = training_data(store, collection, parquet)
+        if info is not None and text_info != info:
+            raise RagcapError(f"{features} holds features of {info.spec} (dim {info.dim}) but {collection or parquet} "
+                              f"was embedded with {text_info.spec} (dim {text_info.dim}); use data of one embedder")
+        captions, info = captions + texts, text_info
+        chunks.append(vectors)
+        groups += [f"text:{i}" for i in range(len(texts))]
+    noisy = np.arange(len(captions)) >= paired
+    return TrainingExamples(captions, np.concatenate(chunks), info, groups, noisy, paired)
+
+
+def embed_images(
+    refs,
+    pairs: dict[str, Path],
+    out: str | Path,
+    model: str | None = None,
+    device: str | None = None,
+    batch_size: int = 64,
+    on_progress: Callable[[int], None] | None = None,
+):
+    """Encode the referenced images into a features file (ragcap.features.embed_images). The
+    embedder is, in order: the one asked for, the one an existing `out` records, DEFAULT_MODEL."""
+    from ragcap.embed import load_embedder
+    from ragcap import features
+
+    if model is None and Path(out).is_file():
+        model = features.read_features(out).embedder.spec
+    embedder = load_embedder(model or DEFAULT_MODEL, device, image_only=True)
+    return features.embed_images(refs, pairs, embedder, out, batch_size, on_progress)
+
+
 def find_leakage(store: Store, collection: str, image_keys: Iterable[str]) -> int:
     """How many stored captions describe one of the images (normalised ids) under evaluation."""
     from ragcap.evaluate import find_leakage as count_leaked
@@ -166,6 +236,57 @@ def load_captioner(
 
         prompter = PromptCaptioner(lm, device=device)
     return Captioner(store, collection, embedder, settings, decoder=loaded_decoder, prompter=prompter)
+
+
+@dataclass
+class SearchResult:
+    source: str  # the query text, or the image's name
+    neighbours: list[Hit] = field(default_factory=list)  # best first; payload["caption"] is the caption
+    error: str | None = None  # why an image query could not be read
+    exception: ImageError | None = field(default=None, repr=False, compare=False)
+
+
+def search(
+    store: Store,
+    collection: str,
+    queries: Sequence[str | ImageInput],
+    k: int = 10,
+    embedder=None,
+    max_pixels: int | None = None,
+    device: str | None = None,
+    names: Sequence[str] | None = None,
+) -> list[SearchResult]:
+    """The k captions nearest to each query, in query order. A str is a text; a pathlib.Path,
+    encoded bytes or a PIL image is an image, and one that cannot be read gets an error result
+    in its place. embedder: one already loaded (else the collection's is loaded); names: what
+    results call the queries (default: the text, the path, else "image N")."""
+    from ragcap.embed import load_embedder
+
+    if k < 1:
+        raise RagcapError(f"k must be at least 1, got {k}")
+    texts = [i for i, q in enumerate(queries) if isinstance(q, str)]
+    pictures = [i for i, q in enumerate(queries) if not isinstance(q, str)]
+    if embedder is None:
+        embedder = load_embedder(store.embedder(collection).spec, device, image_only=not texts)
+    store.check_embedder(collection, embedder.info)
+    names = names or [q if isinstance(q, str) else image_name(q, i) for i, q in enumerate(queries)]
+    results = [SearchResult(source=name) for name in names]
+    found: list[int] = []
+    vectors = []
+    if texts:
+        vectors.append(embedder.encode_text([queries[i] for i in texts]).vectors)
+        found += texts
+    if pictures:
+        images, errors = load_images([(queries[i], results[i].source) for i in pictures], max_pixels)
+        for j, err in errors.items():
+            results[pictures[j]].error, results[pictures[j]].exception = str(err), err
+        if images:
+            vectors.append(embedder.encode_images(images))
+            found += [i for j, i in enumerate(pictures) if j not in errors]
+    if found:
+        for i, hits in zip(found, store.search(collection, np.concatenate(vectors), k)):
+            results[i].neighbours = hits
+    return results
 
 
 def check_collection(store: Store, name: str, repair: bool = False) -> tuple[CheckReport, int]:

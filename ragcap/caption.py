@@ -4,7 +4,8 @@ Inputs stream through in batches (load + encode a batch, one batched search, one
 decode), so memory stays bounded whatever the folder size, and each image is encoded once
 however many modes run. The search multiplies the batch by every stored vector where the
 memory fits (ragcap.retrieve.ExactMemory: exact, and one pass serves every mode), or asks
-Qdrant for each query's top k.
+Qdrant for each query's top k. An image is a path, encoded bytes or a PIL image
+(ragcap.images), so the CLI's files and the server's uploads take the same path through here.
 """
 
 from __future__ import annotations
@@ -19,16 +20,16 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ragcap.errors import ImageError, RagcapError
+from ragcap.errors import RagcapError
 from ragcap.generation import SearchOptions
-from ragcap.images import IMAGE_EXTENSIONS, load_image
+from ragcap.images import IMAGE_EXTENSIONS, ImageInput, image_name, load_images
 from ragcap.modes import MODES, modes_needing, parse_modes
 from ragcap.retrieve import DEFAULT_TAU, ExactMemory
 from ragcap.store import Hit, Store
 from ragcap.store.cache import cache_bytes
 from ragcap.util import chunks
 
-__all__ = ["Batch", "CaptionResult", "CaptionSettings", "Captioner", "DEFAULT_K", "iter_inputs", "parse_modes"]
+__all__ = ["Batch", "CaptionResult", "CaptionSettings", "Captioner", "DEFAULT_K", "ImageInput", "iter_inputs", "parse_modes"]
 
 # Top-k for the projection when Qdrant searches the memory. With tau = 0.01 a neighbour 0.05
 # less similar than the best weighs e^-5 ~ 0.7% as much, yet when similarities bunch together
@@ -38,7 +39,7 @@ DEFAULT_K = 1024
 MEMORY_SEARCHES = ("auto", "exact", "qdrant")
 
 
-@dataclass
+@dataclass(frozen=True)  # hashable: the server batches together requests with equal settings
 class CaptionSettings:
     modes: tuple[str, ...] = ("pd",)
     k: int | None = None  # None: DEFAULT_K, or the whole collection when it is smaller
@@ -56,14 +57,16 @@ class CaptionSettings:
     exact_max_bytes: int | None = None
     batch_size: int = 32
     neighbours: int = 0  # report this many retrieved captions with scores (0 = none)
+    max_pixels: int | None = None  # refuse larger images (None: only Pillow's decompression-bomb limit)
 
 
 @dataclass
 class CaptionResult:
-    source: str  # image path, or the query text with --text
+    source: str  # image path (or name), or the query text with --text
     mode: str | None = None
     caption: str | None = None
     error: str | None = None
+    exception: RagcapError | None = field(default=None, repr=False, compare=False)  # what `error` says, to act on by type
     neighbours: list[tuple[str, float]] | None = None
     score: float | None = None  # the decoder's score of the caption (modes that decode)
     alternatives: list[tuple[str, float]] | None = None  # every caption with its score, with --num-captions > 1
@@ -102,7 +105,9 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[str]:
 class Captioner:
     """Captions batches of queries against one collection with the requested modes."""
 
-    def __init__(self, store: Store, collection: str, embedder, settings: CaptionSettings, decoder=None, prompter=None):
+    def __init__(self, store: Store, collection: str, embedder, settings: CaptionSettings, decoder=None, prompter=None,
+                 exact: ExactMemory | None = None):
+        """exact: the memory's vectors already loaded for exact search (with_settings shares them)."""
         self.store, self.collection, self.embedder, self.settings = store, collection, embedder, settings
         self.decoder, self.prompter = decoder, prompter
         modes = [MODES[m] for m in settings.modes]
@@ -122,7 +127,7 @@ class Captioner:
             if version.points == 0:
                 raise RagcapError(f"collection '{collection}' is empty: fill it with `ragcap ingest`")
             if self._searches_exactly(cache_bytes(store, collection, version), embedder.device):
-                self.exact = ExactMemory(store, collection, embedder.device)
+                self.exact = exact or ExactMemory(store, collection, embedder.device)
                 size = self.exact.size
             else:
                 size = store.count(collection)
@@ -143,23 +148,33 @@ class Captioner:
                 budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
         return nbytes <= budget
 
-    def caption_images(self, paths: Iterable[str]) -> Iterator[CaptionResult]:
-        """Results in input order: a file that fails to load gets one error result in its place."""
+    def with_settings(self, settings: CaptionSettings) -> "Captioner":
+        """A captioner for other settings (modes, k, neighbours, decoding) over the same loaded
+        models and memory: how a server answers each request's options without loading anything."""
+        if settings == self.settings:
+            return self
+        return Captioner(self.store, self.collection, self.embedder, settings, self.decoder, self.prompter, self.exact)
+
+    def caption_images(self, images: Iterable[ImageInput], names: Iterable[str] | None = None) -> Iterator[CaptionResult]:
+        """Results in input order, one per input and mode: an image that fails to load gets one
+        error result in its place. images: paths, encoded bytes or PIL images (ragcap.images);
+        names: what results call them (default: the path, else "image N")."""
+        for results in self.caption_each(images, names):
+            yield from results
+
+    def caption_each(self, images: Iterable[ImageInput], names: Iterable[str] | None = None) -> Iterator[list[CaptionResult]]:
+        """caption_images grouped by input: per input, its result for each mode or one error result."""
         per_input = len(self.settings.modes)
-        for chunk in chunks(paths, self.settings.batch_size):
-            images, errors = [], {}
-            for i, path in enumerate(chunk):
-                try:
-                    images.append(load_image(path))
-                except ImageError as err:
-                    errors[i] = CaptionResult(source=path, error=str(err))
-            loaded = [path for i, path in enumerate(chunk) if i not in errors]
-            results = iter(self._caption(loaded, self.embedder.encode_images(images)) if images else [])
-            for i in range(len(chunk)):
+        named = zip(images, names) if names is not None else ((im, image_name(im, i)) for i, im in enumerate(images))
+        for chunk in chunks(named, self.settings.batch_size):
+            decoded, errors = load_images(chunk, self.settings.max_pixels)
+            loaded = [name for i, (_, name) in enumerate(chunk) if i not in errors]
+            results = iter(self._caption(loaded, self.embedder.encode_images(decoded)) if decoded else [])
+            for i, (_, name) in enumerate(chunk):
                 if i in errors:
-                    yield errors[i]
+                    yield [CaptionResult(source=name, error=str(errors[i]), exception=errors[i])]
                 else:
-                    yield from (next(results) for _ in range(per_input))
+                    yield [next(results) for _ in range(per_input)]
 
     def caption_texts(self, texts: Sequence[str]) -> Iterator[CaptionResult]:
         for chunk in chunks(texts, self.settings.batch_size):

@@ -1,14 +1,20 @@
-"""Safe image loading: any file a user points at becomes an upright RGB image or an ImageError.
+"""Safe image loading: any file, bytes or PIL image a user hands over becomes an upright RGB image
+or an ImageError.
 
 Photos carry their orientation in EXIF, scans come as 16-bit or CMYK, web images as palettes
 with transparency; a model wants upright 8-bit RGB. Decompression bombs (tiny files that
-decode to gigapixels) are refused before they exhaust memory.
+decode to gigapixels) are refused before they exhaust memory. A path, encoded bytes (an upload)
+and an already-open PIL image all go through the same decoding, so the CLI and the server see
+the same pixels for the same picture.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import warnings
 from pathlib import Path
+from typing import Callable, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -18,6 +24,14 @@ from ragcap.errors import ImageError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"})
 
 WHITE = (255, 255, 255)
+
+# What captioning and search accept as an image: a file path, the bytes of an encoded image
+# (JPEG, PNG, ...), or a PIL image.
+ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
+
+
+class ImageTooLarge(ImageError):
+    """An image has more pixels than allowed: a decompression bomb, or over a server's limit."""
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -41,36 +55,80 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode an image file to an upright RGB PIL image (first frame of an animation).
+def image_name(image: ImageInput, index: int) -> str:
+    """How results and errors name an input: its path, else its position."""
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    return getattr(image, "filename", None) or f"image {index}"
 
-    Raises ImageError naming the file for a missing, empty, corrupt, truncated or non-image
-    file and for a decompression bomb (more than Image.MAX_IMAGE_PIXELS pixels).
+
+def load_image(image: ImageInput, max_pixels: int | None = None, name: str | None = None) -> Image.Image:
+    """Decode an image file, encoded bytes or a PIL image to an upright RGB PIL image (first
+    frame of an animation).
+
+    Raises ImageError naming the input (`name`, else its path) for a missing, empty, corrupt,
+    truncated or non-image input, and ImageTooLarge for more than `max_pixels` pixels or a
+    decompression bomb (more than Image.MAX_IMAGE_PIXELS). A PIL image passed in is left open.
     """
-    path = Path(path)
+    name = name or image_name(image, 0)
+    if isinstance(image, Image.Image):
+        return _decode(lambda: image, name, max_pixels, owned=False)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        if not len(image):
+            raise ImageError(f"{name}: empty file")
+        return _decode(lambda: Image.open(io.BytesIO(image)), name, max_pixels)
+    path = Path(image)
     if not path.exists():
-        raise ImageError(f"{path}: no such file")
+        raise ImageError(f"{name}: no such file")
     if not path.is_file():
-        raise ImageError(f"{path}: not a file")
+        raise ImageError(f"{name}: not a file")
     if path.stat().st_size == 0:
-        raise ImageError(f"{path}: empty file")
+        raise ImageError(f"{name}: empty file")
+    return _decode(lambda: Image.open(path), name, max_pixels)
+
+
+def load_images(named: Sequence[tuple[ImageInput, str]], max_pixels: int | None = None) -> tuple[list[Image.Image], dict[int, ImageError]]:
+    """Decode each (image, name): the images that load, and the error of each position that did not."""
+    images, errors = [], {}
+    for i, (image, name) in enumerate(named):
+        try:
+            images.append(load_image(image, max_pixels, name))
+        except ImageError as err:
+            errors[i] = err
+    return images, errors
+
+
+def _decode(open_image: Callable[[], Image.Image], name: str, max_pixels: int | None, owned: bool = True) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            im = open_image()
+            try:
+                width, height = im.size  # known from the header, before any pixel is decoded
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageTooLarge(
+                        f"{name}: {width}x{height} is {width * height:,} pixels, over the limit of {max_pixels:,}; "
+                        "send a smaller image"
+                    )
                 im.load()  # decode now, inside the handlers, rather than lazily later
+                upright = im
                 try:
-                    im = ImageOps.exif_transpose(im)
+                    upright = ImageOps.exif_transpose(im)
                 except Exception:  # noqa: BLE001 - a damaged EXIF block should not lose a decodable photo
                     pass
-                return _to_rgb(im)
+                rgb = _to_rgb(upright)
+                # The result must outlive the file it came from (closed below).
+                return rgb.copy() if owned and rgb is im else rgb
+            finally:
+                if owned:
+                    im.close()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(
-            f"{path}: refused as a possible decompression bomb ({e}); raise PIL.Image.MAX_IMAGE_PIXELS "
+        raise ImageTooLarge(
+            f"{name}: refused as a possible decompression bomb ({e}); raise PIL.Image.MAX_IMAGE_PIXELS "
             "if the image is genuine"
         ) from e
     except UnidentifiedImageError as e:
-        raise ImageError(f"{path}: not an image (or a format Pillow cannot read)") from e
+        raise ImageError(f"{name}: not an image (or a format Pillow cannot read)") from e
     except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for truncated/corrupt data
-        raise ImageError(f"{path}: corrupt or truncated image: {e}") from e
+        raise ImageError(f"{name}: corrupt or truncated image: {e}") from e

@@ -1,10 +1,18 @@
-"""Text-only training of the caption decoder (DeCap): reproduce each caption from its own embedding.
+"""Decoder training, one loop for every decoder kind: reproduce each caption from one embedding.
 
-The caller supplies captions and their vectors (from a collection or an exported Parquet file);
-no images are involved. Each epoch ends with a held-out loss and an atomic checkpoint (model,
-optimiser, schedule, RNG), so an interrupted run resumes from its last complete epoch and ends
-with the same weights as an uninterrupted one. out_dir finally holds a loadable decoder
-(DeCapDecoder.load) and train_log.jsonl, one line per epoch.
+The caller supplies captions and one vector per caption: the caption's own text embedding
+(text-only: DeCap, CapDec) or its image's embedding (paired: ClipCap). What differs between
+kinds is small and lives with the kind: its training config builds the model and says which
+parameters train (`requires_grad`), and the model gives its targets and teacher-forced logits
+(ragcap.decoders.base). Everything else is shared:
+
+    TrainConfig          DeCap's decoder, trained from scratch (`ragcap train-decoder`)
+    ClipCapTrainConfig   ClipCap's mapping network over a pretrained LM (`ragcap train-clipcap`)
+
+Each epoch ends with a held-out loss and an atomic checkpoint (trainable weights, optimiser,
+schedule, RNG), so an interrupted run resumes from its last complete epoch and ends with the
+same weights as an uninterrupted one. out_dir finally holds a decoder that loads on its own
+(ragcap.decoders.load_decoder) and train_log.jsonl, one line per epoch.
 """
 
 from __future__ import annotations
@@ -12,8 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
-from ragcap.decoders.base import CONFIG_FILE
+from ragcap.decoders.base import CONFIG_FILE, IGNORE, Decoder
+from ragcap.decoders.clipcap import MAPPINGS, ClipCapConfig, ClipCapDecoder
 from ragcap.decoders.decap import DeCapConfig, DeCapDecoder
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
@@ -29,11 +38,13 @@ from ragcap.util import checkpoint_bytes, default_device, ensure_free_space, wri
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
-IGNORE = -100  # target id that cross_entropy skips: padding
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainSettings:
+    """What the loop itself needs, for every kind. The defaults are DeCap's; a kind's config
+    overrides those its paper chose differently."""
+
     epochs: int = 10  # DeCap: 10 epochs over COCO's ~560k training captions
     batch_size: int = 64  # DeCap
     # DeCap used AdamW at 1e-5, enough for ~90k steps on COCO. A from-scratch GPT of this size
@@ -45,12 +56,25 @@ class TrainConfig:
     # warm up for at most 10% of their steps, so a tiny collection still gets a useful lr.
     warmup_steps: int = 1000
     label_smoothing: float = 0.1  # DeCap
-    # CapDec's noise injection: add N(0, noise_std^2) to the unit embedding and re-normalise, so
-    # the decoder tolerates the gap between text and (projected) image embeddings. CapDec's best
-    # variance 0.016 is noise_std ~0.126. DeCap's projection closes the gap instead: default off.
+    # CapDec's noise injection on text embeddings: add N(0, noise_std^2) to the unit embedding
+    # and re-normalise, so the decoder tolerates the gap between text and image embeddings.
+    # CapDec's best variance 0.016 is noise_std ~0.126. DeCap's projection closes the gap
+    # instead, and paired image features need none: default off.
     noise_std: float = 0.0
-    val_fraction: float = 0.01  # held out for the per-epoch validation loss; split fixed by seed
+    # Held out for the per-epoch validation loss; split fixed by seed, by image for paired data.
+    val_fraction: float = 0.01
     seed: int = 0
+    device: str | None = None  # None: CUDA when present, else CPU
+
+    def build(self, embedder: EmbedderInfo, captions: list[str]) -> Decoder:
+        """The kind's untrained model, with requires_grad set on what trains."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TrainConfig(TrainSettings):
+    """DeCap's decoder: a small GPT trained from scratch on CLIP BPE tokens."""
+
     max_tokens: int = 20  # see DeCapConfig.max_tokens
     n_layer: int = 4
     n_head: int = 4
@@ -59,11 +83,56 @@ class TrainConfig:
     # Output only the CLIP ids the training captions use (DeCapConfig.pruned_to): same
     # captions, several times less arithmetic. Off = all 49408 ids, exactly DeCap's decoder.
     prune_vocab: bool = True
-    device: str | None = None  # None: CUDA when present, else CPU
 
     def decoder_config(self, embed_dim: int, captions: list[str]) -> DeCapConfig:
         config = DeCapConfig(embed_dim=embed_dim, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, max_tokens=self.max_tokens, dropout=self.dropout)
         return config.pruned_to(captions) if self.prune_vocab else config
+
+    def build(self, embedder: EmbedderInfo, captions: list[str]) -> DeCapDecoder:
+        return DeCapDecoder(self.decoder_config(embedder.dim, captions), embedder)
+
+
+@dataclass(frozen=True)
+class ClipCapTrainConfig(TrainSettings):
+    """ClipCap's mapping network over a pretrained causal LM (frozen unless train_lm).
+
+    Loop defaults are ClipCap's train.py: batch 40, AdamW (transformers', no weight decay) at
+    2e-5 with 5,000 warm-up steps, plain cross-entropy, 10 epochs.
+    """
+
+    batch_size: int = 40
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 5000
+    label_smoothing: float = 0.0
+    mapping: str = "mlp"  # "mlp" or "transformer" (ragcap.decoders.clipcap)
+    prefix_length: int | None = None  # None: ClipCap's 10 for the MLP, 40 for the transformer
+    clip_length: int = 40  # transformer only
+    mapping_layers: int = 8  # transformer only
+    lm: str = "gpt2"  # hub name or directory of a GPT-2-family causal LM
+    # ClipCap fine-tunes GPT-2 with its MLP checkpoints and freezes it with the transformer;
+    # frozen trains ~10x fewer weights and keeps the LM's fluency, so it is the default.
+    train_lm: bool = False
+    max_tokens: int = 67  # ClipCapConfig.max_tokens
+
+    def __post_init__(self):
+        if self.mapping not in MAPPINGS:  # before minutes of loading data and the LM
+            raise ModelError(f"unknown ClipCap mapping {self.mapping!r}; choose from {', '.join(MAPPINGS)}")
+
+    def decoder_config(self, embed_dim: int) -> ClipCapConfig:
+        prefix_length = self.prefix_length or (10 if self.mapping == "mlp" else 40)
+        return ClipCapConfig(embed_dim=embed_dim, mapping=self.mapping, prefix_length=prefix_length, clip_length=self.clip_length,
+                             mapping_layers=self.mapping_layers, max_tokens=self.max_tokens)
+
+    def build(self, embedder: EmbedderInfo, captions: list[str]) -> ClipCapDecoder:
+        from ragcap.decoders.lm import load_causal_lm
+
+        config = self.decoder_config(embedder.dim)
+        tokenizer, lm = load_causal_lm(self.lm)
+        context = getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", None)
+        if context is not None and config.prefix_length + config.max_tokens > context:
+            raise ModelError(f"a prefix of {config.prefix_length} and {config.max_tokens} caption tokens exceed the LM's context of {context}")
+        return ClipCapDecoder(config, embedder, lm, tokenizer).freeze_lm(not self.train_lm)
 
 
 Progress = Callable[[int, int, float], None]
@@ -74,38 +143,47 @@ def train_decoder(
     vectors: np.ndarray,
     embedder: EmbedderInfo,
     out_dir: str | Path,
-    config: TrainConfig = TrainConfig(),
+    config: TrainSettings = TrainConfig(),
     resume: bool = False,
     progress: Progress | None = None,
+    groups: Sequence[str] | None = None,
+    noisy: np.ndarray | None = None,
 ) -> dict:
-    """Train a decoder on (caption, vector) pairs; returns {"epochs": [log rows], "train_loss",
-    "val_loss", "steps", "out_dir"}. progress(step, total_steps, loss) is called after every step."""
+    """Train the kind `config` builds on (caption, vector) pairs.
+
+    groups: the image each caption belongs to (paired data), so the held-out split keeps an
+    image's captions together; noisy: which rows get config.noise_std (text rows; default all).
+    Returns {"epochs": [log rows], "train_loss", "val_loss", "steps", "out_dir"};
+    progress(step, total_steps, loss) is called after every step.
+    """
     out = Path(out_dir)
     vectors = _check_inputs(captions, vectors, embedder)
+    noisy = np.ones(len(captions), dtype=bool) if noisy is None else np.asarray(noisy, dtype=bool)
     device = default_device(config.device)
     torch.manual_seed(config.seed)  # weight init, dropout and noise all draw from torch's RNG
-    model = DeCapDecoder(config.decoder_config(embedder.dim, captions), embedder).to(device)
-    targets = _encode(model, captions, config.max_tokens)
-    train_idx, val_idx = _split(len(captions), config.val_fraction, config.seed)
+    model = config.build(embedder, captions).to(device)
+    targets = model.training_targets(captions)
+    train_idx, val_idx = _split(len(captions), config.val_fraction, config.seed, groups)
     steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
 
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr
+        [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": config.weight_decay},
+         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}],
+        lr=config.lr,
     )
     warmup = min(config.warmup_steps, total_steps // 10)
     scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
-    fingerprint = _fingerprint(captions, vectors, embedder, config)
+    fingerprint = _fingerprint(model.kind, captions, vectors, embedder, config, groups, noisy)
     log: list[dict] = []
     start_epoch = 0
     _prepare_out_dir(out, resume)
     if resume and (out / CHECKPOINT_FILE).is_file():
         start_epoch, log = _restore(out / CHECKPOINT_FILE, fingerprint, model, optimizer, scheduler)
 
-    vectors_t = torch.from_numpy(vectors)
+    vectors_t, noisy_t = torch.from_numpy(vectors), torch.from_numpy(noisy)
     ensure_free_space(out, checkpoint_bytes(model), "the training checkpoint and the decoder")  # before training, not after
     for epoch in range(start_epoch, config.epochs):
         model.train()
@@ -114,9 +192,7 @@ def train_decoder(
         total_loss, total_tokens = 0.0, 0
         for i in range(steps_per_epoch):
             batch = order[i * config.batch_size : (i + 1) * config.batch_size]
-            prefixes = vectors_t[batch].to(device)
-            if config.noise_std > 0:
-                prefixes = F.normalize(F.normalize(prefixes, dim=-1) + config.noise_std * torch.randn_like(prefixes), dim=-1)
+            prefixes = _with_noise(vectors_t[batch].to(device), noisy_t[batch].to(device), config.noise_std)
             loss, n_tokens = _loss(model, prefixes, targets[batch], config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -138,6 +214,11 @@ def train_decoder(
     return {"epochs": log, "train_loss": last["train_loss"], "val_loss": last["val_loss"], "steps": total_steps, "out_dir": str(out)}
 
 
+def with_overrides(config: TrainSettings, **given) -> TrainSettings:
+    """config with the given settings that are not None (the CLI's unset flags are None)."""
+    return replace(config, **{k: v for k, v in given.items() if v is not None})
+
+
 def _check_inputs(captions: list[str], vectors: np.ndarray, embedder: EmbedderInfo) -> np.ndarray:
     if len(captions) == 0:
         raise ModelError("no captions to train on; fill the collection first with `ragcap ingest`")
@@ -149,30 +230,25 @@ def _check_inputs(captions: list[str], vectors: np.ndarray, embedder: EmbedderIn
     return vectors
 
 
-def _encode(model: DeCapDecoder, captions: list[str], max_tokens: int) -> torch.Tensor:
-    """(n, max_tokens + 1) targets: caption tokens then <end_of_text>, padded with IGNORE. A caption
-    longer than max_tokens is cut and gets no end token: it must not learn to stop mid-sentence."""
-    targets = torch.full((len(captions), max_tokens + 1), IGNORE, dtype=torch.long)
-    for i, caption in enumerate(captions):
-        ids = model.tokenizer.encode(caption)
-        ids = ids[:max_tokens] if len(ids) > max_tokens else ids + [model.config.eot_id]
-        targets[i, : len(ids)] = torch.tensor(ids)
-    return targets
+def _with_noise(prefixes: torch.Tensor, noisy: torch.Tensor, std: float) -> torch.Tensor:
+    """CapDec's noise injection (normalise, add N(0, std^2), normalise) on the noisy rows."""
+    if std <= 0:
+        return prefixes
+    noised = F.normalize(F.normalize(prefixes, dim=-1) + std * torch.randn_like(prefixes), dim=-1)
+    return torch.where(noisy.unsqueeze(1), noised, prefixes)
 
 
-def _loss(model: DeCapDecoder, prefixes: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the caption tokens and <end_of_text> (not the prefix, not padding)."""
+def _loss(model: Decoder, prefixes: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the caption tokens and the stop token (not the prefix, not padding)."""
     width = int((targets != IGNORE).sum(1).max())
     targets = targets[:, :width].to(model.device)  # trim to the longest caption in the batch
-    sot = torch.full_like(targets[:, :1], model.config.sot_id)
-    inputs = torch.cat([sot, targets[:, :-1].clamp(min=0)], dim=1)  # padding read as id 0: never attended to
-    logits = model(prefixes, inputs)
+    logits = model.teacher_forced_logits(prefixes, targets)
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, label_smoothing=label_smoothing)
     return loss, int((targets != IGNORE).sum())
 
 
 @torch.inference_mode()
-def _evaluate(model: DeCapDecoder, vectors: torch.Tensor, targets: torch.Tensor, idx: np.ndarray, config: TrainConfig) -> float | None:
+def _evaluate(model: Decoder, vectors: torch.Tensor, targets: torch.Tensor, idx: np.ndarray, config: TrainSettings) -> float | None:
     """Held-out loss, same criterion as training (label smoothing included) so the curves compare."""
     if len(idx) == 0:
         return None
@@ -186,19 +262,30 @@ def _evaluate(model: DeCapDecoder, vectors: torch.Tensor, targets: torch.Tensor,
     return total / tokens
 
 
-def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _split(n: int, val_fraction: float, seed: int, groups: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows); with groups, whole groups (an image's captions) are held out."""
     if not 0 <= val_fraction < 1:
         raise ModelError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    n_val = 0 if val_fraction == 0 or n < 2 else max(1, int(n * val_fraction))
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    if groups is None:
+        unit_of_row = np.arange(n)
+    else:
+        _, unit_of_row = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    units = int(unit_of_row.max()) + 1 if n else 0
+    n_val = 0 if val_fraction == 0 or units < 2 else max(1, int(units * val_fraction))
+    held_out = np.zeros(units, dtype=bool)
+    held_out[np.random.default_rng(seed).permutation(units)[:n_val]] = True
+    return np.flatnonzero(~held_out[unit_of_row]), np.flatnonzero(held_out[unit_of_row])
 
 
-def _fingerprint(captions: list[str], vectors: np.ndarray, embedder: EmbedderInfo, config: TrainConfig) -> dict:
-    """What a checkpoint must match to be resumed: same data, embedder and settings."""
-    digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()
+def _fingerprint(kind: str, captions: list[str], vectors: np.ndarray, embedder: EmbedderInfo, config: TrainSettings,
+                 groups: Sequence[str] | None, noisy: np.ndarray) -> dict:
+    """What a checkpoint must match to be resumed: same kind, data, embedder and settings."""
+    digest = hashlib.sha256("\n".join(captions).encode())
+    for part in (vectors.tobytes(), noisy.tobytes(), "\n".join(groups or []).encode()):
+        digest.update(part)
     settings = {k: v for k, v in asdict(config).items() if k != "device"}
-    return {"captions": digest, "count": len(captions), "shape": list(vectors.shape), "embedder": embedder.to_dict(), "config": settings}
+    return {"kind": kind, "data": digest.hexdigest(), "count": len(captions), "shape": list(vectors.shape),
+            "embedder": embedder.to_dict(), "config": settings}
 
 
 def _prepare_out_dir(out: Path, resume: bool) -> None:
@@ -212,7 +299,8 @@ def _checkpoint(path: Path, epoch: int, log: list[dict], fingerprint: dict, mode
         "epoch": epoch,
         "log": log,
         "fingerprint": fingerprint,
-        "model": model.state_dict(),
+        # Only what trains: a frozen LM (ClipCap's GPT-2 is ~500 MB) is the same on every resume.
+        "model": {name: p.detach() for name, p in model.named_parameters() if p.requires_grad},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": torch.get_rng_state(),
@@ -226,9 +314,13 @@ def _restore(path: Path, fingerprint: dict, model, optimizer, scheduler) -> tupl
         state = torch.load(path, map_location=model.device, weights_only=True)
     except Exception as e:  # torch raises many kinds for a truncated or foreign file
         raise ModelError(f"{path} is not a readable training checkpoint ({e}); delete it to start over") from e
-    if state["fingerprint"] != fingerprint:
+    theirs, embedder = state["fingerprint"], fingerprint.get("embedder")
+    if embedder is not None and theirs.get("embedder") != embedder:
+        raise ModelError(f"{path} was trained on vectors of {(theirs.get('embedder') or {}).get('spec')}, not {embedder['spec']}; "
+                         "resume with the same data, or choose another output directory")
+    if theirs != fingerprint:
         raise ModelError(f"{path} was made with other captions or settings; resume with the same ones, or choose another output directory")
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["model"], strict=False)  # the frozen rest is rebuilt identically
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"].cpu())

@@ -122,3 +122,38 @@ def test_decompression_bomb(tmp_path, monkeypatch, side):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ImageError, match="bomb.png: refused as a possible decompression bomb"):
         load_image(path)
+
+
+def test_bytes_and_pil_images_decode_exactly_as_the_file(tmp_path):
+    # An EXIF-rotated CMYK JPEG exercises orientation and conversion on every input kind.
+    stored = Image.new("CMYK", (40, 20), (0, 255, 255, 0))
+    stored.paste((255, 0, 255, 0), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "photo.jpg"
+    stored.save(path, exif=exif, quality=95)
+    from_file = np.asarray(load_image(path))
+    assert from_file.shape == (40, 20, 3)
+    assert np.array_equal(np.asarray(load_image(path.read_bytes())), from_file)
+    with Image.open(path) as opened:
+        assert np.array_equal(np.asarray(load_image(opened)), from_file)
+        assert opened.size == (40, 20)  # the caller's image is neither rotated nor closed
+
+
+def test_bytes_errors_use_the_given_name():
+    with pytest.raises(ImageError, match="upload.png: not an image"):
+        load_image(b"plain text", name="upload.png")
+    with pytest.raises(ImageError, match="upload.png: empty file"):
+        load_image(b"", name="upload.png")
+
+
+def test_max_pixels_refuses_before_decoding(tmp_path):
+    from ragcap.images import ImageTooLarge
+
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (300, 200)).save(path)
+    with pytest.raises(ImageTooLarge, match=r"wide.png: 300x200 is 60,000 pixels, over the limit of 59,999"):
+        load_image(path, max_pixels=59_999)
+    with pytest.raises(ImageTooLarge, match="over the limit"):
+        load_image(Image.new("RGB", (300, 200)), max_pixels=100)
+    assert load_image(path.read_bytes(), max_pixels=60_000).size == (300, 200)

@@ -2,12 +2,14 @@
 
 One module per group of commands registers on the shared Typer app:
     memory    ingest, collections, search, drop, export
-    decode    train-decoder, caption, eval
+    decode    train-decoder, train-clipcap, caption, eval
+    features  embed-images
     models    models list / save-random / save-random-lm / stretch / import
     longclip  finetune-longclip
+    serve     serve (HTTP API and web page)
 """
 
-from ragcap.cli import decode, longclip, memory, models  # noqa: F401  (registration)
+from ragcap.cli import decode, features, longclip, memory, models, serve  # noqa: F401  (registration)
 from ragcap.cli.common import app
 
 

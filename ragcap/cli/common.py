@@ -118,7 +118,7 @@ def store(url: str | None, api_key: str | None, wait: float = DEFAULT_WAIT_S):
 
 
 # Decoding options shared by every command that writes captions, for every decoder kind.
-Beam = Annotated[Optional[int], typer.Option(help="Beam size; 1 = greedy [default: the decoder kind's: DeCap 1, prompt 3].")]
+Beam = Annotated[Optional[int], typer.Option(help="Beam size; 1 = greedy [default: the decoder kind's: DeCap and ClipCap 1, prompt 3].")]
 NumCaptions = Annotated[int, typer.Option("--num-captions", help="Captions per input: the n best beams, or n samples.")]
 MaxTokens = Annotated[Optional[int], typer.Option(help="Length cap in tokens [default: the decoder's trained length; prompt 25].")]
 TopP = Annotated[Optional[float], typer.Option("--top-p", help="Sample from the smallest token set holding this probability (nucleus).")]

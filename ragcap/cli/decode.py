@@ -1,7 +1,8 @@
-"""Commands that write captions: train-decoder, caption, eval."""
+"""Commands that write captions: train-decoder, train-clipcap, caption, eval."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,7 +27,7 @@ def train_decoder(
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Captions per step.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate.")] = None,
-    noise: Annotated[Optional[float], typer.Option(help="Std of Gaussian noise on the embeddings (CapDec); 0 = off.")] = None,
+    noise: Annotated[Optional[float], typer.Option(help="Variance of Gaussian noise on the embeddings (CapDec: 0.016); 0 = off.")] = None,
     label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing of the cross-entropy (DeCap: 0.1).")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Dropout in the decoder (GPT-2: 0.1).")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps (at most 10% of the run).")] = None,
@@ -41,22 +42,96 @@ def train_decoder(
 ):
     """Train DeCap's decoder on text only: reproduce each caption from its own stored embedding."""
     from ragcap.embed import check_decoder_length
-    from ragcap.report import emit_json, progress
-    from ragcap.train import TrainConfig, train_decoder as train
+    from ragcap.report import emit_json
+    from ragcap.train import TrainConfig, with_overrides
 
     from ragcap import api
     from ragcap.locks import hold_directory
 
-    lock = hold_directory(out, f"--out {out}")  # a second run into --out is refused before any work
-    with store(qdrant_url, qdrant_api_key, wait) as st:
-        captions, vectors, info = api.training_data(st, collection, parquet)
-    if max_tokens is not None:  # up to the encoder's context (248 for a Long-CLIP model), not beyond
-        check_decoder_length(info.spec, max_tokens)
-    given = dict(n_layer=layers, n_head=heads, n_embd=width, max_tokens=max_tokens, epochs=epochs, batch_size=batch_size,
-                 lr=lr, noise_std=noise, val_fraction=val_fraction, seed=seed, label_smoothing=label_smoothing,
-                 dropout=dropout, warmup_steps=warmup_steps, prune_vocab=prune_vocab)
-    config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
-    bar = progress(None, "train-decoder", "steps")
+    with hold_directory(out, f"--out {out}"):  # a second run into --out is refused before any work
+        with store(qdrant_url, qdrant_api_key, wait) as st:
+            captions, vectors, info = api.training_data(st, collection, parquet)
+        if max_tokens is not None:  # up to the encoder's context (248 for a Long-CLIP model), not beyond
+            check_decoder_length(info.spec, max_tokens)
+        config = with_overrides(TrainConfig(), n_layer=layers, n_head=heads, n_embd=width, max_tokens=max_tokens, epochs=epochs,
+                                batch_size=batch_size, lr=lr, noise_std=_noise_std(noise), val_fraction=val_fraction, seed=seed,
+                                label_smoothing=label_smoothing, dropout=dropout, warmup_steps=warmup_steps, prune_vocab=prune_vocab)
+        result = _train("train-decoder", captions, vectors, info, out, config, resume)
+    if json_out:
+        emit_json({"out": str(out), "captions": len(captions), "embedder": info.spec, **result})
+    else:
+        typer.echo(f"decoder for {info.spec} written to {out} ({len(captions)} captions)")
+
+
+@command(app, "train-clipcap")
+def train_clipcap(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the trained ClipCap model (and its checkpoints).")],
+    features: Annotated[Optional[Path], typer.Option(help="Paired training: an `embed-images` features file (every reference of every image).")] = None,
+    collection: Annotated[Optional[str], typer.Option("--collection", "-c", help="Text-only training on this collection's captions and vectors.")] = None,
+    parquet: Annotated[Optional[Path], typer.Option(help="Or text-only training on a `ragcap export` Parquet file.")] = None,
+    mapping: Annotated[str, typer.Option(help="Mapping network: mlp (ClipCap with GPT-2 fine-tuned) or transformer (ClipCap with GPT-2 frozen).")] = "mlp",
+    lm: Annotated[str, typer.Option(help="GPT-2-family causal LM: hub name or directory.")] = "gpt2",
+    train_lm: Annotated[bool, typer.Option("--train-lm/--freeze-lm", help="Fine-tune the LM too (ClipCap's MLP checkpoints do) or keep it frozen.")] = False,
+    noise: Annotated[Optional[float], typer.Option(help="Variance of Gaussian noise on text embeddings (CapDec: 0.016); 0 = off.")] = None,
+    prefix_length: Annotated[Optional[int], typer.Option(help="Prefix embeddings [default: 10 for mlp, 40 for transformer].")] = None,
+    clip_length: Annotated[Optional[int], typer.Option(help="Transformer mapping: CLIP tokens the embedding is spread over (ClipCap: 40).")] = None,
+    mapping_layers: Annotated[Optional[int], typer.Option(help="Transformer mapping layers (ClipCap: 8).")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Captions are cut to this many LM tokens, the stop '.' included (ClipCap: 67).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (ClipCap: 10).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Captions per step (ClipCap: 40).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate (ClipCap: 2e-5).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps (at most 10% of the run; ClipCap: 5000).")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Held-out fraction (of images, for paired data) for the per-epoch validation loss.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for the split, initialisation, noise and batches.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last complete epoch in --out.")] = False,
+    device: Device = None,
+    qdrant_url: QdrantUrl = None,
+    qdrant_api_key: QdrantKey = None,
+    wait: Wait = DEFAULT_WAIT_S,
+    json_out: Json = False,
+):
+    """Train ClipCap: paired on image features (--features), text-only on caption embeddings
+    (-c/--parquet; with --noise this is CapDec), or both."""
+    from ragcap.report import emit_json
+    from ragcap.train import ClipCapTrainConfig, with_overrides
+
+    from ragcap import api
+    from ragcap.locks import hold_directory
+
+    if collection is not None and parquet is not None:
+        raise RagcapError("pass at most one of --collection NAME or --parquet FILE")
+    with hold_directory(out, f"--out {out}"):  # a second run into --out is refused before any work
+        if collection is not None:
+            with store(qdrant_url, qdrant_api_key, wait) as st:
+                data = api.training_examples(st, collection, parquet, features)
+        else:
+            data = api.training_examples(None, None, parquet, features)
+        config = with_overrides(ClipCapTrainConfig(), mapping=mapping, lm=lm, train_lm=train_lm, noise_std=_noise_std(noise),
+                                prefix_length=prefix_length, clip_length=clip_length, mapping_layers=mapping_layers,
+                                max_tokens=max_tokens, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                                val_fraction=val_fraction, seed=seed, device=device)
+        result = _train("train-clipcap", data.captions, data.vectors, data.embedder, out, config, resume, groups=data.groups, noisy=data.noisy)
+    if json_out:
+        emit_json({"out": str(out), "captions": len(data.captions), "paired": data.paired, "embedder": data.embedder.spec, **result})
+    else:
+        typer.echo(f"ClipCap for {data.embedder.spec} written to {out} ({data.paired} paired, {len(data.captions) - data.paired} text-only captions)")
+
+
+def _noise_std(variance: float | None) -> float | None:
+    """--noise is a variance, as CapDec states it (0.016); the loop adds noise of this std."""
+    if variance is None:
+        return None
+    if variance < 0:
+        raise RagcapError(f"--noise is a variance and must be >= 0, got {variance}")
+    return math.sqrt(variance)
+
+
+def _train(name: str, captions, vectors, info, out: Path, config, resume: bool, **data) -> dict:
+    """ragcap.train.train_decoder with a progress bar showing steps, rate, ETA and the loss."""
+    from ragcap.report import progress
+    from ragcap.train import train_decoder
+
+    bar = progress(None, name, "steps")
 
     def report(step: int, total: int, loss: float) -> None:
         bar.total = total
@@ -64,12 +139,8 @@ def train_decoder(
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         bar.refresh()
 
-    with lock, bar:
-        result = train(captions, vectors, info, out, config, resume=resume, progress=report)
-    if json_out:
-        emit_json({"out": str(out), "captions": len(captions), "embedder": info.spec, **result})
-    else:
-        typer.echo(f"decoder for {info.spec} written to {out} ({len(captions)} captions)")
+    with bar:
+        return train_decoder(captions, vectors, info, out, config, resume=resume, progress=report, **data)
 
 
 @command(app)

@@ -130,17 +130,18 @@ def search(
     json_out: Json = False,
 ):
     """Show the captions nearest to a text or an image."""
+    from ragcap import api
     from ragcap.embed import load_embedder
-    from ragcap.images import IMAGE_EXTENSIONS, load_image
+    from ragcap.images import IMAGE_EXTENSIONS
     from ragcap.report import emit_json
 
+    is_image = Path(query).suffix.lower() in IMAGE_EXTENSIONS and Path(query).exists()
     with store(qdrant_url, qdrant_api_key, wait) as st:
-        embedder = load_embedder(model or st.embedder(collection).spec, device)
-        st.check_embedder(collection, embedder.info)
-        is_image = Path(query).suffix.lower() in IMAGE_EXTENSIONS and Path(query).exists()
-        vector = embedder.encode_images([load_image(query)]) if is_image else embedder.encode_text([query]).vectors
-        hits = st.search(collection, vector, k)[0]
-    rows = [{"score": round(float(h.score), 6), **h.payload} for h in hits]
+        embedder = load_embedder(model, device) if model else None
+        (found,) = api.search(st, collection, [Path(query) if is_image else query], k, embedder, device=device)
+    if found.exception is not None:
+        raise found.exception
+    rows = [{"score": round(float(h.score), 6), **h.payload} for h in found.neighbours]
     if json_out:
         emit_json({"query": query, "kind": "image" if is_image else "text", "neighbours": rows})
     else:

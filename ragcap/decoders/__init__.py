@@ -1,7 +1,7 @@
 """Decoder kinds, found by the name a saved directory records (open_clip's factory, for captioners).
 
-    DECODERS = {"decap": DeCapDecoder, ...}     kind name -> class
-    load_decoder(DIR)                           reads DIR/config.json's "kind", builds that class
+    DECODERS = {"decap": DeCapDecoder, "clipcap": ClipCapDecoder}   kind name -> class
+    load_decoder(DIR)               reads DIR/config.json's "kind", builds that class
 
 Adding a kind means a module here with a Decoder subclass and a line in DECODERS; the modes,
 the CLI and the service reach it through load_decoder.
@@ -17,14 +17,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ragcap.decoders.base import CONFIG_FILE, WEIGHTS_FILE, Caption, Decoder
+from ragcap.decoders.clipcap import ClipCapConfig, ClipCapDecoder
 from ragcap.decoders.decap import DeCapConfig, DeCapDecoder
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
 from ragcap.util import default_device
 
-DECODERS: dict[str, type[Decoder]] = {cls.kind: cls for cls in (DeCapDecoder,)}
+DECODERS: dict[str, type[Decoder]] = {cls.kind: cls for cls in (DeCapDecoder, ClipCapDecoder)}
 
-__all__ = ["DECODERS", "Caption", "DeCapConfig", "DeCapDecoder", "Decoder", "load_decoder"]
+__all__ = ["DECODERS", "Caption", "ClipCapConfig", "ClipCapDecoder", "DeCapConfig", "DeCapDecoder", "Decoder", "load_decoder"]
 
 
 def _read_config(src: Path, hint: str) -> tuple[type[Decoder], object, EmbedderInfo]:
@@ -48,7 +49,7 @@ def _read_config(src: Path, hint: str) -> tuple[type[Decoder], object, EmbedderI
 def load_decoder(directory: str | Path, device: str | torch.device | None = None) -> Decoder:
     """The decoder saved in `directory`, whatever its kind, on `device` (default: CUDA if present)."""
     src = Path(directory)
-    hint = "train one (`ragcap train-decoder`) or pass the directory a training or import wrote"
+    hint = "train one (`ragcap train-decoder`, `ragcap train-clipcap`) or pass the directory a training or import wrote"
     cls, config, embedder = _read_config(src, hint)
     if not (src / WEIGHTS_FILE).is_file():
         raise ModelError(f"{src} is incomplete: {WEIGHTS_FILE} is missing; {hint}")

@@ -3,7 +3,10 @@
 A decoder directory holds config.json ({"format", "kind", "config", "embedder"}),
 model.safetensors and the kind's tokenizer files. `ragcap.decoders.load_decoder` reads the kind
 and builds that class; a kind implements four things: `prepare` (conditioning -> LMInput),
-`stepper`, `search_defaults` (its stop tokens, length cap and ranking) and `detokenize`.
+`stepper`, `search_defaults` (its stop tokens, length cap and ranking) and `detokenize`, and
+two more to be trained by ragcap.train: `training_targets` (captions -> token ids) and
+`teacher_forced_logits`. Which parameters train is what `requires_grad` says after the kind's
+training config builds the model.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ragcap.util import write_atomic
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "ragcap-decoder/2"
+IGNORE = -100  # target id that cross_entropy skips: padding after a caption
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,18 @@ class Decoder(nn.Module):
 
     def save_assets(self, out: Path) -> None:
         """Write the files besides config and weights that loading needs (tokenizers)."""
+
+    # ---- what a kind implements to be trained (ragcap.train) ---------------------------------
+
+    def training_targets(self, captions: list[str]) -> torch.Tensor:
+        """(n, width) token ids each caption is trained to write, its stop token included,
+        right-padded with IGNORE."""
+        raise NotImplementedError
+
+    def teacher_forced_logits(self, prefixes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(b, t, vocab) logits predicting targets (b, t) from the conditioning and the targets
+        before each position (IGNORE read as any id: causal attention never looks ahead)."""
+        raise NotImplementedError
 
     # ---- shared -------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from ragcap.decoders.base import Decoder, resolved
+from ragcap.decoders.base import IGNORE, Decoder, resolved
 from ragcap.decoders.lm import LMInput, LMStepper
 from ragcap.decoders.tokenizers import BPE_FILE, CaptionTokenizer
 from ragcap.embedder_info import EmbedderInfo
@@ -148,17 +148,34 @@ class DeCapDecoder(Decoder):
         caption that `ended` is scored with its <end_of_text>."""
         seqs = [row + [self.config.eot_id] * end for row, end in zip(ids, ended)]
         width = max(len(s) for s in seqs)
-        targets = torch.tensor([s + [-100] * (width - len(s)) for s in seqs], device=self.device)
-        inputs = torch.cat([torch.full_like(targets[:, :1], self.config.sot_id), targets[:, :-1].clamp(min=0)], dim=1)
+        targets = torch.tensor([s + [IGNORE] * (width - len(s)) for s in seqs], device=self.device)
         was_training = self.training
         self.eval()
         try:
-            logp = F.log_softmax(self(prefixes, inputs).float(), dim=-1)
+            logp = F.log_softmax(self.teacher_forced_logits(prefixes, targets).float(), dim=-1)
         finally:
             self.train(was_training)
-        mask = targets >= 0
+        mask = targets != IGNORE
         picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return torch.where(mask, picked, 0.0).sum(1) / mask.sum(1)  # not picked * mask: -inf * 0 is NaN
+
+    # ---- training ---------------------------------------------------------------------------
+
+    def training_targets(self, captions: list[str]) -> torch.Tensor:
+        """(n, max_tokens + 1): caption tokens then <end_of_text>. A caption longer than
+        max_tokens is cut and gets no end token: it must not learn to stop mid-sentence."""
+        width = self.config.max_tokens
+        targets = torch.full((len(captions), width + 1), IGNORE, dtype=torch.long)
+        for i, caption in enumerate(captions):
+            ids = self.tokenizer.encode(caption)
+            ids = ids[:width] if len(ids) > width else ids + [self.config.eot_id]
+            targets[i, : len(ids)] = torch.tensor(ids)
+        return targets
+
+    def teacher_forced_logits(self, prefixes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        targets = targets.to(self.device)
+        sot = torch.full_like(targets[:, :1], self.config.sot_id)
+        return self(prefixes, torch.cat([sot, targets[:, :-1].clamp(min=0)], dim=1))
 
     # ---- persistence ------------------------------------------------------------------------
 

@@ -9,14 +9,17 @@ Adding a kind is one module here and one entry below.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Callable
 
 from ragcap.errors import ModelError
+from ragcap.importers.clipcap import import_clipcap
 from ragcap.importers.longclip import import_longclip
 
 IMPORTERS: dict[str, Callable[..., Path]] = {
     "longclip": import_longclip,  # Long-CLIP-B/L (beichenzbc/Long-CLIP): OpenAI-CLIP state dicts, 248 tokens
+    "clipcap": import_clipcap,  # ClipCap (rmokady/CLIP_prefix_caption): mapping network + GPT-2, as a decoder
 }
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -25,7 +28,11 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 def import_model(kind: str, source: str, out: str | Path, **options) -> Path:
     if kind not in IMPORTERS:
         raise ModelError(f"unknown checkpoint kind {kind!r}; ragcap imports: {', '.join(sorted(IMPORTERS))}")
-    return IMPORTERS[kind](checkpoint_file(source), out, source=source, **options)
+    importer = IMPORTERS[kind]
+    foreign = [name for name in options if name not in inspect.signature(importer).parameters]
+    if foreign:  # e.g. --mapping given for a Long-CLIP checkpoint
+        raise ModelError(f"--{foreign[0].replace('_', '-')} does not apply to {kind} checkpoints")
+    return importer(checkpoint_file(source), out, source=source, **options)
 
 
 def checkpoint_file(source: str, suffixes: tuple[str, ...] = CHECKPOINT_SUFFIXES) -> Path:

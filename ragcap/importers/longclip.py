@@ -19,6 +19,7 @@ import torch
 from ragcap.embed import arch_config, write_checkpoint
 from ragcap.embedder_info import CLIP_CONTEXT
 from ragcap.errors import ModelError
+from ragcap.importers.state import read_state_dict
 from ragcap.longclip import KEEP, require_new_model_dir
 
 # Long-CLIP's preprocessing: OpenAI's mean/std, bicubic resize of the short side, centre crop.
@@ -35,29 +36,6 @@ def import_longclip(path: Path, out: str | Path, source: str | None = None, arch
     name, config = match_architecture(state, path, arch)
     record = {"import": {"kind": "longclip", "source": source or str(path), "architecture": name, "keep": KEEP}}
     return write_checkpoint(out, state, config, PREPROCESS, record)
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors, read without unpickling code (torch.load weights_only=True)."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data = load_file(str(path))
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for truncated, foreign or code-carrying files
-        raise ModelError(
-            f"{path}: not a readable state dict ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "Long-CLIP's longclip-B.pt / longclip-L.pt are plain state dicts, read with torch.load(weights_only=True), "
-            "so TorchScript archives and pickled model objects are refused"
-        ) from e
-    for wrapper in ("state_dict", "model"):  # training scripts often nest the weights
-        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
-            data = data[wrapper]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ModelError(f"{path}: expected a state dict (tensor names to tensors), found {type(data).__name__}")
-    return {k.removeprefix("module."): v for k, v in data.items()}  # DistributedDataParallel's prefix
 
 
 def to_open_clip(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ def caption_args(photos, out, *extra):
 def stopped_run(photos, out, tmp_path):
     """A caption run halted while loading stop.png, after writing the three images before it."""
     marker = tmp_path / "reached"
-    run = start("-m", "tests.faults.stopper", marker, "ragcap.caption:load_image:stop.png", *caption_args(photos, out))
+    run = start("-m", "tests.faults.stopper", marker, "ragcap.images:load_image:stop.png", *caption_args(photos, out))
     wait_for(marker.exists, "the run reached stop.png", process=run)
     return run
 
@@ -131,7 +131,7 @@ def test_no_resume_without_an_output_file(photos):
 
 def test_caption_ctrl_c_on_stdout_output_is_one_line(photos, tmp_path):
     marker = tmp_path / "reached"
-    run = start("-m", "tests.faults.stopper", marker, "ragcap.caption:load_image:stop.png",
+    run = start("-m", "tests.faults.stopper", marker, "ragcap.images:load_image:stop.png",
                 "caption", *photos, "-c", "shapes", "--mode", "clipre", "--batch-size", "1")
     wait_for(marker.exists, "the run reached stop.png", process=run)
     run.send_signal(signal.SIGINT)

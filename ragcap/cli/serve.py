@@ -1,0 +1,73 @@
+"""`ragcap serve`: captioning over HTTP with a web page (the work is ragcap.serve's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ragcap.cli.common import (
+    Beam, Collection, Device, MaxTokens, Model, NumCaptions, QdrantKey, QdrantUrl, Seed, Temperature, TopK, TopP, app,
+    command, search_options, store,
+)
+from ragcap.serve.config import ServeConfig
+
+DEFAULTS = ServeConfig()
+
+
+@command(app)
+def serve(
+    collection: Collection = "captions",
+    mode: Annotated[str, typer.Option("--mode", help="Default modes of a request, comma-separated: pd, nnd, clipre, vd, prompt.")] = "pd",
+    decoder: Annotated[Optional[Path], typer.Option(help="Trained decoder directory (pd, nnd, vd).")] = None,
+    lm: Annotated[str, typer.Option(help="Causal LM for prompt mode: hub name or directory.")] = "gpt2",
+    k: Annotated[Optional[int], typer.Option("--k", "-k", help="Default neighbours in the pd projection [default: 1024, or the whole collection if smaller].")] = None,
+    tau: Annotated[float, typer.Option(help="Softmax temperature of the projection (DeCap: 0.01).")] = 0.01,
+    beam: Beam = None,
+    num_captions: NumCaptions = 1,
+    max_tokens: MaxTokens = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    temperature: Temperature = None,
+    seed: Seed = None,
+    prompt_k: Annotated[int, typer.Option(help="Retrieved captions in the prompt (SmallCap: 4).")] = 4,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.")] = DEFAULTS.host,
+    port: Annotated[int, typer.Option(help="Port (0: any free one, printed at start).")] = DEFAULTS.port,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="RAGCAP_API_KEY", help="Require this key (Authorization: Bearer KEY, or X-API-Key).")] = None,
+    cors_origin: Annotated[Optional[list[str]], typer.Option("--cors-origin", help="Allow browser pages from this origin to call the API (repeatable; none by default).")] = None,
+    max_batch: Annotated[int, typer.Option(help="Items per model batch; 1 turns dynamic batching off.")] = DEFAULTS.max_batch,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests to join.")] = DEFAULTS.max_wait_ms,
+    max_queue: Annotated[int, typer.Option(help="Items waiting or running; more are refused with 503.")] = DEFAULTS.max_queue,
+    timeout: Annotated[float, typer.Option(help="Seconds before a request is answered 504.")] = DEFAULTS.timeout_s,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body, in MiB (413 above).")] = DEFAULTS.max_upload_bytes / 2**20,
+    max_pixels: Annotated[int, typer.Option(help="Largest image in pixels (413 above; decompression bombs).")] = DEFAULTS.max_pixels,
+    max_images: Annotated[int, typer.Option(help="Images per request.")] = DEFAULTS.max_images,
+    model: Model = None,
+    device: Device = None,
+    qdrant_url: QdrantUrl = None,
+    qdrant_api_key: QdrantKey = None,
+):
+    """Serve captioning over HTTP: a JSON API under /v1 and a web page at /.
+
+    Models and the collection are loaded once; concurrent requests are batched together.
+    """
+    from ragcap import api
+    from ragcap.caption import CaptionSettings
+    from ragcap.modes import parse_modes
+    from ragcap.serve import serve as run
+
+    config = ServeConfig(
+        host=host, port=port, api_key=api_key, cors_origins=tuple(cors_origin or ()), max_batch=max_batch,
+        max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout, max_upload_bytes=int(max_upload_mb * 2**20),
+        max_pixels=max_pixels, max_images=max_images,
+    )
+    search = search_options(beam, num_captions, max_tokens, top_p, top_k, temperature, seed)
+    settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, search=search, prompt_k=prompt_k)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        typer.echo(f"ragcap: warning: listening on {host} without --api-key: anyone who reaches this address can use it", err=True)
+    with store(qdrant_url, qdrant_api_key) as st:
+        # The text tower too: /v1/caption/text and /v1/search take texts.
+        captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device, image_only=False)
+        run(captioner, config)
+    typer.echo("ragcap: stopped", err=True)

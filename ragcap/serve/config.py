@@ -1,0 +1,60 @@
+"""What `ragcap serve` is allowed to do: address, batching, limits. Every default says why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ragcap.errors import OptionError
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    # Loopback only: nothing outside this machine reaches the server unless asked (--host 0.0.0.0).
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 picks a free port (tests, benchmarks); the bound one is printed
+    api_key: str | None = None  # when set, every /v1 route but health/ready and /metrics need it
+    cors_origins: tuple[str, ...] = ()  # no CORS headers at all unless origins are named
+
+    # Dynamic batching. 32 is the CLI's --batch-size, so a full batch runs exactly as the CLI's
+    # does. Waiting 10 ms for company costs ~0.3% of a 32-image pd batch on a 2-core CPU (~4 s);
+    # under load the next batch gathers while one runs, so the wait is rarely taken at all.
+    max_batch: int = 32
+    max_wait_ms: float = 10.0
+    # Images (or texts, or queries) waiting or running. 256 is 8 full batches, about 35 s of pd
+    # work on a 2-core CPU, so a queued request still finishes within the timeout; the queue
+    # holds encoded uploads, so it takes at most max_queue x max_upload_bytes of memory.
+    max_queue: int = 256
+    timeout_s: float = 60.0  # a request not answered by then gets 504 (its work is dropped if not started)
+
+    # Limits on what a request may send.
+    max_upload_bytes: int = 20 * 2**20  # a whole request body: a 12 MP JPEG is ~5 MB, a 24 MP PNG ~15 MB
+    # 25 MP holds a 24 MP camera photo; a model never needs more (CLIP looks at 224x224), and a
+    # batch of 32 such images decodes to ~2.4 GB, so this also bounds the decoding memory.
+    max_pixels: int = 25_000_000
+    max_images: int = 32  # per request: one full batch
+    max_texts: int = 256  # per text request; texts are ~100x cheaper than images to embed
+    max_text_chars: int = 2000  # CLIP reads 77 tokens (~300 characters); more is truncated anyway
+    max_k: int = 4096  # pd neighbours a request may ask for (default 1024; cost grows with k)
+    max_neighbours: int = 100  # retrieved captions a response may list
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000
+
+    def __post_init__(self):
+        positive = {
+            "max_batch": self.max_batch, "max_queue": self.max_queue, "timeout_s": self.timeout_s,
+            "max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels, "max_images": self.max_images,
+            "max_texts": self.max_texts, "max_text_chars": self.max_text_chars, "max_k": self.max_k,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise OptionError(f"{name.replace('_', '-')} must be positive, got {value}")
+        if self.max_wait_ms < 0:
+            raise OptionError(f"max-wait-ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_neighbours < 0:
+            raise OptionError(f"max-neighbours must be >= 0, got {self.max_neighbours}")
+        if not 0 <= self.port <= 65535:
+            raise OptionError(f"port must be in 0..65535, got {self.port}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise OptionError("the API key is empty: pass a non-empty --api-key (or RAGCAP_API_KEY), or none")

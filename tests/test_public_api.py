@@ -1,0 +1,89 @@
+"""The public Python API, `from ragcap import ...`: the README's example and its input kinds."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.serving import CAPTIONS, fill, png, tiny_decoder
+
+
+@pytest.fixture
+def memory(tiny_clip_dir, tmp_path):
+    """An embedded store holding CAPTIONS, and a decoder for it."""
+    from ragcap.embed import load_embedder
+    from ragcap.store import open_store
+
+    embedder = load_embedder(str(tiny_clip_dir))
+    with open_store() as store:
+        fill(store, embedder)
+    return tiny_decoder(tmp_path / "decoder", embedder)
+
+
+def test_readme_example_captions_paths_bytes_and_pil_images_alike(memory, tmp_path):
+    from ragcap import CaptionSettings, load_captioner, open_store
+
+    path = tmp_path / "photo.png"
+    path.write_bytes(png(3))
+    with open_store() as store:
+        captioner = load_captioner(store, "mem", CaptionSettings(modes=("pd", "clipre"), neighbours=2), decoder=memory)
+        results = list(captioner.caption_images([path, path.read_bytes(), Image.open(path), b"broken"]))
+    by_input = [results[0:2], results[2:4], results[4:6]]
+    assert [r.source for r in results] == [str(path)] * 2 + ["image 1"] * 2 + [str(path)] * 2 + ["image 3"]
+    for group in by_input[1:]:
+        assert [(r.mode, r.caption, r.neighbours) for r in group] == [(r.mode, r.caption, r.neighbours) for r in by_input[0]]
+    assert by_input[0][1].caption in CAPTIONS and len(by_input[0][0].neighbours) == 2
+    from ragcap import ImageError
+
+    assert isinstance(results[-1].exception, ImageError) and "image 3: not an image" in results[-1].error
+
+
+def test_caption_each_groups_results_by_input_with_names(memory):
+    from ragcap import CaptionSettings, load_captioner, open_store
+
+    with open_store() as store:
+        captioner = load_captioner(store, "mem", CaptionSettings(modes=("clipre", "vd")), decoder=memory)
+        groups = list(captioner.caption_each([png(1), b"", png(2)], ["a.png", "b.png", "c.png"]))
+    assert [[r.source for r in g] for g in groups] == [["a.png", "a.png"], ["b.png"], ["c.png", "c.png"]]
+    assert [r.mode for r in groups[0]] == ["clipre", "vd"] and "b.png: empty file" in groups[1][0].error
+
+
+def test_with_settings_shares_the_loaded_models(memory):
+    from dataclasses import replace
+
+    from ragcap import CaptionSettings, load_captioner, open_store
+
+    with open_store() as store:
+        captioner = load_captioner(store, "mem", CaptionSettings(modes=("pd",)), decoder=memory)
+        other = captioner.with_settings(replace(captioner.settings, modes=("clipre", "nnd"), k=3))
+        assert (other.embedder, other.decoder, other.k) == (captioner.embedder, captioner.decoder, 3)
+        assert captioner.with_settings(captioner.settings) is captioner
+        assert [r.mode for r in other.caption_images([png(5)])] == ["clipre", "nnd"]
+
+
+def test_search_by_text_path_bytes_and_pil(memory, tmp_path):
+    from ragcap import load_image, open_store, search
+
+    path = tmp_path / "q.png"
+    path.write_bytes(png(9))
+    with open_store() as store:
+        text, by_path, by_bytes, by_pil, broken = search(
+            store, "mem", [CAPTIONS[5], path, path.read_bytes(), Image.open(io.BytesIO(path.read_bytes())), b"nope"], k=3)
+    assert text.source == CAPTIONS[5] and text.neighbours[0].payload["caption"] == CAPTIONS[5]
+    assert text.neighbours[0].score == pytest.approx(1.0, abs=1e-3)
+    assert by_path.source == str(path) and len(by_path.neighbours) == 3
+    for other in (by_bytes, by_pil):
+        assert [h.id for h in other.neighbours] == [h.id for h in by_path.neighbours]
+    assert broken.neighbours == [] and "not an image" in broken.error
+    assert load_image(path).size == (48, 40)
+
+
+def test_importing_ragcap_stays_light():
+    """`import ragcap` (and so every CLI start) must not pay for torch or the web stack."""
+    code = "import sys, ragcap; ragcap.__all__; assert not {'torch', 'fastapi'} & set(sys.modules), sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
