@@ -22,7 +22,7 @@ import torch
 
 from ragcap.errors import RagcapError
 from ragcap.generation import SearchOptions
-from ragcap.images import IMAGE_EXTENSIONS, ImageInput, image_name, load_images
+from ragcap.images import IMAGE_EXTENSIONS, ImageInput, image_name, load_batches
 from ragcap.modes import MODES, modes_needing, parse_modes
 from ragcap.retrieve import DEFAULT_TAU, ExactMemory
 from ragcap.store import Hit, Store
@@ -58,6 +58,13 @@ class CaptionSettings:
     batch_size: int = 32
     neighbours: int = 0  # report this many retrieved captions with scores (0 = none)
     max_pixels: int | None = None  # refuse larger images (None: only Pillow's decompression-bomb limit)
+    # Threads that decode and preprocess the next batch of images while the model encodes this
+    # one (0: all in the calling thread). None: one per CPU core, at most 8.
+    load_workers: int | None = None
+    # Decode JPEGs at a reduced scale (PIL's draft mode) while both sides stay at least the
+    # model's input size: the decoder skips the detail preprocessing would throw away
+    # (benchmarks/caption.py states the pixel and embedding differences).
+    draft: bool = True
 
 
 @dataclass
@@ -164,12 +171,15 @@ class Captioner:
 
     def caption_each(self, images: Iterable[ImageInput], names: Iterable[str] | None = None) -> Iterator[list[CaptionResult]]:
         """caption_images grouped by input: per input, its result for each mode or one error result."""
-        per_input = len(self.settings.modes)
+        settings, embedder = self.settings, self.embedder
+        per_input = len(settings.modes)
         named = zip(images, names) if names is not None else ((im, image_name(im, i)) for i, im in enumerate(images))
-        for chunk in chunks(named, self.settings.batch_size):
-            decoded, errors = load_images(chunk, self.settings.max_pixels)
+        workers = min(os.cpu_count() or 1, 8) if settings.load_workers is None else settings.load_workers
+        batches = load_batches(chunks(named, settings.batch_size), settings.max_pixels, embedder.prepare_image,
+                               embedder.draft_size if settings.draft else None, workers)
+        for chunk, prepared, errors in batches:
             loaded = [name for i, (_, name) in enumerate(chunk) if i not in errors]
-            results = iter(self._caption(loaded, self.embedder.encode_images(decoded)) if decoded else [])
+            results = iter(self._caption(loaded, embedder.encode_prepared(prepared)) if prepared else [])
             for i, (_, name) in enumerate(chunk):
                 if i in errors:
                     yield [CaptionResult(source=name, error=str(errors[i]), exception=errors[i])]
