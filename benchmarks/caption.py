@@ -5,10 +5,12 @@ All run in this process on the same real photographs, the same ViT-B-32 (random 
 real architecture, so the real speed) and the same DeCap-size decoder (4 layers, 4 heads,
 width 768, random weights). The reference follows DeCap's inference code: one image at a time,
 softmax over the whole memory, greedy decoding that re-runs the whole sequence at every step.
-ragcap: batches of images, the memory searched exactly by matrix products over a copy of its
-vectors (the default, `--memory exact`) or by one batched top-k Qdrant query (`--memory
-qdrant`), KV-cached batched greedy decoding. The image tower alone: the same batches of the
-same photographs decoded, preprocessed and encoded, nothing else.
+ragcap: batches of images decoded and preprocessed by worker threads one batch ahead, the
+memory searched exactly by matrix products over a copy of its vectors (the default, `--memory
+exact`) or by one batched top-k Qdrant query (`--memory qdrant`), KV-cached batched greedy
+decoding; "before": ragcap without this work (Qdrant's top k, images loaded in the calling
+thread). The image tower alone: the same batches of the same photographs decoded, preprocessed
+and encoded in one thread, nothing else; and its forward pass alone on preprocessed images.
 
 The memory holds real COCO captions as payloads; their vectors are random unit vectors (the
 model is random anyway, and embedding 200k captions would take an hour on this CPU). Also
@@ -23,6 +25,7 @@ the time to make and to open the vector copy, and peak memory of `ragcap caption
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -33,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from open_clip.constants import OPENAI_DATASET_STD
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "coco"
@@ -116,17 +121,51 @@ def prompt_rates(paths, embedder, store, tmp: str, batch_size: int) -> dict:
             "speedup": round(rate / reference_rate, 2), "same_captions": sum(a == b for a, b in zip(reference, batched)) / len(paths)}
 
 
-def tower_rate(embedder, paths: list[str], batch_size: int) -> float:
-    """Images/s of the image side alone: decode, preprocess and encode, in the captioner's batches."""
+def tower_rates(embedder, paths: list[str], batch_size: int) -> tuple[float, float]:
+    """Images/s of the image side alone, in the captioner's batches: decoded, preprocessed and
+    encoded in one thread; and the encoder's forward pass alone, on images already preprocessed."""
     embedder.encode_images([load_image(p) for p in paths[:batch_size]])  # warm-up
     t0 = time.perf_counter()
     for chunk in chunks(paths, batch_size):
         embedder.encode_images([load_image(p) for p in chunk])
-    return len(paths) / (time.perf_counter() - t0)
+    whole = len(paths) / (time.perf_counter() - t0)
+    prepared = [embedder.prepare_image(load_image(p)) for p in paths]
+    t0 = time.perf_counter()
+    for chunk in chunks(prepared, batch_size):
+        embedder.encode_prepared(chunk)
+    return whole, len(paths) / (time.perf_counter() - t0)
 
 
-def pd_rate(store, embedder, decoder, paths: list[str], batch_size: int, memory: str) -> float:
-    captioner = Captioner(store, "bench", embedder, CaptionSettings(modes=("pd",), batch_size=batch_size, memory=memory), decoder=decoder)
+def draft_effect(embedder, paths: list[str]) -> dict:
+    """JPEG draft mode on 4x enlarged copies of the photos (the shared ones are at most 640
+    pixels, under the 448 where draft mode starts): decode + preprocess speed-up, and how far the
+    preprocessed pixels (levels of 255) and the embeddings move."""
+    large = []
+    for path in paths:
+        with Image.open(path) as im:
+            encoded = io.BytesIO()
+            im.convert("RGB").resize((im.width * 4, im.height * 4), Image.BICUBIC).save(encoded, "JPEG", quality=90)
+            large.append(encoded.getvalue())
+    timed = {}
+    for draft in (None, embedder.draft_size):
+        t0 = time.perf_counter()
+        timed[draft] = [embedder.prepare_image(load_image(b, draft=draft)) for b in large]
+        timed[draft, "s"] = time.perf_counter() - t0
+    full, drafted = timed[None], timed[embedder.draft_size]
+    levels = torch.tensor(OPENAI_DATASET_STD).view(3, 1, 1) * 255
+    diffs = [float(((a - b).abs() * levels).mean()) for a, b in zip(full, drafted)]
+    cosines = np.sum(embedder.encode_prepared(full) * embedder.encode_prepared(drafted), axis=1)
+    return {"images": len(large), "speedup": round(timed[None, "s"] / timed[embedder.draft_size, "s"], 2),
+            "pixel_levels_mean": round(float(np.mean(diffs)), 3), "pixel_levels_max": round(max(diffs), 3),
+            "embedding_cosine_min": round(float(cosines.min()), 6)}
+
+
+# ragcap before this work: Qdrant's top 1,024 with their vectors, images loaded in the calling thread.
+BEFORE = {"memory": "qdrant", "load_workers": 0, "draft": False}
+
+
+def pd_rate(store, embedder, decoder, paths: list[str], batch_size: int, **settings) -> float:
+    captioner = Captioner(store, "bench", embedder, CaptionSettings(modes=("pd",), batch_size=batch_size, **settings), decoder=decoder)
     list(captioner.caption_images(paths[:batch_size]))  # warm-up
     t0 = time.perf_counter()
     results = list(captioner.caption_images(paths))
@@ -150,6 +189,7 @@ def peak_memory_of_cli(home: str, collection: str, decoder_dir: str, paths: list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--reference-images", type=int, default=None, help="images for DeCap's slow per-image loop (default: --images)")
     parser.add_argument("--memory", type=int, default=200_000, help="captions in the collection")
     parser.add_argument("--memory-images", type=int, default=1000, help="images for the peak-memory run (0: skip)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -185,14 +225,17 @@ def main() -> None:
     memory = torch.from_numpy(FullMemory(store, "bench").vectors).to(embedder.device)
     reference_caption(paths[0], embedder, memory, decoder)  # warm-up both paths
     t0 = time.perf_counter()
-    for path in paths:
+    reference_paths = paths[: args.reference_images]
+    for path in reference_paths:
         reference_caption(path, embedder, memory, decoder)
-    reference_rate = len(paths) / (time.perf_counter() - t0)
+    reference_rate = len(reference_paths) / (time.perf_counter() - t0)
     del memory
 
-    tower = tower_rate(embedder, paths, args.batch_size)
-    exact_rate = pd_rate(store, embedder, decoder, paths, args.batch_size, "exact")
-    topk_rate = pd_rate(store, embedder, decoder, paths, args.batch_size, "qdrant")
+    tower, forward = tower_rates(embedder, paths, args.batch_size)
+    exact_rate = pd_rate(store, embedder, decoder, paths, args.batch_size, memory="exact")
+    topk_rate = pd_rate(store, embedder, decoder, paths, args.batch_size, memory="qdrant")
+    before_rate = pd_rate(store, embedder, decoder, paths, args.batch_size, **BEFORE)
+    draft = draft_effect(embedder, paths[:16])
 
     queries = embedder.encode_images([load_image(p) for p in paths[:20]])
     full = FullMemory(store, "bench").project(queries, DEFAULT_TAU)
@@ -216,10 +259,16 @@ def main() -> None:
         "cache_open_seconds": round(cache_open_seconds, 3),
         "reference_images_per_s": round(reference_rate, 2),
         "tower_images_per_s": round(tower, 2),
+        "tower_forward_only_images_per_s": round(forward, 2),
         "ragcap_pd_images_per_s": round(exact_rate, 2),
         "ragcap_pd_qdrant_topk_images_per_s": round(topk_rate, 2),
+        "ragcap_pd_before_images_per_s": round(before_rate, 2),
         "pd_vs_tower": round(exact_rate / tower, 2),
+        "pd_vs_tower_forward_only": round(exact_rate / forward, 2),
         "pd_qdrant_topk_vs_tower": round(topk_rate / tower, 2),
+        "pd_before_vs_tower": round(before_rate / tower, 2),
+        "pd_vs_before": round(exact_rate / before_rate, 2),
+        "jpeg_draft_on_4x_photos": draft,
         "speedup": round(exact_rate / reference_rate, 2),
         "k": DEFAULT_K,
         "cosine_exact_vs_full_min": round(float(exact_cosines.min()), 7),

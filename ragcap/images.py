@@ -13,8 +13,10 @@ from __future__ import annotations
 import io
 import os
 import warnings
+import queue
+import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, Union
 
@@ -109,18 +111,43 @@ def load_batches(
     if not workers:
         yield from ((batch, *_split([one(*item) for item in batch])) for batch in batches)
         return
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="ragcap-load")
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(workers):
+        threading.Thread(target=_work, args=(jobs,), name="ragcap-load", daemon=True).start()
+
+    def submit(item) -> Future:
+        future: Future = Future()
+        jobs.put((future, one, item))
+        return future
+
+    pending: deque = deque()
     try:
-        pending: deque = deque()
         for batch in batches:
-            pending.append((batch, [pool.submit(one, *item) for item in batch]))
+            pending.append((batch, [submit(item) for item in batch]))
             if len(pending) > 1:  # one batch ahead
                 batch, futures = pending.popleft()
                 yield batch, *_split([f.result() for f in futures])
         for batch, futures in pending:
             yield batch, *_split([f.result() for f in futures])
     finally:
-        pool.shutdown(cancel_futures=True)
+        for _, futures in pending:
+            for f in futures:
+                f.cancel()
+        for _ in range(workers):
+            jobs.put(None)
+
+
+def _work(jobs: queue.SimpleQueue) -> None:
+    """A loading thread. Daemon threads, not a ThreadPoolExecutor's, which the interpreter waits
+    for at exit: a read that never returns (a FIFO, a hung network mount) must not keep Ctrl-C
+    from ending the process."""
+    while (job := jobs.get()) is not None:
+        future, fn, item = job
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*item))
+            except BaseException as e:  # noqa: BLE001 - raised again in the caller, by result()
+                future.set_exception(e)
 
 
 def _load_one(image: ImageInput, name: str, max_pixels: int | None, draft: int | None = None, prepare=None):

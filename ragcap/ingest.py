@@ -3,12 +3,15 @@
 Point ids are derived from the collection and the normalised caption, so the runner can ask
 the store which ids it already holds and embed only the rest: a rerun adds nothing twice and
 an interrupted run resumes where it stopped. Nothing is created before the first batch is
-ready, so a corpus that yields nothing leaves no empty collection behind.
+ready, so a corpus that yields nothing leaves no empty collection behind. Each batch is written
+by a background thread while the next one is embedded; the store is never used by both threads
+at once (a batch's ids are checked before the previous batch's write starts).
 """
 
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -129,33 +132,50 @@ def ingest(
     embedder = None
     mapper = _Mapper(collection, options, summary)
     # Progress is counted in source records; embedding advances it caption by caption and the
-    # rest of each batch (duplicates, filtered, already stored) is settled when it is written.
+    # rest of each batch (duplicates, filtered, already stored) is settled when it is embedded.
     reported = 0
     tick = on_progress or (lambda n: None)
-    for batch in _batches(mapper(records), options.batch_size):
-        ids = [pid for pid, _ in batch]
-        stored = store.existing(collection, ids) if exists else set()
-        summary.already_stored += len(stored)
-        todo = [(pid, rec) for pid, rec in batch if pid not in stored]
-        embedded = 0
-        if todo:
-            if any(rec.vector is None for _, rec in todo) and embedder is None:
-                embedder = load_embedder()
-            vectors, embedded = _vectors_for(todo, embedder, embedder_info, summary, tick)
-            if not exists:
+    writer = ThreadPoolExecutor(1, thread_name_prefix="ragcap-upsert")
+    ready: tuple[list[str], np.ndarray, list[dict]] | None = None  # embedded, not yet written
+    try:
+        for batch in _batches(mapper(records), options.batch_size):
+            ids = [pid for pid, _ in batch]
+            stored = store.existing(collection, ids) if exists else set()
+            summary.already_stored += len(stored)
+            todo = [(pid, rec) for pid, rec in batch if pid not in stored]
+            writing = _write(writer, store, collection, ready, summary)  # while this batch is embedded
+            ready, embedded = None, 0
+            if todo:
+                if any(rec.vector is None for _, rec in todo) and embedder is None:
+                    embedder = load_embedder()
+                vectors, embedded = _vectors_for(todo, embedder, embedder_info, summary, tick)
+                ready = [pid for pid, _ in todo], vectors, [rec.payload() for _, rec in todo]
+            writing.result()
+            if ready is not None and not exists:
                 _create(store, collection, embedder_info, options.vector_dtype)
                 exists = True
-            store.upsert(collection, [pid for pid, _ in todo], vectors, [rec.payload() for _, rec in todo])
-            summary.stored += len(todo)
-        consumed = summary.read + summary.skipped_bad
-        tick(consumed - reported - embedded)
-        reported = consumed
+            consumed = summary.read + summary.skipped_bad
+            tick(consumed - reported - embedded)
+            reported = consumed
+        _write(writer, store, collection, ready, summary).result()
+    finally:
+        writer.shutdown()  # an error or interrupt waits for the batch being written
     tick(summary.read + summary.skipped_bad - reported)
     if not exists:
         raise SourceError(_nothing_to_store(summary))
     if summary.stored:
         store.optimize(collection)  # build the search index once, not while points stream in
     return summary
+
+
+def _write(writer: ThreadPoolExecutor, store: Store, collection: str, ready, summary: IngestSummary) -> Future:
+    """Upsert an embedded batch (ids, vectors, payloads) in the writer thread; None: nothing to do."""
+    def upsert() -> None:
+        if ready is not None:
+            store.upsert(collection, *ready)
+            summary.stored += len(ready[0])
+
+    return writer.submit(upsert)
 
 
 def _create(store: Store, collection: str, info: EmbedderInfo, vector_dtype: str) -> None:
