@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "coco"
 PROMPT_K = 4  # SmallCap's retrieved captions per prompt
 from procpeak import run_sampled  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from output import print_report
 from ragcap.caption import DEFAULT_K, CaptionSettings, Captioner
 from ragcap.decoders import DeCapConfig, DeCapDecoder
 from ragcap.decoders.lm_prompt import PromptCaptioner, first_sentence, save_random_lm
@@ -282,11 +283,7 @@ def main() -> None:
         "device": str(embedder.device),
         "threads": torch.get_num_threads(),
     }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        for key, value in report.items():
-            print(f"{key:32s} {value}")
+    print_report(report, args.json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Also printed: the modules that take longest to import in one `caption` run (pyth
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import resource
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from caption import fill_memory, real_images  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from output import print_report
 from ragcap.decoders import DeCapConfig, DeCapDecoder
 from ragcap.embed import load_embedder, save_random
 from ragcap.store import open_store
@@ -86,11 +86,7 @@ def main() -> None:
         "slowest_imports_s": {name: round(s, 2) for name, s in imports},
         "runs": args.runs,
     }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        for key, value in report.items():
-            print(f"{key:40s} {value}")
+    print_report(report, args.json)
 
 
 if __name__ == "__main__":
