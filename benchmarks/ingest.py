@@ -3,7 +3,7 @@ against the same work done one step after the other in one thread (embed every b
 write it), in one process on the same real COCO captions.
 
 ViT-B-32's text tower with random weights (the real speed), the embedded store, ragcap's
-default 4,096-caption batches. Reports captions/s of both, the time the writes took on their
+default 4,096-caption batches (--batch-size). Reports captions/s of both, the time the writes took on their
 own (with the index build both do at the end), and ingest's rate against embedding alone (1.0: the writes cost nothing).
 
     python benchmarks/ingest.py --captions 12288      # add --json for a script
@@ -29,6 +29,7 @@ from ragcap.util import chunks
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captions", type=int, default=12288)
+    parser.add_argument("--batch-size", type=int, default=IngestOptions().batch_size)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -36,7 +37,7 @@ def main() -> None:
     os.environ["RAGCAP_HOME"] = str(tmp)
     embedder = load_embedder(str(save_random("ViT-B-32", tmp / "vit-b-32")))
     captions = list(dict.fromkeys(coco_captions(args.captions * 2)))[: args.captions]
-    batch = IngestOptions().batch_size
+    batch = args.batch_size
     embedder.encode_text(captions[:256])  # warm-up
     with open_store() as store:
         store.create("steps", embedder.info)
@@ -52,7 +53,7 @@ def main() -> None:
         write_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         records = (CaptionRecord(caption=c, corpus="coco") for c in captions)
-        summary = ingest(records, store, "overlapped", embedder.info, lambda: embedder)
+        summary = ingest(records, store, "overlapped", embedder.info, lambda: embedder, IngestOptions(batch_size=batch))
         ingest_s = time.perf_counter() - t0
     n = len(captions)
     report = {
