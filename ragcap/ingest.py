@@ -4,8 +4,8 @@ Point ids are derived from the collection and the normalised caption, so the run
 the store which ids it already holds and embed only the rest: a rerun adds nothing twice and
 an interrupted run resumes where it stopped. Nothing is created before the first batch is
 ready, so a corpus that yields nothing leaves no empty collection behind. Each batch is written
-by a background thread while the next one is embedded; the store is never used by both threads
-at once (a batch's ids are checked before the previous batch's write starts).
+by a background thread while the next one is read and embedded; the store is never used by both
+threads at once.
 """
 
 from __future__ import annotations
@@ -136,28 +136,32 @@ def ingest(
     reported = 0
     tick = on_progress or (lambda n: None)
     writer = ThreadPoolExecutor(1, thread_name_prefix="ragcap-upsert")
-    ready: tuple[list[str], np.ndarray, list[dict]] | None = None  # embedded, not yet written
+    writing: Future = writer.submit(lambda: None)
+    # Ids are unique within a run, so only a collection that existed before it can hold any.
+    existed = exists
     try:
         for batch in _batches(mapper(records), options.batch_size):
-            ids = [pid for pid, _ in batch]
-            stored = store.existing(collection, ids) if exists else set()
+            stored = set()
+            if existed:
+                writing.result()  # the store serves one thread at a time
+                stored = store.existing(collection, [pid for pid, _ in batch])
             summary.already_stored += len(stored)
             todo = [(pid, rec) for pid, rec in batch if pid not in stored]
-            writing = _write(writer, store, collection, ready, summary)  # while this batch is embedded
-            ready, embedded = None, 0
+            embedded = 0
             if todo:
                 if any(rec.vector is None for _, rec in todo) and embedder is None:
                     embedder = load_embedder()
                 vectors, embedded = _vectors_for(todo, embedder, embedder_info, summary, tick)
-                ready = [pid for pid, _ in todo], vectors, [rec.payload() for _, rec in todo]
-            writing.result()
-            if ready is not None and not exists:
-                _create(store, collection, embedder_info, options.vector_dtype)
-                exists = True
+                writing.result()  # one batch written at a time; its error stops the run here
+                if not exists:
+                    _create(store, collection, embedder_info, options.vector_dtype)
+                    exists = True
+                # Written at once, so a source that is slow to yield more holds nothing back.
+                writing = writer.submit(_write, store, collection, todo, vectors, summary)
             consumed = summary.read + summary.skipped_bad
             tick(consumed - reported - embedded)
             reported = consumed
-        _write(writer, store, collection, ready, summary).result()
+        writing.result()
     finally:
         writer.shutdown()  # an error or interrupt waits for the batch being written
     tick(summary.read + summary.skipped_bad - reported)
@@ -168,14 +172,9 @@ def ingest(
     return summary
 
 
-def _write(writer: ThreadPoolExecutor, store: Store, collection: str, ready, summary: IngestSummary) -> Future:
-    """Upsert an embedded batch (ids, vectors, payloads) in the writer thread; None: nothing to do."""
-    def upsert() -> None:
-        if ready is not None:
-            store.upsert(collection, *ready)
-            summary.stored += len(ready[0])
-
-    return writer.submit(upsert)
+def _write(store: Store, collection: str, todo, vectors: np.ndarray, summary: IngestSummary) -> None:
+    store.upsert(collection, [pid for pid, _ in todo], vectors, [rec.payload() for _, rec in todo])
+    summary.stored += len(todo)
 
 
 def _create(store: Store, collection: str, info: EmbedderInfo, vector_dtype: str) -> None:
