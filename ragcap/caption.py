@@ -155,6 +155,14 @@ class Captioner:
                 budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
         return nbytes <= budget
 
+    def runtime(self) -> dict[str, str]:
+        """Where the loaded models run: {"device": "cpu", "precision": "float32"}; several
+        models on different devices or dtypes are listed comma-separated."""
+        models = [self.embedder.model, self.decoder, getattr(self.prompter, "model", None)]
+        first = [next(m.parameters()) for m in models if m is not None]
+        return {"device": ",".join(sorted({str(p.device) for p in first})),
+                "precision": ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in first}))}
+
     def with_settings(self, settings: CaptionSettings) -> "Captioner":
         """A captioner for other settings (modes, k, neighbours, decoding) over the same loaded
         models and memory: how a server answers each request's options without loading anything."""

@@ -47,9 +47,11 @@ def _pd_prefixes(batch: "Batch") -> np.ndarray:
 
 
 def _clipre(batch: "Batch") -> list:
+    """The nearest caption; with several captions asked for, the n nearest."""
     from ragcap.decoders import Caption
 
-    return [[Caption(h[0].payload["caption"], float(h[0].score))] for h in batch.hits]
+    n = batch.captioner.settings.search.num_return
+    return [[Caption(hit.payload["caption"], float(hit.score)) for hit in h[:n]] for h in batch.hits]
 
 
 def _prompt(batch: "Batch") -> list:
@@ -67,7 +69,7 @@ MODES: dict[str, Mode] = {
              help="decode DeCap's projection onto the memory (DeCap)"),
         Mode("nnd", memory=True, needs="decoder", neighbours=lambda run: 1, vectors=True, prefix=lambda b: np.stack([h[0].vector for h in b.hits]),
              help="decode the nearest caption's embedding (DeCap baseline)"),
-        Mode("clipre", memory=True, needs=None, neighbours=lambda run: 1, captions=_clipre, help="the nearest caption (DeCap baseline)"),
+        Mode("clipre", memory=True, needs=None, neighbours=lambda run: run.settings.search.num_return, captions=_clipre, help="the nearest caption (DeCap baseline)"),
         Mode("vd", memory=False, needs="decoder", neighbours=lambda run: 0, prefix=lambda b: b.queries,
              help="decode the query embedding itself: CLIP's modality gap (DeCap baseline)"),
         Mode("prompt", memory=True, needs="lm", neighbours=lambda run: run.settings.prompt_k * PROMPT_SEARCH_FACTOR, captions=_prompt,

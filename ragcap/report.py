@@ -58,6 +58,16 @@ def emit_json(data) -> None:
     sys.stdout.write("\n")
 
 
+def announce_runtime(runtime: dict[str, str]) -> None:
+    """One stderr line at start saying where the models run, so a CPU fallback is never silent."""
+    import torch
+
+    where = f"{runtime['device']}, {runtime['precision']}"
+    if runtime["device"] == "cpu":
+        where += f", {torch.get_num_threads()} threads" + ("" if torch.cuda.is_available() else " (no CUDA GPU found)")
+    print(f"ragcap: running on {where}", file=sys.stderr, flush=True)
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))
@@ -68,8 +78,9 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 class CaptionWriter:
     """Writes caption results as they arrive (the folder is a stream; nothing is kept)."""
 
-    def __init__(self, out: IO[str], fmt: str, key: str = "file", header: bool = True):
+    def __init__(self, out: IO[str], fmt: str, key: str = "file", header: bool = True, runtime: dict[str, str] | None = None):
         self.out, self.fmt, self.key = out, fmt, key
+        self.runtime = runtime or {}  # device and precision, added to every JSONL record
         self.csv = csv.writer(out) if fmt == "csv" else None
         if self.csv is not None and header:
             self.csv.writerow(_csv_header(key))
@@ -88,7 +99,7 @@ class CaptionWriter:
                     record["captions"] = [{"caption": c, "score": round(s, 6)} for c, s in result.alternatives]
                 if neighbours is not None:
                     record["neighbours"] = neighbours
-            self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.out.write(json.dumps({**record, **self.runtime}, ensure_ascii=False) + "\n")
         elif self.csv is not None:
             self.csv.writerow(
                 [result.source, result.mode or "", result.caption or "", "" if result.score is None else round(result.score, 6),

@@ -287,3 +287,14 @@ def test_decoding_options_reach_every_embedding_mode(filled, tmp_path):
     assert refused.exit_code == 1 and "beam of at least 3" in refused.output and "Traceback" not in refused.output
     refused = ragcap("caption", *common, "--beam", "2", "--top-k", "5", ok=False)
     assert refused.exit_code == 1 and "exclude each other" in refused.output
+
+
+def test_caption_says_where_it_runs_on_stderr_and_in_json(filled):
+    import torch
+
+    result = ragcap("caption", "--text", "a red car", "--text", "a cup", "-c", filled, "--mode", "clipre", "--json", "--device", "cpu")
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 2 and all(l["device"] == "cpu" and l["precision"] == "float32" for l in lines)
+    said = [line for line in result.stderr.splitlines() if line.startswith("ragcap: running on")]
+    assert said == [f"ragcap: running on cpu, float32, {torch.get_num_threads()} threads"
+                    + ("" if torch.cuda.is_available() else " (no CUDA GPU found)")]

@@ -240,7 +240,7 @@ def test_embedder_must_fit_the_mapping_and_an_existing_model_is_kept(lm_dir, sav
     result = ragcap("models", "import", "clipcap", path, tmp_path / "out", "--lm", lm_dir, "-m", "ViT-B-32:openai")
     assert result.exit_code == 1 and "already holds a decoder" in result.output
     result = ragcap("models", "import", "blip", path, tmp_path / "other")
-    assert result.exit_code == 1 and "unknown checkpoint kind 'blip'; ragcap imports: clipcap, longclip" in result.output
+    assert result.exit_code == 1 and "unknown checkpoint kind 'blip'; ragcap imports: clipcap, decap, longclip" in result.output
     result = ragcap("models", "import", "longclip", path, tmp_path / "other", "--mapping", "mlp")
     assert result.exit_code == 1 and "--mapping does not apply to longclip checkpoints" in result.output
     result = ragcap("models", "import", "clipcap", tmp_path / "absent.pt", tmp_path / "other")

@@ -178,7 +178,7 @@ def caption(
     from ragcap import api
     from ragcap.caption import CaptionSettings, iter_inputs
     from ragcap.modes import parse_modes
-    from ragcap.report import CAPTION_FORMATS, CaptionWriter, caption_output, progress, write_all
+    from ragcap.report import CAPTION_FORMATS, CaptionWriter, announce_runtime, caption_output, progress, write_all
 
     fmt = "jsonl" if json_out else fmt
     if fmt not in CAPTION_FORMATS:
@@ -193,7 +193,9 @@ def caption(
     with store(qdrant_url, qdrant_api_key, wait) as st, caption_output(output, fmt, settings.modes, key, resume) as out:
         text, paths = [t for t in text or [] if t not in out.done], [p for p in paths if p not in out.done]
         captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device, image_only=key == "file")
-        writer = CaptionWriter(out.stream, fmt, key=key, header=out.header)
+        runtime = captioner.runtime()
+        announce_runtime(runtime)
+        writer = CaptionWriter(out.stream, fmt, key=key, header=out.header, runtime=runtime)
         failed = out.failed + (write_all(captioner.caption_texts(text), writer) if text else 0)
         if paths:
             with progress(len(paths), "caption", "images") as bar:

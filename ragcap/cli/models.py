@@ -74,21 +74,22 @@ def stretch(
 
 @command(models_app, "import")
 def import_checkpoint(
-    kind: Annotated[str, typer.Argument(help="Checkpoint kind: longclip or clipcap.")],
+    kind: Annotated[str, typer.Argument(help="Checkpoint kind: longclip, clipcap or decap.")],
     source: Annotated[str, typer.Argument(help="Checkpoint file, or hf-hub:ORG/NAME (read from the local hub cache).")],
-    out: Annotated[Path, typer.Argument(help="Directory to write (longclip: usable as --model DIR; clipcap: as --decoder DIR).")],
+    out: Annotated[Path, typer.Argument(help="Directory to write (longclip: usable as --model DIR; clipcap, decap: as --decoder DIR).")],
     arch: Annotated[Optional[str], typer.Option(help="longclip: force the open_clip architecture (name or model-config JSON) instead of recognising it.")] = None,
     mapping: Annotated[Optional[str], typer.Option(help="clipcap: the checkpoint's mapping network, mlp or transformer [default: mlp].")] = None,
     lm: Annotated[Optional[str], typer.Option(help="clipcap: the LM's config and tokenizer, hub name or directory; weights come from the checkpoint [default: gpt2].")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="clipcap: embedder to record [default: ViT-B-32:openai for 512-d mappings, RN50x4:openai for 640-d].")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="clipcap, decap: embedder to record [default: ViT-B-32:openai for 512-d mappings, RN50x4:openai for 640-d].")] = None,
     prefix_scale: Annotated[Optional[float], typer.Option(help="clipcap: scale of the unit embeddings fed to the mapping (the MLP checkpoints saw raw CLIP embeddings) [default: 1].")] = None,
+    heads: Annotated[Optional[int], typer.Option(help="decap: attention heads, which no tensor shape records [default: 4, as DeCap's decoder_config.pkl].")] = None,
     json_out: Json = False,
 ):
-    """Convert another project's published checkpoint (Long-CLIP-B/L, ClipCap) to a ragcap model directory."""
+    """Convert another project's published checkpoint (Long-CLIP-B/L, ClipCap, DeCap) to a ragcap model directory."""
     from ragcap.importers import import_model
     from ragcap.report import emit_json
 
-    given = dict(arch=arch, mapping=mapping, lm=lm, model=model, prefix_scale=prefix_scale)
+    given = dict(arch=arch, mapping=mapping, lm=lm, model=model, prefix_scale=prefix_scale, heads=heads)
     written = import_model(kind, source, out, **{k: v for k, v in given.items() if v is not None})
     if json_out:
         emit_json({"kind": kind, "source": source, "out": str(written)})

@@ -43,24 +43,27 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(help="Largest request body, in MiB (413 above).")] = DEFAULTS.max_upload_bytes / 2**20,
     max_pixels: Annotated[int, typer.Option(help="Largest image in pixels (413 above; decompression bombs).")] = DEFAULTS.max_pixels,
     max_images: Annotated[int, typer.Option(help="Images per request.")] = DEFAULTS.max_images,
+    max_captions: Annotated[int, typer.Option(help="Captions per input a request may ask for (num_captions, or n in chat).")] = DEFAULTS.max_captions,
+    allow_image_host: Annotated[Optional[list[str]], typer.Option("--allow-image-host", help="Let chat requests name http(s) image URLs on this host (repeatable; none by default: images come inline as data: URLs).")] = None,
     model: Model = None,
     device: Device = None,
     qdrant_url: QdrantUrl = None,
     qdrant_api_key: QdrantKey = None,
 ):
-    """Serve captioning over HTTP: a JSON API under /v1 and a web page at /.
+    """Serve captioning over HTTP: a JSON API under /v1 (with OpenAI's /v1/chat/completions) and a web page at /.
 
     Models and the collection are loaded once; concurrent requests are batched together.
     """
     from ragcap import api
     from ragcap.caption import CaptionSettings
     from ragcap.modes import parse_modes
+    from ragcap.report import announce_runtime
     from ragcap.serve import serve as run
 
     config = ServeConfig(
         host=host, port=port, api_key=api_key, cors_origins=tuple(cors_origin or ()), max_batch=max_batch,
         max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout, max_upload_bytes=int(max_upload_mb * 2**20),
-        max_pixels=max_pixels, max_images=max_images,
+        max_pixels=max_pixels, max_images=max_images, max_captions=max_captions, image_url_hosts=tuple(allow_image_host or ()),
     )
     search = search_options(beam, num_captions, max_tokens, top_p, top_k, temperature, seed)
     settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, search=search, prompt_k=prompt_k)
@@ -69,5 +72,6 @@ def serve(
     with store(qdrant_url, qdrant_api_key) as st:
         # The text tower too: /v1/caption/text and /v1/search take texts.
         captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device, image_only=False)
+        announce_runtime(captioner.runtime())
         run(captioner, config)
     typer.echo("ragcap: stopped", err=True)

@@ -10,6 +10,11 @@ the caption memory, which lies in the same text-embedding space (ragcap.retrieve
 
 Tokens are CLIP's BPE (ragcap.decoders.tokenizers), optionally pruned to the ids the training
 captions use.
+
+DeCap's published decoders (imported by ragcap.importers.decap) differ in three ways their
+config records: they were trained to predict <start_of_text> from the prefix, and DeCap decodes
+from the prefix alone (`writes_sot`); their output layer has GPT-2's 50257 rows, of which only
+CLIP's 49408 are tokens (the rest are cut from the logits); their position table has 1024 rows.
 """
 
 from __future__ import annotations
@@ -52,6 +57,14 @@ class DeCapConfig:
     eot_id: int = 49407
     # The CLIP BPE ids the decoder writes (sorted), or None for all of them; see pruned_to().
     vocab: tuple[int, ...] | None = None
+    # Rows of the position table; None: what max_tokens needs. DeCap's published decoders keep
+    # GPT-2's 1024 (unused beyond their 20 training tokens, but part of the weights).
+    positions: int | None = None
+    # False: ragcap feeds <start_of_text> after the prefix (how ragcap trains). True: decoding
+    # starts from the prefix alone and the decoder writes <start_of_text> itself, as DeCap's
+    # published decoders were trained to and DeCap's inference does; max_tokens then counts it.
+    # Decoding only: ragcap trains (and scores) with <start_of_text> fed, as written below.
+    writes_sot: bool = False
 
     def __post_init__(self):
         if self.vocab is not None:  # JSON gives a list; keep the config hashable
@@ -74,7 +87,7 @@ class DeCapConfig:
     @property
     def n_positions(self) -> int:
         # prefix + <start_of_text> + max_tokens caption tokens; <end_of_text> is only ever a target.
-        return self.max_tokens + 2
+        return self.positions or self.max_tokens + 2
 
 
 class DeCapDecoder(Decoder):
@@ -86,7 +99,10 @@ class DeCapDecoder(Decoder):
         if embedder.dim != config.embed_dim:
             raise ModelError(f"decoder embed_dim {config.embed_dim} does not match embedder {embedder.spec} (dim {embedder.dim})")
         self.tokenizer = CaptionTokenizer(bpe_path, config.vocab)
-        if self.tokenizer.vocab_size != config.vocab_size:
+        # An output layer wider than the tokenizer (DeCap's published decoders: GPT-2's 50257
+        # rows over CLIP's 49408 ids) has its extra rows cut from the logits: they are no token.
+        wider = config.vocab is None and config.vocab_size > self.tokenizer.vocab_size
+        if self.tokenizer.vocab_size != config.vocab_size and not wider:
             raise ModelError(f"tokenizer {self.tokenizer.bpe_path} has {self.tokenizer.vocab_size} ids, the decoder expects {config.vocab_size}")
         self.project = nn.Linear(config.embed_dim, config.n_embd)  # DeCap: one linear layer
         self.gpt = GPT2LMHeadModel(
@@ -122,22 +138,31 @@ class DeCapDecoder(Decoder):
         attention means real tokens never see the right padding, so no attention mask is needed."""
         embeds = torch.cat([self.prefix_embeds(prefixes), self.gpt.transformer.wte(inputs.to(self.device))], dim=1)
         hidden = self.gpt.transformer(inputs_embeds=embeds).last_hidden_state
-        return self.gpt.lm_head(hidden[:, 1:])  # the prefix position predicts nothing we train
+        return self.tokens_only(self.gpt.lm_head(hidden[:, 1:]))  # the prefix position predicts nothing we train
+
+    def tokens_only(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits of the ids the tokenizer has (all of them, unless the output layer is wider)."""
+        return logits[..., : self.tokenizer.vocab_size]
 
     # ---- generation -------------------------------------------------------------------------
 
     def prepare(self, prefixes: torch.Tensor) -> LMInput:
-        """prefix + <start_of_text>: the model's first step predicts the first caption token."""
+        """prefix + <start_of_text>: the model's first step predicts the first caption token
+        (with writes_sot, the prefix alone: its first step predicts <start_of_text>)."""
+        if self.config.writes_sot:
+            return LMInput(self.prefix_embeds(prefixes))
         sot = torch.full((prefixes.shape[0], 1), self.config.sot_id, dtype=torch.long, device=self.device)
         return LMInput(torch.cat([self.prefix_embeds(prefixes), self.gpt.transformer.wte(sot)], dim=1))
 
     def stepper(self) -> LMStepper:
-        return LMStepper(self.gpt)
+        wider = self.config.vocab_size > self.tokenizer.vocab_size
+        return LMStepper(self.gpt, self.tokens_only if wider else None)
 
     def search_defaults(self, options: SearchOptions) -> SearchOptions:
-        # DeCap and ClipCap rank beams by the mean log-prob per token (length_alpha 1).
-        return resolved(options, self.config.max_tokens, length_alpha=1.0,
-                        stop_ids=(self.config.eot_id,), banned_ids=(self.config.sot_id,))
+        # DeCap and ClipCap rank beams by the mean log-prob per token (length_alpha 1). A decoder
+        # that writes <start_of_text> itself must be free to (detokenize drops it).
+        banned = () if self.config.writes_sot else (self.config.sot_id,)
+        return resolved(options, self.config.max_tokens, length_alpha=1.0, stop_ids=(self.config.eot_id,), banned_ids=banned)
 
     def detokenize(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)

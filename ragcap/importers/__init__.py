@@ -15,11 +15,13 @@ from typing import Callable
 
 from ragcap.errors import ModelError
 from ragcap.importers.clipcap import import_clipcap
+from ragcap.importers.decap import import_decap
 from ragcap.importers.longclip import import_longclip
 
 IMPORTERS: dict[str, Callable[..., Path]] = {
     "longclip": import_longclip,  # Long-CLIP-B/L (beichenzbc/Long-CLIP): OpenAI-CLIP state dicts, 248 tokens
     "clipcap": import_clipcap,  # ClipCap (rmokady/CLIP_prefix_caption): mapping network + GPT-2, as a decoder
+    "decap": import_decap,  # DeCap (dhg-wei/DeCap): its text-only decoder, as a decap decoder
 }
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")

@@ -29,22 +29,18 @@ import torch
 from ragcap.decoders.base import CONFIG_FILE
 from ragcap.decoders.clipcap import MAPPINGS, ClipCapConfig, ClipCapDecoder, lm_skeleton
 from ragcap.decoders.tokenizers import load_gpt2_tokenizer
-from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
-from ragcap.importers.state import read_state_dict
+from ragcap.importers.state import key_problems, read_state_dict, recorded_embedder, without_legacy_buffers
 
 # The CLIPs the published checkpoints were trained on, told apart by their embedding width:
 # ViT-B/32 (512) for the MLP models, RN50x4 (640) for the transformer model.
 DEFAULT_EMBEDDERS = {512: "ViT-B-32:openai", 640: "RN50x4:openai"}
-# transformers 4.x before 2023 saved each GPT-2 attention's causal-mask buffers with the weights.
-LEGACY_BUFFERS = re.compile(r"gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)")
 # ClipCap's transformer layer, parameter by parameter, as torch's encoder layer names it.
 LAYER_KEYS = {
     "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias", "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias",
     "attn.project.weight": "self_attn.out_proj.weight", "attn.project.bias": "self_attn.out_proj.bias",
     "mlp.fc1.weight": "linear1.weight", "mlp.fc1.bias": "linear1.bias", "mlp.fc2.weight": "linear2.weight", "mlp.fc2.bias": "linear2.bias",
 }
-MAX_LISTED = 3
 
 
 def import_clipcap(checkpoint: str | Path, out: str | Path, source: str | None = None, mapping: str = "mlp", lm: str = "gpt2",
@@ -63,14 +59,14 @@ def import_clipcap(checkpoint: str | Path, out: str | Path, source: str | None =
     if (out / CONFIG_FILE).exists():
         raise ModelError(f"{out} already holds a decoder; choose another directory")
     # Without the legacy GPT-2 buffers, which are not weights.
-    state = {k: v for k, v in read_state_dict(checkpoint).items() if not LEGACY_BUFFERS.fullmatch(k)}
+    state = without_legacy_buffers(read_state_dict(checkpoint), "gpt.")
     tokenizer = load_gpt2_tokenizer(lm)
     with torch.device("meta"):  # shapes only: the checkpoint supplies every weight
         skeleton = lm_skeleton(lm)
     width = skeleton.get_input_embeddings().embedding_dim
     config = config_from_checkpoint(where, state, mapping, width, prefix_scale)
     with torch.device("meta"):
-        decoder = ClipCapDecoder(config, _embedder(model, config.embed_dim), skeleton, tokenizer)
+        decoder = ClipCapDecoder(config, recorded_embedder(model, config.embed_dim, DEFAULT_EMBEDDERS), skeleton, tokenizer)
     decoder.load_state_dict(_convert(where, state, decoder), strict=True, assign=True)
     decoder.lm.tie_weights()
     return decoder.eval().save(out)
@@ -109,22 +105,6 @@ def config_from_checkpoint(path: str, state: dict, mapping: str, width: int, pre
                          mapping_layers=layers, prefix_scale=prefix_scale)
 
 
-def _embedder(spec: str | None, dim: int) -> EmbedderInfo:
-    from ragcap.embed import parse_spec
-
-    spec = spec or DEFAULT_EMBEDDERS.get(dim)
-    if spec is None:
-        raise ModelError(f"the checkpoint's mapping network takes {dim}-d embeddings; pass --model SPEC naming the CLIP it was trained on")
-    parsed = parse_spec(spec)
-    if parsed.kind == "pretrained":
-        import open_clip
-
-        arch_dim = open_clip.get_model_config(parsed.name)["embed_dim"]
-        if arch_dim != dim:
-            raise ModelError(f"{parsed.canonical} makes {arch_dim}-d embeddings but the checkpoint's mapping network takes {dim}-d ones")
-    return EmbedderInfo(spec=parsed.canonical, dim=dim)
-
-
 def _layout(decoder: ClipCapDecoder) -> dict[str, str]:
     """ClipCap checkpoint key -> ragcap key, for every tensor the checkpoint must hold."""
     keys = {f"gpt.{k}": f"lm.{k}" for k in decoder.lm.state_dict()}
@@ -158,12 +138,8 @@ def _convert(path: str, state: dict[str, torch.Tensor], decoder: ClipCapDecoder)
     layout, expected = _layout(decoder), checkpoint_shapes(decoder)
     if decoder.lm.config.tie_word_embeddings and "gpt.lm_head.weight" not in state:
         expected.pop("gpt.lm_head.weight", None)  # tied to the token embedding: one copy suffices
-    problems = [f"missing key {k!r}" for k in expected if k not in state]
-    problems += [f"unexpected key {k!r}" for k in state if k not in expected]
-    problems += [f"key {k!r} has shape {tuple(state[k].shape)}, expected {expected[k]}"
-                 for k in expected if k in state and tuple(state[k].shape) != expected[k]]
-    if problems:
-        listed = "; ".join(sorted(problems)[:MAX_LISTED]) + (f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else "")
+    listed = key_problems(state, expected)
+    if listed:
         raise ModelError(f"{path} does not fit a ClipCap {decoder.config.mapping} model with this LM: {listed}. "
                          "Check --mapping, and that --lm is the LM the checkpoint was trained with (GPT-2 small for the published ones)")
     converted = {layout[k]: v.float() for k, v in state.items() if "attn.to_" not in k}

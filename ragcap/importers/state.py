@@ -1,11 +1,14 @@
-"""Reading a checkpoint another project published: tensors only, whatever the file holds."""
+"""Reading a checkpoint another project published: tensors only, whatever the file holds; and
+what every decoder importer checks (key names and shapes, the embedder it records)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
+from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
 
 
@@ -30,3 +33,42 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ModelError(f"{path}: expected a state dict (tensor names to tensors), found {type(data).__name__}")
     return {k.removeprefix("module."): v for k, v in data.items()}  # DistributedDataParallel's prefix
+
+
+# transformers 4.x before 2023 saved each GPT-2 attention's causal-mask buffers with the weights.
+LEGACY_GPT2_BUFFERS = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)")
+
+
+def without_legacy_buffers(state: dict[str, torch.Tensor], lm_prefix: str) -> dict[str, torch.Tensor]:
+    """The state dict without old transformers' GPT-2 mask buffers (not weights) under lm_prefix."""
+    return {k: v for k, v in state.items() if not (k.startswith(lm_prefix) and LEGACY_GPT2_BUFFERS.fullmatch(k[len(lm_prefix):]))}
+
+
+def key_problems(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], max_listed: int = 3) -> str | None:
+    """What keeps `state` from having exactly the `expected` keys and shapes, or None."""
+    problems = [f"missing key {k!r}" for k in expected if k not in state]
+    problems += [f"unexpected key {k!r}" for k in state if k not in expected]
+    problems += [f"key {k!r} has shape {tuple(state[k].shape)}, expected {expected[k]}"
+                 for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    if not problems:
+        return None
+    more = len(problems) - max_listed
+    return "; ".join(sorted(problems)[:max_listed]) + (f"; and {more} more" if more > 0 else "")
+
+
+def recorded_embedder(spec: str | None, dim: int, defaults: dict[int, str]) -> EmbedderInfo:
+    """The embedder an imported decoder records: `spec`, else the published checkpoints' CLIP
+    for that width; an open_clip name must make `dim`-d embeddings."""
+    from ragcap.embed import parse_spec
+
+    spec = spec or defaults.get(dim)
+    if spec is None:
+        raise ModelError(f"the checkpoint's mapping network takes {dim}-d embeddings; pass --model SPEC naming the CLIP it was trained on")
+    parsed = parse_spec(spec)
+    if parsed.kind == "pretrained":
+        import open_clip
+
+        arch_dim = open_clip.get_model_config(parsed.name)["embed_dim"]
+        if arch_dim != dim:
+            raise ModelError(f"{parsed.canonical} makes {arch_dim}-d embeddings but the checkpoint's mapping network takes {dim}-d ones")
+    return EmbedderInfo(spec=parsed.canonical, dim=dim)

@@ -1,4 +1,4 @@
-"""The ASGI application: the /v1 API, the web page, /metrics, and what wraps every request.
+"""The ASGI application: the /v1 API (and its OpenAI-style chat), the web page, /metrics, and what wraps every request.
 
 FastAPI on uvicorn: typed request parsing and validation, the OpenAPI schema generated from the
 same types (/openapi.json), multipart uploads, CORS and lifespan hooks are the framework's; this
@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ragcap import __version__
 from ragcap.caption import Captioner
 from ragcap.serve import errors
+from ragcap.serve.chat import chat
 from ragcap.serve.config import ServeConfig
 from ragcap.serve.metrics import Metrics
 from ragcap.serve.routes import api, monitoring, probes
@@ -141,7 +142,7 @@ def create_app(captioner: Captioner, config: ServeConfig | None = None) -> FastA
     )
     app.state.service = svc
     errors.install(app)
-    routers = (api, probes, monitoring, page_routes())
+    routers = (api, chat, probes, monitoring, page_routes())
     for router in routers:
         app.include_router(router)
     paths = frozenset([app.openapi_url] + [route.path for router in routers for route in router.routes])

@@ -36,6 +36,14 @@ class ServeConfig:
     max_text_chars: int = 2000  # CLIP reads 77 tokens (~300 characters); more is truncated anyway
     max_k: int = 4096  # pd neighbours a request may ask for (default 1024; cost grows with k)
     max_neighbours: int = 100  # retrieved captions a response may list
+    # Captions per input a request may ask for (num_captions, or n in chat): n captions are a
+    # beam of n, and a batch's decoding cost grows about linearly with it.
+    max_captions: int = 16
+    # Hosts whose http(s) image URLs a chat request may name. None by default: a server that
+    # fetches whatever a request names can be made to reach hosts only it can reach (SSRF);
+    # clients send images inline as data: URLs instead.
+    image_url_hosts: tuple[str, ...] = ()
+    image_url_timeout_s: float = 10.0  # fetching one allowed image URL
 
     @property
     def max_wait_s(self) -> float:
@@ -46,6 +54,7 @@ class ServeConfig:
             "max_batch": self.max_batch, "max_queue": self.max_queue, "timeout_s": self.timeout_s,
             "max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels, "max_images": self.max_images,
             "max_texts": self.max_texts, "max_text_chars": self.max_text_chars, "max_k": self.max_k,
+            "max_captions": self.max_captions, "image_url_timeout_s": self.image_url_timeout_s,
         }
         for name, value in positive.items():
             if value <= 0:

@@ -1,8 +1,8 @@
 """The versioned JSON API, /v1: caption, search, collections, info; health/ready; /metrics.
 
 Each route checks what the request may ask for, hands the work to the Service, and shapes the
-answer; a new route (e.g. an OpenAI-style chat endpoint) is another function over the same
-Service calls. Uploads are read as bytes: no path from a request is ever opened.
+answer; the OpenAI-style chat endpoint (ragcap.serve.chat) is another set of functions over the
+same Service calls. Uploads are read as bytes: no path from a request is ever opened.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ async def caption(
     modes: Annotated[str | None, Form(description="Comma-separated modes, e.g. pd,clipre (default: the server's).")] = None,
     k: Annotated[int | None, Form(ge=1, description="Neighbours in the pd projection (default: the server's).")] = None,
     neighbours: Annotated[int | None, Form(ge=0, description="Also return this many retrieved captions.")] = None,
+    num_captions: Annotated[int | None, Form(ge=1, description="Captions per image and mode: the n best beams, or n samples (default: the server's).")] = None,
 ) -> CaptionResponse:
     """Caption uploaded images with one or more modes.
 
@@ -78,7 +79,7 @@ async def caption(
     started = time.perf_counter()
     if len(images) > svc.config.max_images:
         raise ApiError(413, "too_many_images", f"{len(images)} images in one request; send at most {svc.config.max_images}")
-    settings = svc.settings(modes, k, neighbours)
+    settings = svc.settings(modes, k, neighbours, num_captions)
     uploads = [(await f.read(), (f.filename or f"image {i}")[:255]) for i, f in enumerate(images)]
     results, job = await svc.caption_images(uploads, settings)
     failed = [r[0].exception for r in results if r[0].error is not None]
@@ -100,7 +101,7 @@ async def caption_text(svc: Svc, body: TextCaptionRequest) -> TextCaptionRespons
     if long:
         raise ApiError(422, "invalid_request", f"text {long[0]} has {len(body.texts[long[0]])} characters; "
                        f"at most {svc.config.max_text_chars} are read (CLIP reads 77 tokens)")
-    settings = svc.settings(body.modes, body.k, body.neighbours)
+    settings = svc.settings(body.modes, body.k, body.neighbours, body.num_captions)
     results, job = await svc.caption_texts(body.texts, settings)
     return TextCaptionResponse(collection=svc.collection, modes=list(settings.modes), timing=timing(started, job),
                                results=[CaptionedText.of(r, text=t) for r, t in zip(results, body.texts)])
@@ -152,7 +153,7 @@ async def info(svc: Svc) -> InfoResponse:
     """What this server captions with, its defaults and its limits (the web page reads it)."""
     c = svc.config
     return InfoResponse(
-        version=__version__, collection=svc.collection, embedder=svc.captioner.embedder.info.spec,
+        version=__version__, collection=svc.collection, embedder=svc.captioner.embedder.info.spec, **svc.runtime,
         modes=list(svc.captioner.settings.modes), available_modes=svc.available_modes, k=svc.captioner.k,
         api_key_required=c.api_key is not None,
         limits=Limits(max_upload_bytes=c.max_upload_bytes, max_pixels=c.max_pixels, max_images=c.max_images,

@@ -84,6 +84,7 @@ class TextCaptionRequest(BaseModel):
     modes: list[str] | None = Field(None, description="Modes to run (default: the server's --mode).")
     k: int | None = Field(None, ge=1, description="Neighbours in the pd projection (default: the server's).")
     neighbours: int | None = Field(None, ge=0, description="Also return this many retrieved captions.")
+    num_captions: int | None = Field(None, ge=1, description="Captions per text and mode: the n best beams, or n samples.")
 
 
 class TextCaptionResponse(BaseModel):
@@ -136,6 +137,8 @@ class InfoResponse(BaseModel):
     version: str
     collection: str
     embedder: str
+    device: str = Field(description="Where the models run, e.g. cpu or cuda:0.")
+    precision: str = Field(description="The models' floating-point type, e.g. float32.")
     modes: list[str] = Field(description="The modes a request gets by default.")
     available_modes: list[str] = Field(description="Every mode the loaded models can run.")
     k: int = Field(description="Default neighbours in the pd projection.")

@@ -30,6 +30,7 @@ class Service:
         self.captioner = captioner.with_settings(replace(captioner.settings, batch_size=config.max_batch, max_pixels=config.max_pixels))
         loaded = {"decoder": captioner.decoder is not None, "lm": captioner.prompter is not None, None: True}
         self.available_modes = [name for name, mode in MODES.items() if loaded[mode.needs]]
+        self.runtime = captioner.runtime()  # device and precision, for /v1/info
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="ragcap-model")
         self.metrics = Metrics(lambda: self.batcher.pending)
         self.batcher = Batcher(self._run, self.executor, config.max_batch, config.max_wait_s, config.max_queue, self._observe)
@@ -51,8 +52,10 @@ class Service:
 
     # -- what requests ask for
 
-    def settings(self, modes: str | Sequence[str] | None, k: int | None, neighbours: int | None) -> CaptionSettings:
-        """The captioner's settings with a request's choices, checked against the limits."""
+    def settings(self, modes: str | Sequence[str] | None, k: int | None, neighbours: int | None,
+                 num_captions: int | None = None, **decoding) -> CaptionSettings:
+        """The captioner's settings with a request's choices, checked against the limits.
+        decoding: SearchOptions fields a request sets (max_tokens, temperature, top_p, seed, sample)."""
         base = self.captioner.settings
         if modes is not None and not isinstance(modes, str):
             modes = ",".join(modes)
@@ -66,7 +69,15 @@ class Service:
         neighbours = base.neighbours if neighbours is None else neighbours
         if not 0 <= neighbours <= self.config.max_neighbours:
             raise OptionError(f"neighbours must be in 0..{self.config.max_neighbours}, got {neighbours}")
-        return replace(base, modes=chosen, k=base.k if k is None else k, neighbours=neighbours)
+        if num_captions is not None and not 1 <= num_captions <= self.config.max_captions:
+            raise OptionError(f"the number of captions must be in 1..{self.config.max_captions}, got {num_captions}")
+        search = base.search
+        if num_captions is not None or decoding:
+            chosen_decoding = {"num_return": search.num_return if num_captions is None else num_captions, **decoding}
+            if decoding.get("sample"):
+                chosen_decoding["beam"] = None  # a server beam default does not forbid a request's sampling
+            search = replace(search, **chosen_decoding)
+        return replace(base, modes=chosen, k=base.k if k is None else k, neighbours=neighbours, search=search)
 
     async def caption_images(self, uploads: list[tuple[bytes, str]], settings: CaptionSettings) -> tuple[list[list[CaptionResult]], JobTiming]:
         """Per upload (data, file name): its result for each mode, or one error result."""
