@@ -14,7 +14,7 @@ Both run in this process on the same real photographs and random ViT-B-32, over 
 procedure: one image at a time, the softmax over the whole memory, the prefix alone into the
 decoder, greedy decoding that re-runs the whole sequence at every step, at most 30 tokens, stop
 at <end_of_text>. ragcap: `Captioner` in batches, KV-cached batched greedy decoding, with the
-exact whole-memory projection (--full-memory, so the prefixes are DeCap's and the captions must
+exact whole-memory projection (--memory exact, so the prefixes are DeCap's and the captions must
 be identical), and with its default top-k projection.
 
     python benchmarks/decap_import.py --json                  # 32 images, 20,000 captions
@@ -113,7 +113,7 @@ def main() -> None:
     reference_rate, reference = rate(lambda: [reference_caption(p, embedder, memory, published) for p in paths], len(paths))
 
     results = {}
-    for name, settings in (("exact", CaptionSettings(modes=("pd",), batch_size=args.batch_size, full_memory=True)),
+    for name, settings in (("exact", CaptionSettings(modes=("pd",), batch_size=args.batch_size, memory="exact")),
                            ("topk", CaptionSettings(modes=("pd",), batch_size=args.batch_size))):
         captioner = Captioner(store, "bench", embedder, settings, decoder=decoder)
         list(captioner.caption_images(paths[: min(4, len(paths))]))  # warm-up

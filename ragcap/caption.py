@@ -1,9 +1,11 @@
-"""Captioning: inputs -> embeddings -> one batched Qdrant query -> every requested mode (ragcap.modes).
+"""Captioning: inputs -> embeddings -> one search of the memory per batch -> every requested mode (ragcap.modes).
 
 Inputs stream through in batches (load + encode a batch, one batched search, one batched
 decode), so memory stays bounded whatever the folder size, and each image is encoded once
-however many modes run. An image is a path, encoded bytes or a PIL image (ragcap.images), so
-the CLI's files and the server's uploads take the same path through here.
+however many modes run. The search multiplies the batch by every stored vector where the
+memory fits (ragcap.retrieve.ExactMemory: exact, and one pass serves every mode), or asks
+Qdrant for each query's top k. An image is a path, encoded bytes or a PIL image
+(ragcap.images), so the CLI's files and the server's uploads take the same path through here.
 """
 
 from __future__ import annotations
@@ -20,19 +22,21 @@ import torch
 
 from ragcap.errors import RagcapError
 from ragcap.generation import SearchOptions
-from ragcap.images import IMAGE_EXTENSIONS, ImageInput, image_name, load_images
+from ragcap.images import IMAGE_EXTENSIONS, ImageInput, image_name, load_batches
 from ragcap.modes import MODES, modes_needing, parse_modes
-from ragcap.retrieve import DEFAULT_TAU, FullMemory
+from ragcap.retrieve import DEFAULT_TAU, ExactMemory
 from ragcap.store import Hit, Store
+from ragcap.store.cache import cache_bytes
 from ragcap.util import chunks
 
 __all__ = ["Batch", "CaptionResult", "CaptionSettings", "Captioner", "DEFAULT_K", "ImageInput", "iter_inputs", "parse_modes"]
 
-# Top-k for the projection. With tau = 0.01 a neighbour 0.05 less similar than the best
-# weighs e^-5 ~ 0.7% as much, yet when similarities bunch together (512-d random vectors,
-# the worst case) 256 neighbours left cosine 0.998 to DeCap's exact whole-memory projection
-# and 1024 leave 0.9998 (benchmarks/caption.py), for ~20% of pd's speed.
+# Top-k for the projection when Qdrant searches the memory. With tau = 0.01 a neighbour 0.05
+# less similar than the best weighs e^-5 ~ 0.7% as much, yet when similarities bunch together
+# (512-d random vectors, the worst case) 256 neighbours left cosine 0.998 to DeCap's exact
+# whole-memory projection and 1024 leave 0.9998 (benchmarks/caption.py).
 DEFAULT_K = 1024
+MEMORY_SEARCHES = ("auto", "exact", "qdrant")
 
 
 @dataclass(frozen=True)  # hashable: the server batches together requests with equal settings
@@ -44,10 +48,23 @@ class CaptionSettings:
     # decides (DeCap: greedy over its trained length; prompt: SmallCap's beam 3 and 25 tokens).
     search: SearchOptions = field(default_factory=SearchOptions)
     prompt_k: int = 4  # SmallCap puts 4 retrieved captions in the prompt
-    full_memory: bool = False  # exact pd over every stored caption instead of the top k
+    # How queries meet the memory: "exact" multiplies them by every stored vector (exact pd and
+    # neighbours, from a copy of the vectors kept beside the collection), "qdrant" asks Qdrant
+    # for the top k (memories larger than memory), "auto" is exact when the copy takes at most
+    # exact_max_bytes.
+    memory: str = "auto"
+    # None: a quarter of the RAM, or half of the GPU's memory (10M 512-d float16 vectors are 10 GB).
+    exact_max_bytes: int | None = None
     batch_size: int = 32
     neighbours: int = 0  # report this many retrieved captions with scores (0 = none)
     max_pixels: int | None = None  # refuse larger images (None: only Pillow's decompression-bomb limit)
+    # Threads that decode and preprocess the next batch of images while the model encodes this
+    # one (0: all in the calling thread). None: one per CPU core, at most 8.
+    load_workers: int | None = None
+    # Decode JPEGs at a reduced scale (PIL's draft mode) while both sides stay at least the
+    # model's input size: the decoder skips the detail preprocessing would throw away
+    # (benchmarks/caption.py states the pixel and embedding differences).
+    draft: bool = True
 
 
 @dataclass
@@ -70,6 +87,7 @@ class Batch:
     queries: np.ndarray  # (b, dim) unit embeddings
     hits: list[list[Hit]]  # neighbours per query (empty lists when no mode retrieves)
     images: list = field(default_factory=list)  # the decoded images (PIL), for modes that read them; empty for texts
+    projections: np.ndarray | None = None  # (b, dim) DeCap's exact projections, when the memory is searched exactly
 
 
 def iter_inputs(inputs: Sequence[str]) -> Iterator[str]:
@@ -96,9 +114,9 @@ class Captioner:
     """Captions batches of queries against one collection with the requested modes."""
 
     def __init__(self, store: Store, collection: str, embedder, settings: CaptionSettings, decoder=None, prompter=None,
-                 full_memory: FullMemory | None = None, smallcap=None):
-        """decoder: an embedding decoder (pd, nnd, vd); smallcap: a SmallCap model; full_memory:
-        the whole memory already loaded for exact pd (with_settings shares it)."""
+                 exact: ExactMemory | None = None, smallcap=None):
+        """decoder: an embedding decoder (pd, nnd, vd); smallcap: a SmallCap model; exact: the
+        memory's vectors already loaded for exact search (with_settings shares them)."""
         self.store, self.collection, self.embedder, self.settings = store, collection, embedder, settings
         self.decoder, self.prompter, self.smallcap = decoder, prompter, smallcap
         modes = [MODES[m] for m in settings.modes]
@@ -109,21 +127,37 @@ class Captioner:
             raise RagcapError("mode smallcap needs a SmallCap model: pass --decoder DIR (see `ragcap train-smallcap`, `ragcap models import smallcap`)")
         if modes_needing("lm", settings.modes) and prompter is None:
             raise RagcapError("mode prompt needs a language model: pass --lm NAME_OR_DIR")
-        self.full_memory = None
+        if settings.memory not in MEMORY_SEARCHES:
+            raise RagcapError(f"unknown memory search {settings.memory!r}; choose from {', '.join(MEMORY_SEARCHES)}")
+        self.exact: ExactMemory | None = None
         self.k = 0
         self.search_k = 0
         if any(m.memory for m in modes) or settings.neighbours:
             store.check_embedder(collection, embedder.info)
-            size = store.count(collection)
-            if size == 0:
+            version = store.version(collection)
+            if version.points == 0:
                 raise RagcapError(f"collection '{collection}' is empty: fill it with `ragcap ingest`")
+            if self._searches_exactly(cache_bytes(store, collection, version), embedder.device):
+                self.exact = exact or ExactMemory(store, collection, embedder.device)
+                size = self.exact.size
+            else:
+                size = store.count(collection)
             if settings.k is not None and settings.k > size:
                 raise RagcapError(f"--k {settings.k} is larger than collection '{collection}' ({size} captions); use --k {size} or less")
             self.k = min(DEFAULT_K, size) if settings.k is None else settings.k
-            if settings.full_memory and "pd" in settings.modes:
-                self.full_memory = full_memory or FullMemory(store, collection)
             self.search_k = min(max([m.neighbours(self) for m in modes] + [settings.neighbours]), size)
         self.with_vectors = any(m.vectors and m.neighbours(self) for m in modes)
+
+    def _searches_exactly(self, nbytes: int, device: torch.device) -> bool:
+        if self.settings.memory != "auto":
+            return self.settings.memory == "exact"
+        budget = self.settings.exact_max_bytes
+        if budget is None:
+            if device.type == "cuda":
+                budget = torch.cuda.get_device_properties(device).total_memory // 2
+            else:
+                budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+        return nbytes <= budget
 
     def runtime(self) -> dict[str, str]:
         """Where the loaded models run: {"device": "cpu", "precision": "float32"}; several
@@ -138,7 +172,7 @@ class Captioner:
         models and memory: how a server answers each request's options without loading anything."""
         if settings == self.settings:
             return self
-        return Captioner(self.store, self.collection, self.embedder, settings, self.decoder, self.prompter, self.full_memory, self.smallcap)
+        return Captioner(self.store, self.collection, self.embedder, settings, self.decoder, self.prompter, self.exact, self.smallcap)
 
     def caption_images(self, images: Iterable[ImageInput], names: Iterable[str] | None = None) -> Iterator[CaptionResult]:
         """Results in input order, one per input and mode: an image that fails to load gets one
@@ -149,12 +183,20 @@ class Captioner:
 
     def caption_each(self, images: Iterable[ImageInput], names: Iterable[str] | None = None) -> Iterator[list[CaptionResult]]:
         """caption_images grouped by input: per input, its result for each mode or one error result."""
-        per_input = len(self.settings.modes)
+        settings, embedder = self.settings, self.embedder
+        per_input = len(settings.modes)
         named = zip(images, names) if names is not None else ((im, image_name(im, i)) for i, im in enumerate(images))
-        for chunk in chunks(named, self.settings.batch_size):
-            decoded, errors = load_images(chunk, self.settings.max_pixels)
+        workers = min(os.cpu_count() or 1, 8) if settings.load_workers is None else settings.load_workers
+        keep_images = bool(modes_needing("smallcap", settings.modes))
+        prepare = (lambda im: (embedder.prepare_image(im), im)) if keep_images else embedder.prepare_image
+        draft = embedder.draft_size if settings.draft and not keep_images else None  # drafts suit the retrieval model's input only
+        batches = load_batches(chunks(named, settings.batch_size), settings.max_pixels, prepare, draft, workers)
+        for chunk, prepared, errors in batches:
             loaded = [name for i, (_, name) in enumerate(chunk) if i not in errors]
-            results = iter(self._caption(loaded, self.embedder.encode_images(decoded), decoded) if decoded else [])
+            images = []
+            if keep_images:  # smallcap encodes the image again with its own encoder
+                prepared, images = [p for p, _ in prepared], [im for _, im in prepared]
+            results = iter(self._caption(loaded, embedder.encode_prepared(prepared), images) if prepared else [])
             for i, (_, name) in enumerate(chunk):
                 if i in errors:
                     yield [CaptionResult(source=name, error=str(errors[i]), exception=errors[i])]
@@ -165,10 +207,21 @@ class Captioner:
         for chunk in chunks(texts, self.settings.batch_size):
             yield from self._caption(chunk, self.embedder.encode_text(chunk).vectors)
 
+    def _search(self, queries: np.ndarray) -> tuple[list[list[Hit]], np.ndarray | None]:
+        """Each query's neighbours (as many as the modes need) and, searching exactly, its projection."""
+        if self.exact is not None:
+            self.exact.refresh()
+            tau = self.settings.tau if "pd" in self.settings.modes else None
+            scores, rows, projections = self.exact.search(queries, self.search_k, tau)
+            return self.exact.hits(scores, rows, self.with_vectors), projections
+        if self.search_k:
+            return self.store.search(self.collection, queries, self.search_k, self.with_vectors), None
+        return [[] for _ in queries], None
+
     def _caption(self, sources: list[str], queries: np.ndarray, images: Sequence = ()) -> list[CaptionResult]:
         settings = self.settings
-        hits = self.store.search(self.collection, queries, self.search_k, self.with_vectors) if self.search_k else [[] for _ in sources]
-        batch = Batch(self, queries, hits, list(images))
+        hits, projections = self._search(queries)
+        batch = Batch(self, queries, hits, images=list(images), projections=projections)
         captions = self._decode_prefixes(batch)
         for name in settings.modes:
             if MODES[name].captions is not None:

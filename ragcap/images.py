@@ -13,8 +13,12 @@ from __future__ import annotations
 import io
 import os
 import warnings
+import queue
+import threading
+from collections import deque
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -62,9 +66,10 @@ def image_name(image: ImageInput, index: int) -> str:
     return getattr(image, "filename", None) or f"image {index}"
 
 
-def load_image(image: ImageInput, max_pixels: int | None = None, name: str | None = None) -> Image.Image:
+def load_image(image: ImageInput, max_pixels: int | None = None, name: str | None = None, draft: int | None = None) -> Image.Image:
     """Decode an image file, encoded bytes or a PIL image to an upright RGB PIL image (first
-    frame of an animation).
+    frame of an animation). draft: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale while both
+    sides stay at least this many pixels (PIL's draft mode: the decoder skips the detail).
 
     Raises ImageError naming the input (`name`, else its path) for a missing, empty, corrupt,
     truncated or non-image input, and ImageTooLarge for more than `max_pixels` pixels or a
@@ -76,7 +81,7 @@ def load_image(image: ImageInput, max_pixels: int | None = None, name: str | Non
     if isinstance(image, (bytes, bytearray, memoryview)):
         if not len(image):
             raise ImageError(f"{name}: empty file")
-        return _decode(lambda: Image.open(io.BytesIO(image)), name, max_pixels)
+        return _decode(lambda: Image.open(io.BytesIO(image)), name, max_pixels, draft=draft)
     path = Path(image)
     if not path.exists():
         raise ImageError(f"{name}: no such file")
@@ -84,21 +89,82 @@ def load_image(image: ImageInput, max_pixels: int | None = None, name: str | Non
         raise ImageError(f"{name}: not a file")
     if path.stat().st_size == 0:
         raise ImageError(f"{name}: empty file")
-    return _decode(lambda: Image.open(path), name, max_pixels)
+    return _decode(lambda: Image.open(path), name, max_pixels, draft=draft)
 
 
 def load_images(named: Sequence[tuple[ImageInput, str]], max_pixels: int | None = None) -> tuple[list[Image.Image], dict[int, ImageError]]:
     """Decode each (image, name): the images that load, and the error of each position that did not."""
-    images, errors = [], {}
-    for i, (image, name) in enumerate(named):
-        try:
-            images.append(load_image(image, max_pixels, name))
-        except ImageError as err:
-            errors[i] = err
-    return images, errors
+    return _split([_load_one(image, name, max_pixels) for image, name in named])
 
 
-def _decode(open_image: Callable[[], Image.Image], name: str, max_pixels: int | None, owned: bool = True) -> Image.Image:
+def load_batches(
+    batches: Iterable[Sequence[tuple[ImageInput, str]]], max_pixels: int | None = None,
+    prepare: Callable[[Image.Image], object] | None = None, draft: int | None = None, workers: int = 0,
+) -> Iterator[tuple[Sequence[tuple[ImageInput, str]], list, dict[int, ImageError]]]:
+    """load_images over each batch, each image then passed through `prepare` (a model's
+    preprocessing): per batch, (the batch, what loaded, each failed position's error). With
+    workers, that many threads decode and prepare the next batch while the caller works on this
+    one (Pillow's decoders and resizers and torch release the GIL)."""
+    def one(image: ImageInput, name: str):
+        return _load_one(image, name, max_pixels, draft, prepare)
+
+    if not workers:
+        yield from ((batch, *_split([one(*item) for item in batch])) for batch in batches)
+        return
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(workers):
+        threading.Thread(target=_work, args=(jobs,), name="ragcap-load", daemon=True).start()
+
+    def submit(item) -> Future:
+        future: Future = Future()
+        jobs.put((future, one, item))
+        return future
+
+    pending: deque = deque()
+    try:
+        for batch in batches:
+            pending.append((batch, [submit(item) for item in batch]))
+            if len(pending) > 1:  # one batch ahead
+                batch, futures = pending.popleft()
+                yield batch, *_split([f.result() for f in futures])
+        for batch, futures in pending:
+            yield batch, *_split([f.result() for f in futures])
+    finally:
+        for _, futures in pending:
+            for f in futures:
+                f.cancel()
+        for _ in range(workers):
+            jobs.put(None)
+
+
+def _work(jobs: queue.SimpleQueue) -> None:
+    """A loading thread. Daemon threads, not a ThreadPoolExecutor's, which the interpreter waits
+    for at exit: a read that never returns (a FIFO, a hung network mount) must not keep Ctrl-C
+    from ending the process."""
+    while (job := jobs.get()) is not None:
+        future, fn, item = job
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*item))
+            except BaseException as e:  # noqa: BLE001 - raised again in the caller, by result()
+                future.set_exception(e)
+
+
+def _load_one(image: ImageInput, name: str, max_pixels: int | None, draft: int | None = None, prepare=None):
+    try:
+        loaded = load_image(image, max_pixels, name, draft)
+    except ImageError as err:
+        return err
+    return prepare(loaded) if prepare is not None else loaded
+
+
+def _split(results: list) -> tuple[list, dict[int, ImageError]]:
+    loaded = [r for r in results if not isinstance(r, ImageError)]
+    return loaded, {i: r for i, r in enumerate(results) if isinstance(r, ImageError)}
+
+
+def _decode(open_image: Callable[[], Image.Image], name: str, max_pixels: int | None, owned: bool = True,
+            draft: int | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
@@ -111,6 +177,8 @@ def _decode(open_image: Callable[[], Image.Image], name: str, max_pixels: int | 
                         f"{name}: {width}x{height} is {width * height:,} pixels, over the limit of {max_pixels:,}; "
                         "send a smaller image"
                     )
+                if draft is not None:
+                    im.draft(None, (draft, draft))  # a no-op but for JPEG
                 im.load()  # decode now, inside the handlers, rather than lazily later
                 upright = im
                 try:

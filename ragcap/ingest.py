@@ -3,12 +3,15 @@
 Point ids are derived from the collection and the normalised caption, so the runner can ask
 the store which ids it already holds and embed only the rest: a rerun adds nothing twice and
 an interrupted run resumes where it stopped. Nothing is created before the first batch is
-ready, so a corpus that yields nothing leaves no empty collection behind.
+ready, so a corpus that yields nothing leaves no empty collection behind. Each batch is written
+by a background thread while the next one is read and embedded; the store is never used by both
+threads at once.
 """
 
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -130,33 +133,49 @@ def ingest(
     embedder = None
     mapper = _Mapper(collection, options, summary)
     # Progress is counted in source records; embedding advances it caption by caption and the
-    # rest of each batch (duplicates, filtered, already stored) is settled when it is written.
+    # rest of each batch (duplicates, filtered, already stored) is settled when it is embedded.
     reported = 0
     tick = on_progress or (lambda n: None)
-    for batch in _batches(mapper(records), options.batch_size):
-        ids = [pid for pid, _ in batch]
-        stored = store.existing(collection, ids) if exists else set()
-        summary.already_stored += len(stored)
-        todo = [(pid, rec) for pid, rec in batch if pid not in stored]
-        embedded = 0
-        if todo:
-            if any(rec.vector is None for _, rec in todo) and embedder is None:
-                embedder = load_embedder()
-            vectors, embedded = _vectors_for(todo, embedder, embedder_info, summary, tick)
-            if not exists:
-                _create(store, collection, embedder_info, options.vector_dtype, options.layout)
-                exists = True
-            store.upsert(collection, [pid for pid, _ in todo], vectors, [rec.payload() for _, rec in todo])
-            summary.stored += len(todo)
-        consumed = summary.read + summary.skipped_bad
-        tick(consumed - reported - embedded)
-        reported = consumed
+    writer = ThreadPoolExecutor(1, thread_name_prefix="ragcap-upsert")
+    writing: Future = writer.submit(lambda: None)
+    # Ids are unique within a run, so only a collection that existed before it can hold any.
+    existed = exists
+    try:
+        for batch in _batches(mapper(records), options.batch_size):
+            stored = set()
+            if existed:
+                writing.result()  # the store serves one thread at a time
+                stored = store.existing(collection, [pid for pid, _ in batch])
+            summary.already_stored += len(stored)
+            todo = [(pid, rec) for pid, rec in batch if pid not in stored]
+            embedded = 0
+            if todo:
+                if any(rec.vector is None for _, rec in todo) and embedder is None:
+                    embedder = load_embedder()
+                vectors, embedded = _vectors_for(todo, embedder, embedder_info, summary, tick)
+                writing.result()  # one batch written at a time; its error stops the run here
+                if not exists:
+                    _create(store, collection, embedder_info, options.vector_dtype, options.layout)
+                    exists = True
+                # Written at once, so a source that is slow to yield more holds nothing back.
+                writing = writer.submit(_write, store, collection, todo, vectors, summary)
+            consumed = summary.read + summary.skipped_bad
+            tick(consumed - reported - embedded)
+            reported = consumed
+        writing.result()
+    finally:
+        writer.shutdown()  # an error or interrupt waits for the batch being written
     tick(summary.read + summary.skipped_bad - reported)
     if not exists:
         raise SourceError(_nothing_to_store(summary))
     if summary.stored:
         store.optimize(collection)  # build the search index once, not while points stream in
     return summary
+
+
+def _write(store: Store, collection: str, todo, vectors: np.ndarray, summary: IngestSummary) -> None:
+    store.upsert(collection, [pid for pid, _ in todo], vectors, [rec.payload() for _, rec in todo])
+    summary.stored += len(todo)
 
 
 def _create(store: Store, collection: str, info: EmbedderInfo, vector_dtype: str, layout: CollectionLayout) -> None:

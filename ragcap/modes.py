@@ -30,7 +30,7 @@ class Mode:
     name: str
     needs: str | None  # the resource it runs: "decoder" (an embedding decoder), "lm", "smallcap" (a SmallCap model), or None
     memory: bool  # whether it reads the collection at all
-    # How many neighbours it retrieves (the captioner knows k, full-memory and prompt settings).
+    # How many neighbours it retrieves (the captioner knows k, the memory search and prompt settings).
     neighbours: Callable[["Captioner"], int]
     vectors: bool = False
     prefix: Callable[["Batch"], np.ndarray] | None = None  # embedding modes: one vector per query
@@ -41,9 +41,9 @@ class Mode:
 def _pd_prefixes(batch: "Batch") -> np.ndarray:
     from ragcap.retrieve import project_hits
 
+    if batch.projections is not None:  # the exact projection over every stored caption
+        return batch.projections
     run = batch.captioner
-    if run.full_memory is not None:  # the exact projection over every stored caption
-        return run.full_memory.project(batch.queries, run.settings.tau)
     return np.stack([project_hits(h[: run.k], run.settings.tau) for h in batch.hits])
 
 
@@ -76,7 +76,7 @@ PROMPT_SEARCH_FACTOR = 3
 MODES: dict[str, Mode] = {
     m.name: m
     for m in (
-        Mode("pd", memory=True, needs="decoder", neighbours=lambda run: 0 if run.full_memory is not None else run.k, vectors=True, prefix=_pd_prefixes,
+        Mode("pd", memory=True, needs="decoder", neighbours=lambda run: 0 if run.exact is not None else run.k, vectors=True, prefix=_pd_prefixes,
              help="decode DeCap's projection onto the memory (DeCap)"),
         Mode("nnd", memory=True, needs="decoder", neighbours=lambda run: 1, vectors=True, prefix=lambda b: np.stack([h[0].vector for h in b.hits]),
              help="decode the nearest caption's embedding (DeCap baseline)"),

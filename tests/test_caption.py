@@ -103,10 +103,14 @@ def test_batched_equals_one_at_a_time_and_modes_together_equal_separately(store,
         run = Captioner(store, "mem", embedder, settings, decoder=RecordingDecoder()).caption_images(paths)
         return {(r.source, r.mode): r.caption for r in run}
 
+    def assert_same(a, b):  # fingerprints of prefixes: the batch shape changes float32 matmul rounding
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == b[key] if key[1] == "clipre" else float(a[key]) == pytest.approx(float(b[key]), abs=1e-5)
+
     together = captions(("pd", "clipre", "vd"), batch_size=4)
-    assert together == captions(("pd", "clipre", "vd"), batch_size=1)
-    separate = {**captions(("pd",), 2), **captions(("clipre",), 3), **captions(("vd",), 5)}
-    assert together == separate
+    assert_same(together, captions(("pd", "clipre", "vd"), batch_size=1))
+    assert_same(together, {**captions(("pd",), 2), **captions(("clipre",), 3), **captions(("vd",), 5)})
 
 
 def test_bad_files_are_reported_and_the_rest_captioned(store, embedder, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -164,3 +166,43 @@ def test_a_worker_joins_a_collection_another_worker_created_meanwhile(store, emb
 
     summary = ingest(records(CAPTIONS[:8]), Racing(), "c", embedder.info, lambda: embedder, IngestOptions())
     assert summary.stored == 8 and store.count("c") == 8
+
+
+class OneAtATime:
+    """A store that fails a test if two threads use it at once, and notes who wrote."""
+
+    def __init__(self, store, fail_upsert: int | None = None):
+        self.store, self.fail_upsert = store, fail_upsert
+        self.busy, self.upsert_threads = threading.Lock(), []
+
+    def __getattr__(self, name):
+        method = getattr(self.store, name)
+
+        def guarded(*args, **kwargs):
+            assert self.busy.acquire(blocking=False), f"{name} called while the store was in use"
+            try:
+                if name == "upsert":
+                    self.upsert_threads.append(threading.current_thread())
+                    if len(self.upsert_threads) == self.fail_upsert:
+                        raise StoreError("disk full")
+                return method(*args, **kwargs)
+            finally:
+                self.busy.release()
+
+        return guarded
+
+
+def test_batches_are_written_in_the_background_never_alongside_another_store_call(store, embedder):
+    guarded = OneAtATime(store)
+    summary = run(guarded, embedder, records(CAPTIONS))
+    assert summary.stored == store.count("c") == 60
+    assert len(guarded.upsert_threads) == 4 and threading.main_thread() not in guarded.upsert_threads
+    again = run(guarded, embedder, records(CAPTIONS + ["one more caption"]))  # existing() between the writes
+    assert (again.already_stored, again.stored) == (60, 1)
+
+
+def test_a_failed_background_write_stops_the_ingest_with_its_error(store, embedder):
+    with pytest.raises(StoreError, match="disk full"):
+        run(OneAtATime(store, fail_upsert=2), embedder, records(CAPTIONS))
+    assert store.count("c") == 16  # the first batch; the rerun resumes from there
+    assert run(store, embedder, records(CAPTIONS)).already_stored == 16

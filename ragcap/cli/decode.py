@@ -204,7 +204,7 @@ def caption(
     decoder: Annotated[Optional[list[Path]], typer.Option(help="Trained decoder directory: pd, nnd, vd read an embedding decoder, smallcap a SmallCap model (repeat to give both).")] = None,
     lm: Annotated[str, typer.Option(help="Causal LM for prompt mode: hub name or directory.")] = "gpt2",
     text: Annotated[Optional[list[str]], typer.Option("--text", help="Caption from this text instead of images (repeatable).")] = None,
-    k: Annotated[Optional[int], typer.Option("--k", "-k", help="Neighbours in the pd projection [default: 1024, or the whole collection if smaller].")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", "-k", help="Neighbours in the pd projection when Qdrant searches the memory (--memory qdrant) [default: 1024, or the whole collection if smaller].")] = None,
     tau: Annotated[float, typer.Option(help="Softmax temperature of the projection (DeCap: 0.01).")] = 0.01,
     beam: Beam = None,
     num_captions: NumCaptions = 1,
@@ -214,7 +214,7 @@ def caption(
     temperature: Temperature = None,
     seed: Seed = None,
     prompt_k: Annotated[int, typer.Option(help="Retrieved captions in the prompt (SmallCap: 4).")] = 4,
-    full_memory: Annotated[bool, typer.Option(help="Exact pd over every stored caption (slow; for checking).")] = False,
+    memory: Annotated[str, typer.Option("--memory", help="How to search the memory: exact (every stored caption, from a copy of the vectors kept beside the collection), qdrant (Qdrant's top k: memories larger than RAM), or auto (exact when the copy fits in a quarter of the RAM, or half the GPU's).")] = "auto",
     neighbours: Annotated[int, typer.Option(help="Also report this many retrieved captions with scores.")] = 0,
     fmt: Annotated[str, typer.Option("--format", help="text, jsonl or csv.")] = "text",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results here instead of stdout (via FILE.partial, renamed when complete).")] = None,
@@ -248,7 +248,7 @@ def caption(
         raise RagcapError("nothing to caption: give image paths, a directory, - for stdin, or --text")
     search = search_options(beam, num_captions, max_tokens, top_p, top_k, temperature, seed)
     settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, search=search, prompt_k=prompt_k,
-                               full_memory=full_memory, batch_size=batch_size, neighbours=neighbours)
+                               memory=memory, batch_size=batch_size, neighbours=neighbours)
     engine_options = ray_options(engine, ray_address, actors, gpus_per_actor, cpus_per_actor)
     if engine_options is not None and text:
         raise OptionError("--engine ray captions images; caption --text in this process (leave --engine out)")
@@ -300,7 +300,7 @@ def evaluate(
     lm: Annotated[str, typer.Option(help="Causal LM for prompt mode.")] = "gpt2",
     ref_format: Annotated[Optional[str], typer.Option("--ref-format", help="Reference format (default: detected).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Karpathy split to score (default: test).")] = None,
-    k: Annotated[Optional[int], typer.Option("--k", "-k", help="Neighbours in the pd projection [default: 1024, or the whole collection if smaller].")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", "-k", help="Neighbours in the pd projection when Qdrant searches the memory (--memory qdrant) [default: 1024, or the whole collection if smaller].")] = None,
     tau: Annotated[float, typer.Option(help="Softmax temperature of the projection.")] = 0.01,
     beam: Beam = None,
     max_tokens: MaxTokens = None,

@@ -39,6 +39,7 @@ __all__ = [
     "CheckReport",
     "CollectionInfo",
     "CollectionLayout",
+    "CollectionVersion",
     "EmbedderInfo",
     "Hit",
     "Store",
@@ -115,6 +116,19 @@ class CollectionLayout:
     @property
     def clustered(self) -> bool:
         return any(v is not None for v in (self.shards, self.replicas, self.write_consistency))
+
+
+@dataclass(frozen=True)
+class CollectionVersion:
+    """What a collection holds, as far as a copy of its vectors is concerned (ragcap.store.cache):
+    `writes` changes with every write to its points, so equal versions mean equal points."""
+
+    writes: str
+    points: int
+
+
+def new_writes_token() -> str:
+    return uuid.uuid4().hex
 
 
 @dataclass
@@ -241,17 +255,40 @@ class Store(ABC):
 
     @abstractmethod
     def scroll(
-        self, name: str, batch_size: int = 4096, with_vectors: bool = True
+        self, name: str, batch_size: int = 4096, with_vectors: bool = True, with_payload: bool = True
     ) -> Iterator[tuple[list[str], np.ndarray, list[dict]]]:
-        """Every point once, in batches of (ids, float32 vectors (b, dim) or (b, 0), payloads)."""
+        """Every point once, in batches of (ids, float32 vectors (b, dim) or (b, 0), payloads or {})."""
 
     @abstractmethod
     def _scroll_ids(self, name: str) -> Iterator[list[str]]:
         """Every id once, in batches, reading nothing else (so damaged payloads cannot stop it)."""
 
     @abstractmethod
-    def _retrieve(self, name: str, ids: list[str]) -> list[tuple[str, np.ndarray, dict]]:
-        """(id, float32 vector, payload) of each of `ids` that is stored."""
+    def _retrieve(self, name: str, ids: list[str], with_vectors: bool = True) -> list[tuple[str, np.ndarray | None, dict]]:
+        """(id, float32 vector or None, payload) of each of `ids` that is stored."""
+
+    def payloads(self, name: str, ids: list[str]) -> list[dict]:
+        """The payloads of stored points, in the order of `ids` (neighbours found in a vector cache)."""
+        found = {pid: payload for pid, _, payload in self._retrieve(name, list(dict.fromkeys(ids)), with_vectors=False)}
+        missing = [pid for pid in ids if pid not in found]
+        if missing:
+            raise DamagedCollection(
+                f"collection '{name}' has no point {missing[0]} although its version lists it: its files are "
+                f"damaged; run `ragcap check {name}`"
+            )
+        return [found[pid] for pid in ids]
+
+    @abstractmethod
+    def version(self, name: str) -> CollectionVersion:
+        """The collection's current version, read without opening it where the store can."""
+
+    def vector_dtype(self, name: str) -> str:
+        """How the collection's vectors come back: "float16" when each is exactly a float16 value."""
+        return "float32"
+
+    def cache_dir(self, name: str) -> Path | None:
+        """Where a copy of the collection's vectors may be kept (None: in memory only)."""
+        return None
 
     @abstractmethod
     def delete(self, name: str, ids: list[str]) -> None:

@@ -1,11 +1,17 @@
 """qdrant-client backend: a Qdrant server (url), or ":memory:" for tests.
 
 The embedder is kept in the collection's own metadata (Qdrant >= 1.16 / qdrant-client >= 1.16),
-so a collection carries its identity wherever the server's data goes.
+so a collection carries its identity wherever the server's data goes. So is a token that ragcap
+renews before and after each of its writes: with the point count it is the collection's version,
+which says whether a copy of its vectors (ragcap.store.cache, kept under $RAGCAP_HOME) is still
+the collection's. Writes by other clients that keep the count (overwriting points in place) are
+not seen by it; write to a ragcap collection through ragcap.
 """
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -14,9 +20,22 @@ from qdrant_client.http.exceptions import UnexpectedResponse
 
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import OptionError, StoreError
-from ragcap.store import RESCORE_OVERSAMPLING, CollectionInfo, CollectionLayout, Hit, Store, check_name, check_vector_dtype, missing_collection
+from ragcap.store import (
+    RESCORE_OVERSAMPLING,
+    CollectionInfo,
+    CollectionLayout,
+    CollectionVersion,
+    Hit,
+    Store,
+    check_name,
+    check_vector_dtype,
+    default_home,
+    missing_collection,
+    new_writes_token,
+)
 
 META_KEY = "ragcap_embedder"
+WRITES_KEY = "ragcap_writes"
 UPSERT_BATCH = 512  # 512 x 512-d floats is ~1 MB of JSON per request
 HNSW_M = 16
 HNSW_EF_CONSTRUCT = 128
@@ -144,7 +163,7 @@ class ClientStore(Store):
                 shard_number=layout.shards,
                 replication_factor=layout.replicas,
                 write_consistency_factor=layout.write_consistency,
-                metadata={META_KEY: embedder.to_dict()},
+                metadata={META_KEY: embedder.to_dict(), WRITES_KEY: new_writes_token()},
             )
         except UnexpectedResponse as e:
             # Parallel `--shard` workers race to create the collection; the losers get a conflict.
@@ -179,6 +198,7 @@ class ClientStore(Store):
             raise StoreError(f"upsert into '{name}': {len(ids)} ids, {len(vectors)} vectors, {len(payloads)} payloads")
         if name in self._rounded_locally:
             vectors = vectors.astype(np.float16).astype(np.float32)
+        self._renew_writes(name)
         starts = range(0, len(ids), UPSERT_BATCH)
         for start in starts:
             stop = start + UPSERT_BATCH
@@ -188,6 +208,34 @@ class ClientStore(Store):
             # Don't wait for each batch to be indexed; the server applies a collection's
             # updates in order, so waiting on the last one covers them all.
             self.client.upsert(name, points=batch, wait=start == starts[-1])
+        self._renew_writes(name)
+
+    def _renew_writes(self, name: str) -> None:
+        """Before a write, so that no copy of the vectors outlives it even if the writer dies midway;
+        and after, so that none made while it ran matches the result."""
+        self.client.update_collection(name, metadata={WRITES_KEY: new_writes_token()})
+
+    def version(self, name: str) -> CollectionVersion:
+        self.embedder(name)
+        writes = (self.client.get_collection(name).config.metadata or {}).get(WRITES_KEY)
+        if not writes:  # made by a ragcap before versions
+            writes = new_writes_token()
+            self.client.update_collection(name, metadata={WRITES_KEY: writes})
+        return CollectionVersion(str(writes), self.count(name))
+
+    def vector_dtype(self, name: str) -> str:
+        if name in self._rounded_locally:  # rounded, then normalised again by local mode: float32 values
+            return "float32"
+        datatype = getattr(self.client.get_collection(name).config.params.vectors, "datatype", None)
+        return "float16" if datatype == models.Datatype.FLOAT16 else "float32"
+
+    def cache_dir(self, name: str) -> Path | None:
+        """Per server under $RAGCAP_HOME; ":memory:" collections vanish with the process, so their
+        copies stay in memory too."""
+        if self.where == ":memory:":
+            return None
+        server = hashlib.sha256(self.where.encode()).hexdigest()[:16]
+        return default_home() / "server-caches" / server / name
 
     def existing(self, name: str, ids: list[str]) -> set[str]:
         self.embedder(name)
@@ -230,13 +278,13 @@ class ClientStore(Store):
         ]
 
     def scroll(
-        self, name: str, batch_size: int = 4096, with_vectors: bool = True
+        self, name: str, batch_size: int = 4096, with_vectors: bool = True, with_payload: bool = True
     ) -> Iterator[tuple[list[str], np.ndarray, list[dict]]]:
         self.embedder(name)
         offset = None
         while True:
             records, offset = self.client.scroll(
-                name, limit=batch_size, offset=offset, with_payload=True, with_vectors=with_vectors
+                name, limit=batch_size, offset=offset, with_payload=with_payload, with_vectors=with_vectors
             )
             if records:
                 vectors = (
@@ -257,14 +305,16 @@ class ClientStore(Store):
             if offset is None:
                 return
 
-    def _retrieve(self, name: str, ids: list[str]) -> list[tuple[str, np.ndarray, dict]]:
+    def _retrieve(self, name: str, ids: list[str], with_vectors: bool = True) -> list[tuple[str, np.ndarray | None, dict]]:
         self.embedder(name)
-        records = self.client.retrieve(name, list(ids), with_payload=True, with_vectors=True)
-        return [(str(r.id), np.asarray(r.vector, dtype=np.float32), r.payload or {}) for r in records]
+        records = self.client.retrieve(name, list(ids), with_payload=True, with_vectors=with_vectors)
+        return [(str(r.id), np.asarray(r.vector, dtype=np.float32) if with_vectors else None, r.payload or {}) for r in records]
 
     def delete(self, name: str, ids: list[str]) -> None:
         self.embedder(name)
+        self._renew_writes(name)
         self.client.delete(name, points_selector=models.PointIdsList(points=list(ids)), wait=True)
+        self._renew_writes(name)
 
     def count(self, name: str) -> int:
         self.embedder(name)

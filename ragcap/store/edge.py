@@ -2,8 +2,11 @@
 
 Layout under <root>/collections/:
     <name>/shard/        one EdgeShard
-    <name>/ragcap.json   the record: embedder, vector storage, points after the last write, and
-                         a stamp of the shard's files at the last clean close (see edge_files)
+    <name>/ragcap.json   the record: embedder, vector storage, points after the last write, a
+                         token renewed by every write, and a stamp of the shard's files at the
+                         last clean close (see edge_files)
+    <name>/cache/        a copy of the vectors for exact search (ragcap.store.cache), valid while
+                         the record's token and points are those it was made from
     .<name>.lock         held by the one process using the collection (.queue: by those waiting)
 
 A collection is built under a hidden staging name and renamed into place with its record, so a
@@ -43,11 +46,13 @@ from ragcap.store import (
     CheckReport,
     CollectionInfo,
     CollectionLayout,
+    CollectionVersion,
     Hit,
     Store,
     check_name,
     check_vector_dtype,
     missing_collection,
+    new_writes_token,
 )
 from ragcap.store import edge_files as files
 from ragcap.store.edge_files import RECORD
@@ -203,9 +208,19 @@ class EdgeStore(Store):
             self._vector_dtypes[name] = record.get("vector_dtype", "float32")
         return self._embedders[name]
 
-    def _vector_dtype(self, name: str) -> str:
+    def vector_dtype(self, name: str) -> str:
         self.embedder(name)  # reads the record, which holds both
         return self._vector_dtypes[name]
+
+    def version(self, name: str) -> CollectionVersion:
+        """From the record on disk, without opening the collection (another process may hold it):
+        every write renews its token, before and after it touches the points, so a writer killed
+        midway leaves a version no copy was made from."""
+        record = files.read_record(self._dir(name), name)
+        return CollectionVersion(str(record.get("writes") or ""), int(record.get("points") or 0))
+
+    def cache_dir(self, name: str) -> Path:
+        return self._dir(name) / "cache"  # inside the collection: dropped with it
 
     def collections(self) -> list[CollectionInfo]:
         """Every collection directory: a busy or damaged one is listed as such, from its files
@@ -283,6 +298,11 @@ class EdgeStore(Store):
                     f"collection '{name}' holds {lease.points} points but {recorded} were stored: its files are "
                     f"damaged; `ragcap check {name}` tells more"
                 )
+            if lease.points > recorded or not record.get("writes"):
+                # A writer killed after storing points but before counting them, or a record
+                # from before tokens: count what is there under a new token.
+                record["points"], record["writes"] = lease.points, new_writes_token()
+                files.write_record(d, record)
             self._maybe_unindexed.add(name)
         except BaseException:
             if lease.shard is not None:
@@ -446,7 +466,7 @@ class EdgeStore(Store):
         if not (len(ids) == len(vectors) == len(payloads)):
             raise StoreError(f"upsert into '{name}': {len(ids)} ids, {len(vectors)} vectors, {len(payloads)} payloads")
         payload_bytes = len(json.dumps(payloads, ensure_ascii=False).encode()) // max(1, len(payloads))
-        new_bytes = len(ids) * files.point_bytes(vectors.shape[1], self._vector_dtype(name), payload_bytes)
+        new_bytes = len(ids) * files.point_bytes(vectors.shape[1], self.vector_dtype(name), payload_bytes)
         step = self.config.upsert_batch
         with self._use(name, "writing points") as shard:
             shard_dir = self._dir(name) / "shard"
@@ -455,6 +475,7 @@ class EdgeStore(Store):
                 shard_dir, files.need_to_write(shard_dir, new_bytes), f"storing {len(ids)} more points in collection '{name}'",
                 f"; the {held} points stored so far are intact, and rerunning the ingest resumes",
             )
+            self._renew_writes(name)
             for start in range(0, len(ids), step):
                 # Lists cross into Rust faster than numpy rows, which go element by element.
                 rows = vectors[start : start + step].tolist()
@@ -468,6 +489,7 @@ class EdgeStore(Store):
         with self._use(name, "deleting points") as shard:
             shard_dir = self._dir(name) / "shard"
             files.ensure_room(shard_dir, files.need_to_write(shard_dir, 64 * len(ids)), f"deleting points of collection '{name}'")
+            self._renew_writes(name)
             shard.update(qe.UpdateOperation.delete_points(list(ids)))
             self._record_points(name, shard)
 
@@ -478,6 +500,14 @@ class EdgeStore(Store):
         # number after upserts, overwrites, deletes and optimisation.
         lease = self._lease(name)
         lease.points = lease.record["points"] = shard.info().points_count
+        lease.record["writes"] = new_writes_token()
+        files.write_record(self._dir(name), lease.record)
+
+    def _renew_writes(self, name: str) -> None:
+        """Before a write: copies of the vectors made until now no longer match the record, even
+        if this process is killed before the write ends (and _record_points renews it again)."""
+        lease = self._lease(name)
+        lease.record["writes"] = new_writes_token()
         files.write_record(self._dir(name), lease.record)
 
     def recount(self, name: str) -> None:
@@ -497,10 +527,10 @@ class EdgeStore(Store):
                 found.update(str(r.id) for r in records)
         return found
 
-    def _retrieve(self, name: str, ids: list[str]) -> list[tuple[str, np.ndarray, dict]]:
+    def _retrieve(self, name: str, ids: list[str], with_vectors: bool = True) -> list[tuple[str, np.ndarray | None, dict]]:
         with self._use(name, "reading points") as shard:
-            records = shard.retrieve(list(ids), with_payload=True, with_vector=True)
-        return [(str(r.id), _vector(r.vector), r.payload or {}) for r in records]
+            records = shard.retrieve(list(ids), with_payload=True, with_vector=with_vectors)
+        return [(str(r.id), _vector(r.vector) if with_vectors else None, r.payload or {}) for r in records]
 
     def optimize(self, name: str) -> None:
         with self._use(name, "building the index") as shard:
@@ -545,14 +575,14 @@ class EdgeStore(Store):
         ]
 
     def scroll(
-        self, name: str, batch_size: int = 4096, with_vectors: bool = True
+        self, name: str, batch_size: int = 4096, with_vectors: bool = True, with_payload: bool = True
     ) -> Iterator[tuple[list[str], np.ndarray, list[dict]]]:
         offset = None
         # Held for the whole scroll (no handover midway), so it sees one consistent collection.
         with self._use(name, "reading points") as shard:
             while True:
                 records, offset = shard.scroll(
-                    qe.ScrollRequest(offset=offset, limit=batch_size, with_payload=True, with_vector=with_vectors)
+                    qe.ScrollRequest(offset=offset, limit=batch_size, with_payload=with_payload, with_vector=with_vectors)
                 )
                 if records:
                     ids = [str(r.id) for r in records]

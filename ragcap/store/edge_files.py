@@ -201,4 +201,6 @@ def describe_engine_error(e: BaseException) -> str:
 
 
 def new_record(embedder: dict, vector_dtype: str) -> dict:
-    return {"format": FORMAT, "embedder": embedder, "vector_dtype": vector_dtype, "points": 0}
+    from ragcap.store import new_writes_token
+
+    return {"format": FORMAT, "embedder": embedder, "vector_dtype": vector_dtype, "points": 0, "writes": new_writes_token()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -33,6 +34,9 @@ def stopped_run(photos, out, tmp_path):
     marker = tmp_path / "reached"
     run = start("-m", "tests.faults.stopper", marker, "ragcap.images:load_image:stop.png", *caption_args(photos, out))
     wait_for(marker.exists, "the run reached stop.png", process=run)
+    # Images load one batch ahead of captioning: the three before it are written after it is reached.
+    partial = Path(f"{out}.partial")
+    wait_for(lambda: partial.exists() and len(partial.read_text().splitlines()) == 3, "three results written", process=run)
     return run
 
 
