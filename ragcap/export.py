@@ -35,9 +35,10 @@ def export_collection(store: Store, name: str, out: str | Path, on_progress: Cal
     import pyarrow.parquet as pq
 
     out = Path(out)
-    if not out.parent.is_dir():
-        raise RagcapError(f"cannot write {out}: the folder {out.parent} does not exist; create it first")
-    info = store.embedder(name)
+    info = store.embedder(name)  # a missing collection fails before any folder is made
+    if out.is_dir():
+        raise RagcapError(f"cannot write {out}: it is a folder; give a file name such as {out / (name + '.parquet')}")
+    out.parent.mkdir(parents=True, exist_ok=True)
     schema = pa.schema(
         [("id", pa.string()), ("caption", pa.string()), ("payload", pa.string()), ("vector", pa.list_(pa.float32(), info.dim))],
         metadata={EMBEDDER_METADATA_KEY: json.dumps(info.to_dict())},
