@@ -1,6 +1,6 @@
 """README.md's command blocks, run as written: the quick start must keep working offline.
 
-Blocks marked `<!-- readme-test: NAME -->` run in order, with bash -euo pipefail, in one fresh
+Blocks marked `<!-- readme-test: NAME -->` run in order, in one bash -euo pipefail, in one fresh
 directory holding only `examples/` and `.venv` (the interpreter running the tests) from the
 repository, offline (HF_HUB_OFFLINE=1) and with a store of their own. Nothing in the text is
 rewritten: a command that stops working fails here.
@@ -42,11 +42,11 @@ def test_quick_start_and_export_round_trip_run_as_written(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAGCAP_")}
     env.update(RAGCAP_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p))
-    out = {}
-    for name, script in blocks.items():
-        run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
-        assert run.returncode == 0, f"README block {name!r} failed:\n{run.stderr[-3000:]}"
-        out[name] = run.stdout
+    # One shell, as a reader types the blocks one after the other (the venv stays activated).
+    script = "".join(f"echo '### {name}'\n{block}" for name, block in blocks.items())
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, f"a README block failed (ran: {run.stdout.split('### ')[-1][:40]!r}):\n{run.stderr[-3000:]}"
+    out = dict(part.split("\n", 1) for part in run.stdout.split("### ")[1:])
 
     stored = set((ROOT / "examples" / "quickstart" / "captions.txt").read_text().splitlines())
     images = sorted(p.name for p in (ROOT / "examples" / "quickstart" / "images").iterdir())
