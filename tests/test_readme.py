@@ -47,6 +47,7 @@ def test_quick_start_and_export_round_trip_run_as_written(tmp_path):
     run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, f"a README block failed (ran: {run.stdout.split('### ')[-1][:40]!r}):\n{run.stderr[-3000:]}"
     out = dict(part.split("\n", 1) for part in run.stdout.split("### ")[1:])
+    assert "deprecat" not in run.stderr.lower()  # ragcap's own calls use the libraries' current APIs
 
     stored = set((ROOT / "examples" / "quickstart" / "captions.txt").read_text().splitlines())
     images = sorted(p.name for p in (ROOT / "examples" / "quickstart" / "images").iterdir())
