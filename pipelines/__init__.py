@@ -1,4 +1,4 @@
-"""Ingestion readers, one per corpus kind, found by name (`ragcap ingest --source NAME`).
+"""Ingestion readers, one per corpus kind, found by name (`ragcap ingest NAME PATH...`).
 
 Each is a Reader: (paths, ReadOptions) -> a stream of CaptionRecord (or BadRecord with
 skip_bad). Readers only read; ragcap.ingest normalises, filters, embeds and stores.
@@ -31,6 +31,23 @@ SOURCES: dict[str, Reader] = {
 PRE_EMBEDDED = frozenset({"clip-retrieval"})
 
 
+# Sources that also read a Hugging Face hub data set named ORG/NAME.
+HUB_SOURCES = frozenset({"coco-captions", "hf"})
+
+
+def check_paths(source: str, paths: list[str]) -> None:
+    """Every path must exist (but `-`, stdin, and a hub name where the source reads the hub):
+    checked before any model loads, so a typo costs a second, not a model load."""
+    from pathlib import Path
+
+    from pipelines.files import STDIN
+
+    for path in paths:
+        hub_name = source in HUB_SOURCES and path.count("/") == 1 and not path.startswith((".", "/", "~"))
+        if path != STDIN and not hub_name and not Path(path).expanduser().exists():
+            raise SourceError(f"{path}: no such file or directory")
+
+
 def get_reader(name: str) -> Reader:
     try:
         return SOURCES[name]
@@ -38,4 +55,4 @@ def get_reader(name: str) -> Reader:
         raise SourceError(f"unknown source {name!r}; sources: {', '.join(SOURCES)}") from None
 
 
-__all__ = ["PRE_EMBEDDED", "SOURCES", "get_reader", "BadRecord", "CaptionRecord", "ReadOptions", "Reader"]
+__all__ = ["HUB_SOURCES", "PRE_EMBEDDED", "SOURCES", "check_paths", "get_reader", "BadRecord", "CaptionRecord", "ReadOptions", "Reader"]

@@ -62,7 +62,7 @@ def _load(name: str) -> Any:
         except Exception as exc:  # datasets raises many unrelated types for unreadable data
             raise SourceError(f"{name}: cannot load as a Hugging Face data set ({type(exc).__name__}: {exc})") from exc
     if path.exists():
-        raise SourceError(f"{name}: the hf source reads a hub name or a directory; for a single file use --source jsonl, csv or parquet")
+        raise SourceError(f"{name}: the hf source reads a hub name or a directory; for a single file use `ragcap ingest jsonl`, `csv` or `parquet`")
     fix = "download it where the hub is reachable (datasets' save_to_disk) and pass that directory"
     if not hub_reachable():
         raise SourceError(f"{name}: not a local directory, and the Hugging Face hub is unreachable (offline?); {fix}")

@@ -1,6 +1,6 @@
 """Generic tables whose columns the user names: jsonl, csv (or .tsv) and parquet.
 
---text-field names the caption column (a string, or a list of strings giving one record
+--text-field names the caption column (default for a `ragcap export` file: caption; a string, or a list of strings giving one record
 each); --id-field optionally names the image id column. Parquet written by `ragcap export`
 also carries each caption's vector and its stored payload, so re-ingesting it needs no model.
 """
@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from pipelines.base import BadRecord, CaptionRecord, ReadOptions
 from pipelines.files import LineSource, bad_line, require_file
 from ragcap.errors import SourceError
+from ragcap.export import EMBEDDER_METADATA_KEY
 
 # Payload keys of `ragcap export` that map back onto CaptionRecord fields.
 RECORD_FIELDS = ("image_id", "file", "split", "corpus")
@@ -140,6 +142,8 @@ def read_parquet(paths: Sequence[str], options: ReadOptions) -> Iterator[Caption
         except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
             raise SourceError(f"{path}: not a readable Parquet file ({exc})") from exc
         available = table.schema_arrow.names
+        if not options.text_field and EMBEDDER_METADATA_KEY in (table.schema_arrow.metadata or {}):
+            options = replace(options, text_field="caption")  # a `ragcap export` file: its caption column
         check_fields(available, options, path)
         columns = [options.text_field, options.id_field, options.vector_field]
         if "payload" in available:

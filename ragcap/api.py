@@ -14,6 +14,7 @@ turns requests into them, so a behaviour can never live in only one of them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -52,6 +53,33 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "ViT-B-32:openai"
+MODEL_ENV = "RAGCAP_MODEL"  # the embedder of new collections and feature files when -m is not given
+
+
+def default_model() -> str:
+    """$RAGCAP_MODEL, else DEFAULT_MODEL: set it once instead of passing -m to every new collection."""
+    return os.environ.get(MODEL_ENV, "").strip() or DEFAULT_MODEL
+
+
+def collection_model(store: Store, collection: str, model: str | None = None) -> str:
+    """The embedder spec to load for a collection: `model` if given, else the one it records.
+
+    A local model recorded at a path that no longer exists (moved, or the collection copied to
+    another machine) is looked for at $RAGCAP_MODEL; either way its digest is then checked.
+    """
+    if model:
+        return model
+    recorded = store.embedder(collection)
+    gone = recorded.spec.startswith("local:") and not Path(recorded.spec.removeprefix("local:")).is_dir()
+    if not gone:
+        return recorded.spec
+    if os.environ.get(MODEL_ENV, "").strip():
+        return os.environ[MODEL_ENV].strip()
+    raise ModelError(
+        f"collection '{collection}' was filled by the local model {recorded.spec.removeprefix('local:')}, which is not there "
+        f"any more; pass --model DIR (or set {MODEL_ENV}) with that model wherever it is now: a moved or copied "
+        "directory is recognised by its contents (digest), a changed one is refused"
+    )
 
 
 def ingest_embedder(
@@ -66,15 +94,15 @@ def ingest_embedder(
     """The embedder identity for an ingest, and a loader called only if something needs embedding.
 
     The model is, in order: the one asked for, the collection's own, the one a pre-embedded
-    Parquet file (`vectors_from`) records, DEFAULT_MODEL. A source whose records all carry
+    Parquet file (`vectors_from`) records, default_model(). A source whose records all carry
     vectors (`pre_embedded`) needs no model at all, only its identity: loading a Parquet export
     or clip-retrieval's embeddings into a server loads no weights. load=False: the identity
     alone, read from the model's config (Ray's actors load the weights, not the driver).
     """
-    from ragcap.embed import describe_embedder, load_embedder
+    from ragcap.embed import check_available, describe_embedder, load_embedder, parse_spec
 
     if model is None and store.exists(collection):
-        model = store.embedder(collection).spec
+        model = collection_model(store, collection)
     if vectors_from is not None:
         recorded = parquet_embedder(vectors_from)
         if recorded is not None and (model is None or model == recorded.spec):
@@ -85,10 +113,14 @@ def ingest_embedder(
             raise ModelError(f"{where} records no embedder; pass --model with the spec its vectors were made with (e.g. ViT-L-14:openai)")
         info = describe_embedder(model)
         return info, lambda: load_embedder(model, device)
-    if not load:
-        return describe_embedder(model or DEFAULT_MODEL), lambda: load_embedder(model or DEFAULT_MODEL, device)
-    embedder = load_embedder(model or DEFAULT_MODEL, device)
-    return embedder.info, lambda: embedder
+    spec = model or default_model()
+    if parse_spec(spec).kind == "st" and load:  # its dimension is known only once loaded
+        embedder = load_embedder(spec, device)
+        return embedder.info, lambda: embedder
+    # Checked now (a missing directory, or offline without the weights), loaded only once
+    # something needs embedding: an empty corpus or a resumed ingest loads no weights.
+    check_available(spec)
+    return describe_embedder(spec), lambda: load_embedder(spec, device)
 
 
 def ingest_corpus(
@@ -205,7 +237,7 @@ def training_examples(
     paired = len(captions)
     if collection is not None or parquet is not None:
         texts, vectors, text_info = training_data(store, collection, parquet)
-        if info is not None and text_info != info:
+        if info is not None and not text_info.matches(info):
             raise RagcapError(f"{features} holds features of {info.spec} (dim {info.dim}) but {collection or parquet} "
                               f"was embedded with {text_info.spec} (dim {text_info.dim}); use data of one embedder")
         captions, info = captions + texts, text_info
@@ -228,11 +260,11 @@ def embed_images(
 ):
     """Encode the referenced images into a features file (ragcap.features.embed_images), with
     their patch features if asked, in this process or (`engine`) on a Ray cluster's actors. The
-    embedder is, in order: the one asked for, the one an existing `out` records, DEFAULT_MODEL."""
+    embedder is, in order: the one asked for, the one an existing `out` records, default_model()."""
     from ragcap import features
     from ragcap.embed import describe_embedder, load_embedder
 
-    spec = model or (features.read_features(out).embedder.spec if Path(out).is_file() else DEFAULT_MODEL)
+    spec = model or (features.read_features(out).embedder.spec if Path(out).is_file() else default_model())
     if engine is not None:
         from ragcap.distributed.images import encode_on_ray
 
@@ -271,13 +303,25 @@ def load_captioner(
     image_only: load only CLIP's image tower (captioning images never runs the text tower);
     pass False to caption texts.
     """
-    from ragcap.embed import load_embedder
+    from ragcap.caption import require_resources
+    from ragcap.decoders import check_decoder
+    from ragcap.decoders.lm import check_causal_lm
+    from ragcap.embed import check_available, load_embedder
     from ragcap.modes import modes_needing
 
     settings = settings or CaptionSettings()
-    embedder = load_embedder(model or store.embedder(collection).spec, device, image_only=image_only)
-    loaded: dict[str, object] = {}  # "decoder" / "smallcap" -> the model serving those modes
     directories = [] if decoder is None else [decoder] if isinstance(decoder, (str, Path)) else list(decoder)
+    # Every resource of every mode is checked before the first model loads (seconds, not a
+    # load of CLIP followed by an error about the decoder or an LM that is not there).
+    spec = collection_model(store, collection, model)
+    kinds = {directory: check_decoder(directory)[0].kind for directory in directories}
+    require_resources(settings.modes, next((d for d, k in kinds.items() if k != "smallcap"), None), lm,
+                      next((d for d, k in kinds.items() if k == "smallcap"), None))
+    if modes_needing("lm", settings.modes):
+        check_causal_lm(lm)
+    check_available(spec)
+    embedder = load_embedder(spec, device, image_only=image_only)
+    loaded: dict[str, object] = {}  # "decoder" / "smallcap" -> the model serving those modes
     if directories and (modes_needing("decoder", settings.modes) or modes_needing("smallcap", settings.modes)):
         from ragcap.decoders import load_decoder
 
@@ -325,7 +369,7 @@ def search(
     texts = [i for i, q in enumerate(queries) if isinstance(q, str)]
     pictures = [i for i, q in enumerate(queries) if not isinstance(q, str)]
     if embedder is None:
-        embedder = load_embedder(store.embedder(collection).spec, device, image_only=not texts)
+        embedder = load_embedder(collection_model(store, collection), device, image_only=not texts)
     store.check_embedder(collection, embedder.info)
     names = names or [q if isinstance(q, str) else image_name(q, i) for i, q in enumerate(queries)]
     results = [SearchResult(source=name) for name in names]

@@ -99,15 +99,36 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[str]:
             with open(item[1:], encoding="utf-8") as lines:
                 yield from (line.strip() for line in lines if line.strip())
         elif os.path.isdir(item):
-            for root, dirs, files in os.walk(item):
-                dirs.sort()
-                for name in sorted(files):
-                    if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                        yield os.path.join(root, name)
+            found = [os.path.join(root, name) for root, dirs, files in _sorted_walk(item) for name in sorted(files)
+                     if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+            if not found:  # an empty input is a mistake (a wrong folder), not an empty result
+                raise RagcapError(f"{item}: no images in this folder or below (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            yield from found
         elif glob.has_magic(item):
-            yield from sorted(glob.glob(item, recursive=True))
+            matched = sorted(glob.glob(item, recursive=True))
+            if not matched:
+                raise RagcapError(f"{item}: no file matches this pattern")
+            yield from matched
         else:
             yield item  # a missing file is reported per file, not fatal to the batch
+
+
+def _sorted_walk(top: str):
+    for root, dirs, files in os.walk(top):
+        dirs.sort()  # in place: os.walk then descends in sorted order
+        yield root, dirs, files
+
+
+def require_resources(modes, decoder, lm, smallcap) -> None:
+    """Every mode's resource is given (an embedding decoder, a SmallCap model, a language model),
+    else an error naming the flag."""
+    if modes_needing("decoder", modes) and decoder is None:
+        names = ", ".join(modes_needing("decoder", modes))
+        raise RagcapError(f"mode {names} needs a trained decoder: pass --decoder DIR (make one with `ragcap train-decoder`)")
+    if modes_needing("smallcap", modes) and smallcap is None:
+        raise RagcapError("mode smallcap needs a SmallCap model: pass --decoder DIR (see `ragcap train-smallcap`, `ragcap models import smallcap`)")
+    if modes_needing("lm", modes) and lm is None:
+        raise RagcapError("mode prompt needs a language model: pass --lm NAME_OR_DIR")
 
 
 class Captioner:
@@ -120,13 +141,7 @@ class Captioner:
         self.store, self.collection, self.embedder, self.settings = store, collection, embedder, settings
         self.decoder, self.prompter, self.smallcap = decoder, prompter, smallcap
         modes = [MODES[m] for m in settings.modes]
-        if modes_needing("decoder", settings.modes) and decoder is None:
-            names = ", ".join(modes_needing("decoder", settings.modes))
-            raise RagcapError(f"mode {names} needs a trained decoder: pass --decoder DIR (see `ragcap train-decoder`)")
-        if modes_needing("smallcap", settings.modes) and smallcap is None:
-            raise RagcapError("mode smallcap needs a SmallCap model: pass --decoder DIR (see `ragcap train-smallcap`, `ragcap models import smallcap`)")
-        if modes_needing("lm", settings.modes) and prompter is None:
-            raise RagcapError("mode prompt needs a language model: pass --lm NAME_OR_DIR")
+        require_resources(settings.modes, decoder, prompter, smallcap)
         if settings.memory not in MEMORY_SEARCHES:
             raise RagcapError(f"unknown memory search {settings.memory!r}; choose from {', '.join(MEMORY_SEARCHES)}")
         self.exact: ExactMemory | None = None

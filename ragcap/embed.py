@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import itertools
 import json
 import logging
@@ -252,7 +253,7 @@ class OpenClipEmbedder(Embedder):
             # The pad id as this tokenizer writes it: the last slot of an empty caption.
             self._pad_id = int(tokenizer([""], context_length=self.context_length)[0, -1])
             dim = self._encode_full(tokenizer(["a photo"]).to(device)).shape[-1]
-        self.info = EmbedderInfo(spec=spec.canonical, dim=int(dim))
+        self.info = EmbedderInfo(spec=spec.canonical, dim=int(dim), digest=local_digest(spec))
 
     @property
     def has_text(self) -> bool:
@@ -504,9 +505,33 @@ def _load_image_tower(
     return OpenClipEmbedder(spec, model, preprocess, None, device)
 
 
+def check_available(spec: str | ModelSpec) -> ModelSpec:
+    """Fail now, before anything else is loaded or read, if a model cannot be had: a local
+    directory without config or weights, or (offline) a hub name missing from the local cache.
+    Offline is decided once, in seconds (ragcap.hub); online, downloads happen when loading."""
+    from ragcap.hub import offline_reason, use_cache_only_if_offline
+
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    if parsed.kind == "local":
+        _check_local_dir(Path(parsed.name), parsed.canonical)
+    if parsed.kind not in ("pretrained", "hf-hub") or not use_cache_only_if_offline():
+        return parsed
+    try:
+        model_config(parsed)
+        _checkpoint_file(parsed)
+    except Exception as e:  # huggingface_hub's LocalEntryNotFoundError, open_clip's RuntimeError, ...
+        arch = parsed.name if parsed.kind == "pretrained" else "ARCH"
+        raise ModelError(
+            f"model {parsed.canonical} is not in the local cache and the hub is offline ({offline_reason()}): "
+            f"pass a local checkpoint directory (--model DIR, or RAGCAP_MODEL=DIR), or make one with random weights "
+            f"to try ragcap out: `ragcap models save-random {arch} DIR`; or download it where there is network "
+            f"and copy the cache (~/.cache/huggingface) here. ({type(e).__name__})"
+        ) from None
+    return parsed
+
+
 def _load_open_clip(spec: ModelSpec, device: torch.device, image_only: bool = False) -> OpenClipEmbedder:
-    if spec.kind == "local":
-        _check_local_dir(Path(spec.name), spec.canonical)
+    check_available(spec)
     factory_args = name, pretrained, quick_gelu = _factory_args(spec)
     try:
         if image_only and (embedder := _load_image_tower(spec, factory_args, device)):
@@ -549,6 +574,8 @@ def _packaged_minilm() -> str | None:
 
 
 def _load_sentence_transformer(spec: ModelSpec, device: torch.device) -> SentenceTransformerEmbedder:
+    from ragcap.hub import hub_reachable
+
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as e:
@@ -557,12 +584,12 @@ def _load_sentence_transformer(spec: ModelSpec, device: torch.device) -> Sentenc
         sources = [(spec.name, True)]
     else:
         # Local copies first (no network, same weights): the HF cache, then a packaged copy,
-        # then the hub itself unless HF_HUB_OFFLINE forbids it.
+        # then the hub itself unless it is offline (HF_HUB_OFFLINE, or unreachable).
         hub_id = spec.name if "/" in spec.name else ST_ORG + spec.name
         sources = [(hub_id, True)]
         if spec.name == "all-MiniLM-L6-v2" and (packaged := _packaged_minilm()):
             sources.append((packaged, True))
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "no", ""):
+        if hub_reachable():
             sources.append((hub_id, False))
     from transformers.utils import logging as hf_logging
 
@@ -616,7 +643,34 @@ def describe_embedder(spec: str) -> EmbedderInfo:
         _check_local_dir(Path(parsed.name), parsed.canonical)
     if parsed.kind == "st":
         return load_embedder(spec).info
-    return EmbedderInfo(spec=parsed.canonical, dim=int(model_config(parsed)["embed_dim"]))
+    return EmbedderInfo(spec=parsed.canonical, dim=int(model_config(parsed)["embed_dim"]), digest=local_digest(parsed))
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def local_digest(spec: ModelSpec) -> str | None:
+    """sha256 of a local model's config and weights file (None for hub and st: models).
+
+    A collection records it, so a model directory that is moved or copied to another machine
+    still matches, and one whose weights changed does not. Hashing reads the weights once
+    (~1 s for ViT-B-32's 600 MB), the read that loading them does anyway; cached per process.
+    """
+    if spec.kind != "local":
+        return None
+    from open_clip.factory import _find_checkpoint_in_dir  # create_model's own choice of weights file
+
+    directory = Path(spec.name)
+    files = [directory / CONFIG_NAME, Path(_find_checkpoint_in_dir(directory))]
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        for file in files:
+            with open(file, "rb") as handle:
+                while chunk := handle.read(1 << 23):
+                    digest.update(chunk)
+        _DIGESTS[key] = "sha256:" + digest.hexdigest()
+    return _DIGESTS[key]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,9 +57,10 @@ def export_collection(store: Store, name: str, out: str | Path, on_progress: Cal
     import pyarrow.parquet as pq
 
     out = Path(out)
-    if not out.parent.is_dir():
-        raise RagcapError(f"cannot write {out}: the folder {out.parent} does not exist; create it first")
-    info = store.embedder(name)
+    info = store.embedder(name)  # a missing collection fails before any folder is made
+    if out.is_dir():
+        raise RagcapError(f"cannot write {out}: it is a folder; give a file name such as {out / (name + '.parquet')}")
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, export_schema(info)) as writer:
         for ids, vectors, payloads in store.scroll(name, with_vectors=True):

@@ -110,7 +110,7 @@ def read_features(path: str | Path, expected: EmbedderInfo | None = None, patche
         raise RagcapError(f"{path} is not a features file written by `ragcap embed-images` ({e})") from e
     if embedder is None or table is None:
         raise RagcapError(f"{path} records no embedder; make it with `ragcap embed-images`")
-    if expected is not None and embedder != expected:
+    if expected is not None and not embedder.matches(expected):
         raise RagcapError(f"{path} holds features of {embedder.spec} (dim {embedder.dim}), not of {expected.spec} (dim {expected.dim}); "
                           f"re-run `ragcap embed-images -m {expected.spec}` into another file")
     vectors = np.asarray(table.column("vector").combine_chunks().flatten(), dtype=np.float32).reshape(len(table), embedder.dim)
@@ -215,7 +215,7 @@ def _done_so_far(out: Path, info: EmbedderInfo, patches: bool) -> dict[str, tupl
     parts = sorted(parts_dir(out).glob("part-*.parquet")) if parts_dir(out).is_dir() else []
     for path in ([out] if out.exists() else []) + parts:
         features = read_features(path)
-        if features.embedder != info:
+        if not features.embedder.matches(info):
             raise RagcapError(f"{path} holds features of {features.embedder.spec}, not of {info.spec}; "
                               f"pass -m {features.embedder.spec} to extend it, or write to another file")
         if patches and patch_shape(path) is None:

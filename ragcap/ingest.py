@@ -211,7 +211,7 @@ def _vectors_for(todo, embedder, info: EmbedderInfo, summary: IngestSummary, tic
 
 def _nothing_to_store(summary: IngestSummary) -> str:
     if summary.read == 0:
-        hint = "the source yielded no captions: check the path, --source kind and --text-field"
+        hint = "the source yielded no captions: check the file (is it empty?), the source kind (`ragcap ingest SOURCE`) and --text-field"
         if summary.skipped_bad:
             hint = f"every line was malformed ({summary.skipped_bad} skipped)"
         return f"nothing to ingest: {hint}; no collection was created"

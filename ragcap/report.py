@@ -35,22 +35,57 @@ def progress(total: int | None, desc: str, unit: str) -> tqdm:
 
 
 class StepProgress:
-    """A training run's bar: call it as progress(step, total_steps, loss) after each step."""
+    """A training run's bar: call it as progress(step, total_steps, loss) after each step.
 
-    def __init__(self, desc: str):
+    With epochs, the time per epoch is announced once ESTIMATE_STEPS steps (fewer in a short
+    run) have run after the first, which pays for allocation and warm-up and is left out; and
+    epoch(row) prints each epoch's training and held-out loss above the bar.
+    """
+
+    ESTIMATE_STEPS = 5
+
+    def __init__(self, desc: str, epochs: int | None = None, hint: str = ""):
         self.bar = progress(None, desc, "steps")
+        self.epochs, self.hint = epochs, hint
+        self.first_step_at: float | None = None
+        self.first_step = 0
 
     def __call__(self, step: int, total: int, loss: float) -> None:
         self.bar.total = total
         self.bar.n = step
         self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         self.bar.refresh()
+        if self.epochs:
+            self._estimate(step, total)
+
+    def _estimate(self, step: int, total: int) -> None:
+        import time
+
+        if self.first_step_at is None:
+            self.first_step_at, self.first_step = time.monotonic(), step
+        elif step - self.first_step == min(self.ESTIMATE_STEPS, max(1, total // 10)) or step == total:
+            per_step = (time.monotonic() - self.first_step_at) / (step - self.first_step)
+            self.epochs, epoch_s = None, per_step * total / self.epochs
+            self.bar.write(f"{self.bar.desc}: {per_step:.2f} s per step, about {duration(epoch_s)} per epoch and "
+                           f"{duration(per_step * (total - step))} to go{self.hint}", file=sys.stderr)
+
+    def epoch(self, row: dict) -> None:
+        held_out = "none held out" if row.get("val_loss") is None else f"held-out loss {row['val_loss']:.4f}"
+        self.bar.write(f"epoch {row['epoch']}: training loss {row['train_loss']:.4f}, {held_out}", file=sys.stderr)
 
     def __enter__(self) -> "StepProgress":
         return self
 
     def __exit__(self, *exc) -> None:
         self.bar.close()
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '7.5 min', '3.2 h', '2.1 days'."""
+    for unit, size, from_ in (("days", 86400, 2 * 86400), ("h", 3600, 2 * 3600), ("min", 60, 100)):
+        if seconds >= from_:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def emit_json(data) -> None:

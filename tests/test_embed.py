@@ -120,7 +120,8 @@ def test_images(tiny):
 
 def test_load_is_cached_per_spec_and_device(tiny, tiny_clip_dir):
     assert load_embedder(f"local:{tiny_clip_dir}", device="cpu") is tiny
-    assert tiny.info == EmbedderInfo(spec=f"local:{tiny_clip_dir}", dim=32)
+    assert (tiny.info.spec, tiny.info.dim) == (f"local:{tiny_clip_dir}", 32)
+    assert tiny.info.digest.startswith("sha256:") and tiny.info.matches(EmbedderInfo(spec="local:/moved/clip", dim=32, digest=tiny.info.digest))
     assert EmbedderInfo.from_dict(tiny.info.to_dict()) == tiny.info
 
 
@@ -178,10 +179,22 @@ def test_directory_without_checkpoint(tmp_path, tiny_clip_dir):
 
 
 def test_unavailable_pretrained_weights_name_the_way_out(monkeypatch):
-    def offline(*args, **kwargs):
+    def never(*args, **kwargs):
+        raise AssertionError("offline, a model missing from the cache must fail before open_clip builds it")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", never)
+    with pytest.raises(ModelError, match=r"ViT-B-32:openai is not in the local cache and the hub is offline .*save-random ViT-B-32 DIR"):
+        load_embedder("ViT-B-32:openai", device="cpu")
+
+
+def test_a_failed_download_online_names_the_way_out(monkeypatch):
+    import ragcap.hub
+
+    def failed(*args, **kwargs):
         raise RuntimeError("Failed to download weights for tag 'openai': no network")
 
-    monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    monkeypatch.setattr(ragcap.hub, "hub_reachable", lambda: True)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", failed)
     with pytest.raises(ModelError, match=r"cannot load model ViT-B-32:openai: .*save-random ViT-B-32 DIR"):
         load_embedder("ViT-B-32:openai", device="cpu")
 

@@ -86,8 +86,12 @@ def test_missing_images_are_reported_and_the_rest_scored(eval_set, tmp_path):
     removed.unlink()
     result = ragcap("eval", eval_set["refs"], "--images", partial, "-c", "clean", "--mode", "clipre", "--json")
     assert result.exit_code == 1
-    assert "referenced images are not in" in result.stderr
+    assert "referenced images are not in" in result.stderr and "--allow-missing" in result.stderr
     assert json.loads(result.stdout)["images_scored"] == N_IMAGES - 1
+    subset = ragcap("eval", eval_set["refs"], "--images", partial, "-c", "clean", "--mode", "clipre", "--json", "--allow-missing")
+    assert subset.exit_code == 0, subset.output
+    assert json.loads(subset.stdout)["images_missing"] == [json.loads(result.stdout)["images_missing"][0]]
+    assert "referenced images are not in" in subset.stderr  # still said, no longer an error
 
 
 def test_unknown_reference_format_lists_known_ones(eval_set, tmp_path):

@@ -70,10 +70,20 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path):
 
 
 def test_refuses_to_overwrite_or_resume_a_different_run(tmp_path):
-    train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "dec", TrainConfig(**{**TINY.__dict__, "epochs": 1}))
+    one_epoch = TrainConfig(**{**TINY.__dict__, "epochs": 1})
+    train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "dec", one_epoch, keep_checkpoint=True)
     with pytest.raises(ModelError, match="already holds"):
         train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "dec", TINY)
     with pytest.raises(ModelError, match="other captions or settings"):
+        train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "dec", TINY, resume=True)
+
+
+def test_a_completed_run_removes_its_checkpoint_and_reports_each_epoch(tmp_path):
+    rows = []
+    result = train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "dec", TINY, on_epoch=rows.append)
+    assert rows == result["epochs"] and [r["epoch"] for r in rows] == [1, 2]
+    assert (tmp_path / "dec" / "model.safetensors").exists() and not (tmp_path / "dec" / "checkpoint.pt").exists()
+    with pytest.raises(ModelError, match="completed decoder and no checkpoint"):
         train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "dec", TINY, resume=True)
 
 

@@ -139,8 +139,9 @@ def test_killed_training_resumes_to_the_same_weights(tiny, tiny_clip_dir, tmp_pa
     epochs_done = len((killed / "train_log.jsonl").read_text().splitlines())
     assert epochs_done < 6 and not (killed / "config.json").exists()
 
-    resumed = json.loads(ragcap(*args, "-o", killed, "--resume").stdout)
+    resumed = json.loads(ragcap(*args, "-o", killed, "--resume", "--keep-checkpoint").stdout)
     straight = json.loads(ragcap(*args, "-o", tmp_path / "straight").stdout)
+    assert not (tmp_path / "straight" / "checkpoint.pt").exists()  # removed once the run completed
     assert resumed["epochs"] == straight["epochs"] and all(row["val_loss"] is not None for row in straight["epochs"])
     a, b = load_decoder(killed).state_dict(), load_decoder(tmp_path / "straight").state_dict()
     for name in a:

@@ -7,9 +7,10 @@ One module per group of commands registers on the shared Typer app:
     models    models list / save-random / save-random-lm / stretch / import
     longclip  finetune-longclip
     serve     serve (HTTP API and web page)
+    doctor    doctor (what this machine offers)
 """
 
-from ragcap.cli import decode, features, longclip, memory, models, serve  # noqa: F401  (registration)
+from ragcap.cli import decode, doctor, features, longclip, memory, models, serve  # noqa: F401  (registration)
 from ragcap.cli.common import app
 
 

@@ -15,13 +15,33 @@ from ragcap.errors import Interrupted, RagcapError
 from ragcap.store import DEFAULT_WAIT_S
 
 app = typer.Typer(
-    help="Retrieval-augmented image captioning with a Qdrant caption memory.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain help: Rich's tables label every flag `<bool>` and wrap each line at 80 columns.
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-models_app = typer.Typer(help="Make models for offline use and benchmarks.", no_args_is_help=True)
+models_app = typer.Typer(help="Make models for offline use and benchmarks.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(models_app, name="models")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from ragcap import __version__
+
+        typer.echo(f"ragcap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Retrieval-augmented image captioning with a Qdrant caption memory.
+
+    Exit status: 0 done; 1 an error, or a batch command with failed items (each reported on
+    stderr); 2 a usage error; 130 interrupted (Ctrl-C). RAGCAP_DEBUG=1 prints tracebacks."""
 
 QdrantUrl = Annotated[
     Optional[str],

@@ -20,7 +20,7 @@ def ingest(
     source: Annotated[str, typer.Argument(help="Corpus kind: coco-captions, flickr, cc3m, text, jsonl, csv, parquet, hf, clip-retrieval.")],
     paths: Annotated[Optional[list[str]], typer.Argument(help="Files, a directory (clip-retrieval: its output folder), or a Hugging Face data set name.")] = None,
     collection: Collection = "captions",
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Embedder spec (default: the collection's, else ViT-B-32:openai).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Embedder spec [default: the collection's; for a new one $RAGCAP_MODEL, else ViT-B-32:openai].")] = None,
     text_field: Annotated[Optional[str], typer.Option(help="jsonl/csv/parquet/hf: the caption field (clip-retrieval: default caption).")] = None,
     id_field: Annotated[Optional[str], typer.Option(help="jsonl/csv/parquet/hf: the image id field.")] = None,
     vector_field: Annotated[Optional[str], typer.Option(help="parquet: pre-computed vectors (from `ragcap export`); no re-embedding.")] = None,
@@ -55,14 +55,18 @@ def ingest(
     Workers (--shard) and readers may use the collection at the same time: on the embedded
     store they take turns, and an ingest waits for its turn as long as it takes (--wait).
     With --engine ray the corpus is read, embedded and written by a Ray cluster's tasks."""
-    from pipelines import ReadOptions, filters, get_reader
+    from pipelines import PRE_EMBEDDED, ReadOptions, check_paths, filters, get_reader
     from ragcap import api
+    from ragcap.embed import check_available
     from ragcap.ingest import IngestOptions
     from ragcap.report import emit_json, progress
     from ragcap.store import CollectionLayout, check_vector_dtype
 
     reader = get_reader(source)
     paths = paths or []
+    check_paths(source, paths)
+    if model is not None and source not in PRE_EMBEDDED:
+        check_available(model)  # a bad or (offline) missing model fails before the corpus is read
     read_options = ReadOptions(text_field=text_field, id_field=id_field, vector_field=vector_field, split=split, skip_bad=skip_bad)
     check_vector_dtype(vector_dtype)
     engine_options = ray_options(engine, ray_address, actors, gpus_per_actor, cpus_per_actor)

@@ -48,13 +48,23 @@ def _read_config(src: Path, hint: str) -> tuple[type[Decoder], object, EmbedderI
         raise ModelError(f"{src / CONFIG_FILE} is not a valid decoder config ({e!r}); {hint}") from e
 
 
+HINT = "train one (`ragcap train-decoder`, `ragcap train-clipcap`, `ragcap train-smallcap`) or pass the directory a training or import wrote"
+
+
+def check_decoder(directory: str | Path) -> tuple[type[Decoder], object, EmbedderInfo]:
+    """A saved decoder's class, config and embedder, reading only its config (ModelError if the
+    directory is not a complete decoder): cheap, so callers check before loading models."""
+    src = Path(directory)
+    found = _read_config(src, HINT)
+    if not (src / WEIGHTS_FILE).is_file():
+        raise ModelError(f"{src} is incomplete: {WEIGHTS_FILE} is missing; {HINT}")
+    return found
+
+
 def load_decoder(directory: str | Path, device: str | torch.device | None = None) -> Decoder:
     """The decoder saved in `directory`, whatever its kind, on `device` (default: CUDA if present)."""
     src = Path(directory)
-    hint = "train one (`ragcap train-decoder`, `ragcap train-clipcap`, `ragcap train-smallcap`) or pass the directory a training or import wrote"
-    cls, config, embedder = _read_config(src, hint)
-    if not (src / WEIGHTS_FILE).is_file():
-        raise ModelError(f"{src} is incomplete: {WEIGHTS_FILE} is missing; {hint}")
+    cls, config, embedder = check_decoder(src)
     # Built on the meta device (no random init), then the file's tensors are assigned in place:
     # memory-mapped, never copied, so loading takes no transient second copy.
     with torch.device("meta"):
@@ -64,7 +74,7 @@ def load_decoder(directory: str | Path, device: str | torch.device | None = None
         _untie(model, state)
         model.load_state_dict(state, strict=True, assign=True)
     except (SafetensorError, RuntimeError, OSError) as e:
-        raise ModelError(f"{src / WEIGHTS_FILE} cannot be loaded ({e}); {hint}") from e
+        raise ModelError(f"{src / WEIGHTS_FILE} cannot be loaded ({e}); {HINT}") from e
     _retie(model)
     model.source = src
     return model.to(default_device(device)).eval()

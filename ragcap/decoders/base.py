@@ -106,7 +106,7 @@ class Decoder(nn.Module):
 
     def check_embedder(self, embedder: EmbedderInfo, collection: str) -> None:
         """A decoder only understands vectors from the embedder it was trained on."""
-        if self.embedder != embedder:
+        if not self.embedder.matches(embedder):
             where = self.source or "(unsaved decoder)"
             raise ModelError(
                 f"decoder {where} was trained for embedder {self.embedder.spec} (dim {self.embedder.dim}), "

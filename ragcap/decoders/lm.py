@@ -44,17 +44,32 @@ def new_cache(cross_attention: bool = False):
     return EncoderDecoderCache(DynamicCache(), DynamicCache()) if cross_attention else DynamicCache()
 
 
-def load_causal_lm(name: str | Path):
-    """(tokenizer, model) of a causal LM from a local directory or a hub name (ModelError if absent)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+def check_causal_lm(name: str | Path) -> str:
+    """The name to load an LM from, checked without loading it: a directory must hold
+    config.json; a hub name must be in the local cache when the hub is offline (ragcap.hub)."""
+    from ragcap.hub import offline_reason, use_cache_only_if_offline
 
     name = str(name)
     if looks_like_path(name):
         local = Path(name).expanduser()
         if not (local / "config.json").is_file():
             raise ModelError(f"language model not found: {name} is not a directory with config.json; {MISSING_LM_HINT}")
-        name = str(local)
+        return str(local)
+    if use_cache_only_if_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise ModelError(f"language model {name!r} is not in the local Hugging Face cache and the hub is offline "
+                             f"({offline_reason()}): {MISSING_LM_HINT}")
+    return name
+
+
+def load_causal_lm(name: str | Path):
+    """(tokenizer, model) of a causal LM from a local directory or a hub name (ModelError if absent)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    name = check_causal_lm(name)
     hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with ragcap's own
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)

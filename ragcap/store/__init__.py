@@ -379,10 +379,10 @@ class Store(ABC):
 
     def check_embedder(self, name: str, embedder: EmbedderInfo) -> None:
         stored = self.embedder(name)
-        if stored != embedder:
+        if not stored.matches(embedder):
             raise EmbedderMismatch(
                 f"collection '{name}' was filled by embedder '{stored.spec}' (dim {stored.dim}), "
-                f"not '{embedder.spec}' (dim {embedder.dim}); use --model {stored.spec} "
+                f"not '{embedder.spec}' (dim {embedder.dim}){_digests(stored, embedder)}; use --model {stored.spec} "
                 f"or ingest into another collection"
             )
 
@@ -429,3 +429,10 @@ def open_store(
     from ragcap.store.edge import EdgeStore
 
     return EdgeStore(Path(path) if path is not None else default_home(), wait=wait, on_wait=on_wait)
+
+
+def _digests(stored: EmbedderInfo, given: EmbedderInfo) -> str:
+    """For two local models: the directory's contents differ, whatever their paths."""
+    if stored.digest and given.digest and stored.digest != given.digest:
+        return f" (its config or weights differ: digest {given.digest[:12]}, recorded {stored.digest[:12]})"
+    return ""
