@@ -177,7 +177,10 @@ class Captioner:
     def runtime(self) -> dict[str, str]:
         """Where the loaded models run: {"device": "cpu", "precision": "float32"}; several
         models on different devices or dtypes are listed comma-separated."""
-        models = [self.embedder.model, self.decoder, getattr(self.prompter, "model", None)]
+        # The image tower, not the model's first parameter: an image-only load leaves the text
+        # tower on the meta device.
+        tower = getattr(self.embedder.model, "visual", self.embedder.model)
+        models = [tower, self.decoder, self.smallcap, getattr(self.prompter, "model", None)]
         first = [next(m.parameters()) for m in models if m is not None]
         return {"device": ",".join(sorted({str(p.device) for p in first})),
                 "precision": ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in first}))}

@@ -111,7 +111,7 @@ def retrieve_without_own(store: Store, collection: str, queries: np.ndarray, ima
 def query_vectors(features: Features, query_features: str | Path | None, retrieval: EmbedderInfo) -> np.ndarray:
     """Each training image's retrieval query, by the memory's embedder."""
     if query_features is None:
-        if features.embedder != retrieval:
+        if not retrieval.matches(features.embedder):
             raise RagcapError(
                 f"the memory was embedded with {retrieval.spec} but the features with {features.embedder.spec}; pass "
                 f"--query-features with the same images embedded by the memory's model (`ragcap embed-images REFS --images DIR -m {retrieval.spec} -o FILE`)"

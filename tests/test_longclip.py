@@ -291,7 +291,7 @@ def test_checkpoints_of_other_architectures_are_refused(checkpoint, tiny_pair, t
     torch.save(torch.nn.Linear(2, 2), pickled)
     with pytest.raises(ModelError, match=r"not a readable state dict .*weights_only=True"):
         import_model("longclip", str(pickled), tmp_path / "c")
-    with pytest.raises(ModelError, match="unknown checkpoint kind 'clipcap2'; ragcap imports: clipcap, longclip"):
+    with pytest.raises(ModelError, match="unknown checkpoint kind 'clipcap2'; ragcap imports: .*clipcap.*longclip"):
         import_model("clipcap2", str(path), tmp_path / "d")
 
 

@@ -192,7 +192,7 @@ def test_only_cross_attention_changes_in_training(data, tiny_clip_dir, tmp_path)
     ingest(data["others"], "others", tiny_clip_dir)
     clip_before = {p.name: p.read_bytes() for p in tiny_clip_dir.iterdir()}
     trained = json.loads(ragcap("train-smallcap", "--features", data["features"], "-c", "others", "-o", tmp_path / "model",
-                                "--lm", data["lm"], *TRAIN).stdout)
+                                "--lm", data["lm"], "--keep-checkpoint", *TRAIN).stdout)
     assert trained["epochs"][-1]["val_loss"] is not None and trained["encoder"] == trained["retrieval"] == f"local:{tiny_clip_dir.resolve()}"
     decoder = load_decoder(tmp_path / "model")
     assert isinstance(decoder, SmallCapDecoder) and decoder.config.cross_attention_width == 8

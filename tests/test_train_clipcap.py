@@ -161,7 +161,7 @@ def test_inputs_of_another_embedder_and_bad_options_are_refused(tiny, tiny_clip_
     assert f"holds features of local:{tiny_clip_dir.resolve()}" in result.output and f"local:{other.resolve()}" in result.output
 
     common = ["--lm", tiny["lm"], "--epochs", "1", "--batch-size", "8", "--val-fraction", "0"]
-    ragcap("train-clipcap", "--features", tiny["features"], "-o", tmp_path / "run", *common)
+    ragcap("train-clipcap", "--features", tiny["features"], "-o", tmp_path / "run", "--keep-checkpoint", *common)
     result = ragcap("train-clipcap", "-c", "other-embedder", "-o", tmp_path / "run", "--resume", *common, ok=False)
     assert result.exit_code == 1 and "was trained on vectors of" in result.output
 

@@ -150,6 +150,7 @@ def train_smallcap(
     val_fraction: Annotated[Optional[float], typer.Option(help="Held-out fraction of images for the per-epoch validation loss.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for the split, initialisation and batches.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last complete epoch in --out.")] = False,
+    keep_checkpoint: KeepCheckpoint = False,
     device: Device = None,
     qdrant_url: QdrantUrl = None,
     qdrant_api_key: QdrantKey = None,
@@ -177,7 +178,7 @@ def train_smallcap(
                    f"({data.images_with_own} of {len(data.neighbours)} images had some in the memory)", err=True)
         config = with_overrides(config, encoder_width=int(data.examples.patches.shape[2]), retrieval_spec=data.retrieval.spec,
                                 retrieval_dim=data.retrieval.dim)
-        result = _train("train-smallcap", data.captions, data.examples, data.encoder, out, config, resume, groups=data.groups)
+        result = _train("train-smallcap", data.captions, data.examples, data.encoder, out, config, resume, keep_checkpoint, groups=data.groups)
     summary = {"out": str(out), "captions": len(data.captions), "images": len(data.neighbours), "encoder": data.encoder.spec,
                "retrieval": data.retrieval.spec, "own_captions_excluded": data.excluded, "images_with_own_captions": data.images_with_own}
     if json_out:

@@ -155,7 +155,7 @@ class SmallCapDecoder(Decoder):
 
     def check_embedder(self, embedder: EmbedderInfo, collection: str) -> None:
         """The memory must be of the embedder it retrieved with in training (its prompts' source)."""
-        if self.config.retrieval != embedder:
+        if not self.config.retrieval.matches(embedder):
             where = self.source or "(unsaved decoder)"
             raise ModelError(
                 f"SmallCap model {where} retrieves from memories of {self.config.retrieval_spec} (dim {self.config.retrieval_dim}), "
@@ -170,7 +170,7 @@ class SmallCapDecoder(Decoder):
         from ragcap.embed import load_embedder
 
         encoder = load_embedder(self.embedder.spec, str(self.device), image_only=True)
-        if encoder.info != self.embedder:
+        if not self.embedder.matches(encoder.info):
             raise ModelError(f"encoder {self.embedder.spec} now makes {encoder.info.dim}-d embeddings, not {self.embedder.dim}-d; "
                              "it is not the model this SmallCap was trained on")
         return torch.from_numpy(encoder.encode_image_tokens(images)[1])

@@ -59,8 +59,10 @@ def python(code: str, *args, env: dict | None = None, timeout: float = 300) -> s
 
 
 def messages(stderr: str) -> list[str]:
-    """ragcap's own lines on stderr (progress bars redraw with \\r and are left out)."""
-    return [part for line in stderr.splitlines() if (part := line.split("\r")[-1].strip()).startswith("ragcap:")]
+    """ragcap's own lines on stderr (progress bars redraw with \\r and are left out, and so is
+    the line saying where the models run, printed by every caption run at its start)."""
+    lines = [line.split("\r")[-1].strip() for line in stderr.splitlines()]
+    return [line for line in lines if line.startswith("ragcap:") and not line.startswith("ragcap: running on ")]
 
 
 def one_error_line(result, code: int = 1) -> str:
