@@ -6,6 +6,7 @@ import functools
 import os
 import pickle
 import traceback
+from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import click
@@ -169,6 +170,11 @@ TopP = Annotated[Optional[float], typer.Option("--top-p", help="Sample from the 
 TopK = Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k likeliest tokens.")]
 Temperature = Annotated[Optional[float], typer.Option(help="Sample at this temperature (< 1 sharper, > 1 more varied).")]
 Seed = Annotated[Optional[int], typer.Option(help="Seed for sampling: the same seed and inputs give the same captions.")]
+# The captioning options `caption`, `eval` and `serve` share.
+Decoders = Annotated[Optional[list[Path]], typer.Option("--decoder", help="Trained decoder directory: pd, nnd, vd read an embedding decoder, smallcap a SmallCap model (repeat to give both).")]
+CausalLM = Annotated[str, typer.Option("--lm", help="Causal LM for prompt mode: hub name or directory.")]
+Tau = Annotated[float, typer.Option("--tau", help="Softmax temperature of the projection (DeCap: 0.01).")]
+PromptK = Annotated[int, typer.Option("--prompt-k", help="Retrieved captions in the prompt (SmallCap: 4).")]
 
 
 def search_options(beam, num_captions, max_tokens, top_p, top_k, temperature, seed):

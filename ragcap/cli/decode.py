@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from ragcap.cli.common import (
-    DEFAULT_WAIT_S, Actors, Beam, Collection, CpusPerActor, Device, Engine, GpusPerActor, Json, MaxTokens, Model, NumCaptions,
-    QdrantKey, QdrantUrl, RayAddress, Seed, Temperature, TopK, TopP, Wait, app, command, ray_options, search_options, store,
+    DEFAULT_WAIT_S, Actors, Beam, CausalLM, Collection, CpusPerActor, Decoders, Device, Engine, GpusPerActor, Json, MaxTokens, Model, NumCaptions, PromptK,
+    QdrantKey, QdrantUrl, RayAddress, Seed, Tau, Temperature, TopK, TopP, Wait, app, command, ray_options, search_options, store,
 )
 from ragcap.errors import OptionError, RagcapError
 
@@ -212,11 +212,11 @@ def caption(
     inputs: Annotated[Optional[list[str]], typer.Argument(help="Images, directories, globs, @list files, or - for paths on stdin.")] = None,
     collection: Collection = "captions",
     mode: Annotated[str, typer.Option("--mode", help="Comma-separated: pd, nnd, clipre, vd, prompt, smallcap.")] = "pd",
-    decoder: Annotated[Optional[list[Path]], typer.Option(help="Trained decoder directory: pd, nnd, vd read an embedding decoder, smallcap a SmallCap model (repeat to give both).")] = None,
-    lm: Annotated[str, typer.Option(help="Causal LM for prompt mode: hub name or directory.")] = "gpt2",
+    decoder: Decoders = None,
+    lm: CausalLM = "gpt2",
     text: Annotated[Optional[list[str]], typer.Option("--text", help="Caption from this text instead of images (repeatable).")] = None,
     k: Annotated[Optional[int], typer.Option("--k", "-k", help="Neighbours in the pd projection when Qdrant searches the memory (--memory qdrant) [default: 1024, or the whole collection if smaller].")] = None,
-    tau: Annotated[float, typer.Option(help="Softmax temperature of the projection (DeCap: 0.01).")] = 0.01,
+    tau: Tau = 0.01,
     beam: Beam = None,
     num_captions: NumCaptions = 1,
     max_tokens: MaxTokens = None,
@@ -224,7 +224,7 @@ def caption(
     top_k: TopK = None,
     temperature: Temperature = None,
     seed: Seed = None,
-    prompt_k: Annotated[int, typer.Option(help="Retrieved captions in the prompt (SmallCap: 4).")] = 4,
+    prompt_k: PromptK = 4,
     memory: Annotated[str, typer.Option("--memory", help="How to search the memory: exact (every stored caption, from a copy of the vectors kept beside the collection), qdrant (Qdrant's top k: memories larger than RAM), or auto (exact when the copy fits in a quarter of the RAM, or half the GPU's).")] = "auto",
     neighbours: Annotated[int, typer.Option(help="Also report this many retrieved captions with scores.")] = 0,
     fmt: Annotated[str, typer.Option("--format", help="text, jsonl or csv.")] = "text",
@@ -307,12 +307,12 @@ def evaluate(
     images: Annotated[Path, typer.Option("--images", help="Folder of the images to caption (matched to references by id or file name).")],
     collection: Collection = "captions",
     mode: Annotated[str, typer.Option("--mode", help="Comma-separated modes to score: pd, nnd, clipre, vd, prompt, smallcap.")] = "pd",
-    decoder: Annotated[Optional[list[Path]], typer.Option(help="Trained decoder directory: pd, nnd, vd read an embedding decoder, smallcap a SmallCap model (repeat to give both).")] = None,
-    lm: Annotated[str, typer.Option(help="Causal LM for prompt mode.")] = "gpt2",
+    decoder: Decoders = None,
+    lm: CausalLM = "gpt2",
     ref_format: Annotated[Optional[str], typer.Option("--ref-format", help="Reference format (default: detected).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Karpathy split to score (default: test).")] = None,
     k: Annotated[Optional[int], typer.Option("--k", "-k", help="Neighbours in the pd projection when Qdrant searches the memory (--memory qdrant) [default: 1024, or the whole collection if smaller].")] = None,
-    tau: Annotated[float, typer.Option(help="Softmax temperature of the projection.")] = 0.01,
+    tau: Tau = 0.01,
     beam: Beam = None,
     max_tokens: MaxTokens = None,
     top_p: TopP = None,

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ragcap.cli.common import (
-    Beam, Collection, Device, MaxTokens, Model, NumCaptions, QdrantKey, QdrantUrl, Seed, Temperature, TopK, TopP, app,
+    Beam, CausalLM, Collection, Decoders, Device, MaxTokens, Model, NumCaptions, PromptK, QdrantKey, QdrantUrl, Seed, Tau, Temperature, TopK, TopP, app,
     command, search_options, store,
 )
 from ragcap.serve.config import ServeConfig
@@ -19,11 +18,11 @@ DEFAULTS = ServeConfig()
 @command(app)
 def serve(
     collection: Collection = "captions",
-    mode: Annotated[str, typer.Option("--mode", help="Default modes of a request, comma-separated: pd, nnd, clipre, vd, prompt.")] = "pd",
-    decoder: Annotated[Optional[Path], typer.Option(help="Trained decoder directory (pd, nnd, vd).")] = None,
-    lm: Annotated[str, typer.Option(help="Causal LM for prompt mode: hub name or directory.")] = "gpt2",
+    mode: Annotated[str, typer.Option("--mode", help="Default modes of a request, comma-separated: pd, nnd, clipre, vd, prompt, smallcap.")] = "pd",
+    decoder: Decoders = None,
+    lm: CausalLM = "gpt2",
     k: Annotated[Optional[int], typer.Option("--k", "-k", help="Default neighbours in the pd projection [default: 1024, or the whole collection if smaller].")] = None,
-    tau: Annotated[float, typer.Option(help="Softmax temperature of the projection (DeCap: 0.01).")] = 0.01,
+    tau: Tau = 0.01,
     beam: Beam = None,
     num_captions: NumCaptions = 1,
     max_tokens: MaxTokens = None,
@@ -31,7 +30,7 @@ def serve(
     top_k: TopK = None,
     temperature: Temperature = None,
     seed: Seed = None,
-    prompt_k: Annotated[int, typer.Option(help="Retrieved captions in the prompt (SmallCap: 4).")] = 4,
+    prompt_k: PromptK = 4,
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.")] = DEFAULTS.host,
     port: Annotated[int, typer.Option(help="Port (0: any free one, printed at start).")] = DEFAULTS.port,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="RAGCAP_API_KEY", help="Require this key (Authorization: Bearer KEY, or X-API-Key).")] = None,
