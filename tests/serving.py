@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,21 @@ def load(store, clip_dir: Path, decoder_dir: Path, modes=("pd", "clipre"), colle
     from ragcap import api
 
     return api.load_captioner(store, collection, CaptionSettings(modes=modes), decoder=decoder_dir, model=str(clip_dir), image_only=False)
+
+
+@contextmanager
+def tiny_captioner(clip_dir: Path, decoder_dir: Path):
+    """pd and clipre over an in-memory store of CAPTIONS, with a tiny random decoder."""
+    from ragcap.embed import load_embedder
+    from ragcap.store import open_store
+
+    embedder = load_embedder(str(clip_dir))
+    store = open_store(memory=True)
+    try:
+        fill(store, embedder)
+        yield load(store, clip_dir, tiny_decoder(decoder_dir, embedder))
+    finally:
+        store.close()
 
 
 def png(seed: int, size=(48, 40)) -> bytes:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ragcap.embed import load_embedder
 from ragcap.store import open_store
-from tests.serving import CAPTIONS, fill, load, metric, png, serve, tiny_decoder, wait_until
+from tests.serving import CAPTIONS, fill, metric, png, serve, tiny_captioner, wait_until
 
 ENDPOINTS = {"/v1/caption", "/v1/caption/text", "/v1/search", "/v1/search/image", "/v1/collections", "/v1/info",
              "/v1/health", "/v1/ready", "/metrics"}
@@ -25,12 +25,8 @@ ENDPOINTS = {"/v1/caption", "/v1/caption/text", "/v1/search", "/v1/search/image"
 
 @pytest.fixture(scope="module")
 def captioner(tiny_clip_dir, tmp_path_factory):
-    embedder = load_embedder(str(tiny_clip_dir))
-    store = open_store(memory=True)
-    fill(store, embedder)
-    captioner = load(store, tiny_clip_dir, tiny_decoder(tmp_path_factory.mktemp("decoder"), embedder))
-    yield captioner
-    store.close()
+    with tiny_captioner(tiny_clip_dir, tmp_path_factory.mktemp("decoder")) as captioner:
+        yield captioner
 
 
 @pytest.fixture(scope="module")

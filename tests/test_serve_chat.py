@@ -13,22 +13,16 @@ import httpx
 import openai
 import pytest
 
-from ragcap.embed import load_embedder
 from ragcap.generation import SearchOptions
-from ragcap.store import open_store
-from tests.serving import fill, load, png, serve, tiny_decoder
+from tests.serving import png, serve, tiny_captioner
 
 KEY = "s3cret"
 
 
 @pytest.fixture(scope="module")
 def captioner(tiny_clip_dir, tmp_path_factory):
-    embedder = load_embedder(str(tiny_clip_dir))
-    store = open_store(memory=True)
-    fill(store, embedder)
-    captioner = load(store, tiny_clip_dir, tiny_decoder(tmp_path_factory.mktemp("decoder"), embedder))
-    yield captioner
-    store.close()
+    with tiny_captioner(tiny_clip_dir, tmp_path_factory.mktemp("decoder")) as captioner:
+        yield captioner
 
 
 @pytest.fixture(scope="module")
