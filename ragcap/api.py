@@ -17,11 +17,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ragcap.caption import CaptionSettings, Captioner
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.distributed import RayOptions
 from ragcap.errors import ImageError, ModelError, OptionError, RagcapError
@@ -30,9 +29,10 @@ from ragcap.images import ImageInput, image_name, load_images
 from ragcap.ingest import IngestOptions, IngestSummary
 from ragcap.store import CheckReport, CollectionLayout, Hit, Store, open_store
 
+if TYPE_CHECKING:  # imported where used: ingesting pre-computed vectors needs no torch (~3 s to import)
+    from ragcap.caption import CaptionSettings, Captioner
+
 __all__ = [
-    "CaptionSettings",
-    "Captioner",
     "CollectionLayout",
     "IngestOptions",
     "RayOptions",
@@ -303,7 +303,7 @@ def load_captioner(
     image_only: load only CLIP's image tower (captioning images never runs the text tower);
     pass False to caption texts.
     """
-    from ragcap.caption import require_resources
+    from ragcap.caption import CaptionSettings, Captioner, require_resources
     from ragcap.decoders import check_decoder
     from ragcap.decoders.lm import check_causal_lm
     from ragcap.embed import check_available, load_embedder

@@ -248,10 +248,24 @@ def test_parquet_export_round_trip(tmp_path):
     pq.write_table(table, path, row_group_size=2)  # several row groups: batches must line up
     records = read("parquet", path, text_field="caption", vector_field="vector")
     assert [r.payload() for r in records] == payloads
-    assert [r.vector for r in records] == vectors
+    assert [r.vector.tolist() for r in records] == vectors  # one float32 array per batch, not Python floats
     assert records[4].location.endswith("export.parquet:row 5")
     with pytest.raises(SourceError, match="no field 'emb'.*available fields: id, caption, payload, vector"):
         read("parquet", path, text_field="caption", vector_field="emb")
+
+
+def test_parquet_vectors_of_uneven_or_missing_rows_are_reported_row_by_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    vectors = [[1.0, 2.0], None, [3.0], [4.0, 5.0]]
+    path = tmp_path / "ragged.parquet"
+    pq.write_table(pa.table({"caption": ["a", "b", "c", "d"], "vector": pa.array(vectors, type=pa.list_(pa.float32()))}), path)
+    records = read("parquet", path, text_field="caption", vector_field="vector", skip_bad=True)
+    good = [r for r in records if isinstance(r, CaptionRecord)]
+    assert [(r.caption, list(r.vector)) for r in good] == [("a", [1.0, 2.0]), ("c", [3.0]), ("d", [4.0, 5.0])]
+    bad = [r for r in records if not isinstance(r, CaptionRecord)]
+    assert len(bad) == 1 and "ragged.parquet:row 2" in bad[0].location and "no vector in field 'vector'" in bad[0].reason
 
 
 def test_parquet_not_parquet(tmp_path):

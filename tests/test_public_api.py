@@ -87,3 +87,6 @@ def test_importing_ragcap_stays_light():
     """`import ragcap` (and so every CLI start) must not pay for torch or the web stack."""
     code = "import sys, ragcap; ragcap.__all__; assert not {'torch', 'fastapi'} & set(sys.modules), sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    # Nor the api layer itself: storing pre-computed vectors (ingest parquet, clip-retrieval) needs no torch.
+    code = "import sys, ragcap.api; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
