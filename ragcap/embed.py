@@ -244,16 +244,14 @@ class OpenClipEmbedder(Embedder):
     def __init__(self, spec: ModelSpec, model, preprocess, tokenizer, device: torch.device):
         """tokenizer None: an image-only embedder (see _load_image_tower); encode_text refuses."""
         self.spec, self.model, self.preprocess, self.tokenizer, self.device = spec, model, preprocess, tokenizer, device
-        if tokenizer is None:
-            with torch.inference_mode():
-                dim = model.encode_image(preprocess(Image.new("RGB", (8, 8))).unsqueeze(0).to(device)).shape[-1]
-        else:
+        if tokenizer is not None:
             self.context_length = int(getattr(tokenizer, "context_length", None) or model.context_length)
             self._tower = text_tower(model)
             # The pad id as this tokenizer writes it: the last slot of an empty caption.
             self._pad_id = int(tokenizer([""], context_length=self.context_length)[0, -1])
-            dim = self._encode_full(tokenizer(["a photo"]).to(device)).shape[-1]
-        self.info = EmbedderInfo(spec=spec.canonical, dim=int(dim), digest=local_digest(spec))
+        # The config's joint width, not a probe forward: one ViT forward is a tenth of a cold
+        # start's model loading on a CPU.
+        self.info = EmbedderInfo(spec=spec.canonical, dim=int(model_config(spec)["embed_dim"]), digest=local_digest(spec))
 
     @property
     def has_text(self) -> bool:
