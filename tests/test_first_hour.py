@@ -68,6 +68,49 @@ def test_short_help_version_and_defaults_in_help():
     assert "Exit status" in ragcap("-h").stdout
 
 
+def _command_paths(command, path=()):
+    yield path
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _command_paths(sub, (*path, name))
+
+
+def test_help_names_values_instead_of_typer_types():
+    import typer
+
+    paths = list(_command_paths(typer.main.get_command(app)))
+    assert ("models", "import") in paths and len(paths) > 15
+    helps = {}
+    for path in paths:
+        result = ragcap(*path, "--help")
+        assert result.exit_code == 0, path
+        helps[path] = " ".join(result.stdout.split())
+        for noise in ("<str>", "<int>", "<float>", "<path>", "<bool>", "<list", "<Path"):
+            assert noise not in result.stdout, (path, noise)
+    for path, shown in (
+        (("train-decoder",), "--layers LAYERS"), (("train-decoder",), "-o, --out DIR"), (("train-decoder",), "--parquet FILE"),
+        (("train-decoder",), "--wait SECONDS"), (("ingest",), "--qdrant-url QDRANT_URL"), (("ingest",), "{SOURCE} [PATHS]..."),
+        (("ingest",), "PATHS... Files"), (("caption",), "-c, --collection COLLECTION"), (("caption",), "--decoder DIR"),
+    ):
+        assert shown in helps[path], (path, shown)
+
+
+def test_help_shows_the_choices_the_commands_accept():
+    from ragcap.caption import MEMORY_SEARCHES
+    from ragcap.decoders.clipcap import MAPPINGS
+    from ragcap.report import CAPTION_FORMATS
+    from ragcap.store import VECTOR_DTYPES
+    from ragcap.train import PRESETS
+
+    def shown(*args):
+        return ragcap(*args, "--help").stdout
+
+    assert f"--preset [{'|'.join(PRESETS)}]" in shown("train-decoder")
+    assert f"--mapping [{'|'.join(MAPPINGS)}]" in shown("train-clipcap") and f"--mapping [{'|'.join(MAPPINGS)}]" in shown("models", "import")
+    assert f"--format [{'|'.join(CAPTION_FORMATS)}]" in shown("caption")
+    assert f"--memory [{'|'.join(MEMORY_SEARCHES)}]" in shown("caption")
+    assert f"--vector-dtype [{'|'.join(VECTOR_DTYPES)}]" in shown("ingest")
+
+
 # ---------------------------------------------------------------------------- fail fast
 
 

@@ -10,7 +10,7 @@ import typer
 
 from ragcap.cli.common import (
     DEFAULT_WAIT_S, Actors, Collection, CpusPerActor, Device, Engine, GpusPerActor, Json, Model, QdrantKey, QdrantUrl, RayAddress,
-    Wait, app, command, ray_options, store,
+    Wait, app, command, one_of, ray_options, store,
 )
 from ragcap.errors import RagcapError
 
@@ -32,7 +32,7 @@ def ingest(
     skip_bad: Annotated[bool, typer.Option(help="Skip and count malformed lines instead of stopping.")] = False,
     shard: Annotated[Optional[str], typer.Option(help="I/N: ingest only the I-th of N disjoint slices (parallel workers).")] = None,
     batch_size: Annotated[int, typer.Option(help="Captions embedded and upserted together (the resume granularity).")] = 4096,
-    vector_dtype: Annotated[str, typer.Option(help="Storage of a new collection: float16 (half the memory) or float32.")] = "float16",
+    vector_dtype: Annotated[str, typer.Option(metavar=one_of("float16", "float32"), help="Storage of a new collection: float16 (half the memory) or float32.")] = "float16",
     shards: Annotated[Optional[int], typer.Option(help="Qdrant server: shards of a new collection, spread over the cluster's nodes.")] = None,
     replicas: Annotated[Optional[int], typer.Option(help="Qdrant server: copies of each shard of a new collection (2 survives losing a node).")] = None,
     write_consistency: Annotated[Optional[int], typer.Option(help="Qdrant server: replicas that must confirm each write.")] = None,
