@@ -4,6 +4,7 @@ failing fast offline, portable local models, the default embedder, training feed
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 
@@ -236,6 +237,8 @@ def test_train_decoder_prints_its_pace_and_each_epoch_and_removes_the_checkpoint
     result = ragcap("train-decoder", "-c", memory, "--out", tmp_path / "dec", *small)
     assert result.exit_code == 0, result.output
     assert "s per step, about" in result.stderr and "per epoch" in result.stderr
+    expected = re.search(r"train-decoder: expected ~\d+ s per epoch \(\d+ steps\), ~\d+ s for 2 epochs", result.stderr)
+    assert expected and expected.start() < result.stderr.index("epoch 1: training loss")  # before training
     for epoch in (1, 2):
         assert f"epoch {epoch}: training loss " in result.stderr
     assert "held-out loss" in result.stderr
@@ -243,8 +246,9 @@ def test_train_decoder_prints_its_pace_and_each_epoch_and_removes_the_checkpoint
     config = json.loads((tmp_path / "dec" / "config.json").read_text())["config"]
     assert (config["n_layer"], config["n_embd"]) == (1, 32)  # the flags override the preset
 
-    kept = ragcap("train-decoder", "-c", memory, "--out", tmp_path / "kept", *small, "--epochs", "1", "--keep-checkpoint")
+    kept = ragcap("train-decoder", "-c", memory, "--out", tmp_path / "kept", *small, "--epochs", "1", "--keep-checkpoint", "--json")
     assert kept.exit_code == 0 and (tmp_path / "kept" / "checkpoint.pt").exists()
+    assert json.loads(kept.stdout)["expected_epoch_s"] > 0
     assert ragcap("train-decoder", "-c", memory, "--out", tmp_path / "x", "--preset", "huge").exit_code == 1
 
 

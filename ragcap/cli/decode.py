@@ -197,14 +197,14 @@ def _noise_std(variance: float | None) -> float | None:
 
 
 def _train(name: str, captions, vectors, info, out: Path, config, resume: bool, keep_checkpoint: bool, hint: str = "", **data) -> dict:
-    """ragcap.train.train_decoder with a progress bar (steps, rate, ETA, loss), the time per
-    epoch once measured, and each epoch's training and held-out loss."""
+    """ragcap.train.train_decoder with a progress bar (steps, rate, ETA, loss), the expected time
+    per epoch before training, the pace once measured, and each epoch's training and held-out loss."""
     from ragcap.report import StepProgress
     from ragcap.train import train_decoder
 
     with StepProgress(name, epochs=config.epochs, hint=hint) as report:
         return train_decoder(captions, vectors, info, out, config, resume=resume, progress=report, on_epoch=report.epoch,
-                             keep_checkpoint=keep_checkpoint, **data)
+                             on_estimate=report.expected, keep_checkpoint=keep_checkpoint, **data)
 
 
 @command(app)
