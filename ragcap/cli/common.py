@@ -53,12 +53,12 @@ def one_of(*choices: str) -> str:
 
 QdrantUrl = Annotated[
     Optional[str],
-    typer.Option("--qdrant-url", envvar="RAGCAP_QDRANT_URL", help="Qdrant server URL (default: the embedded store under $RAGCAP_HOME)."),
+    typer.Option("--qdrant-url", envvar="RAGCAP_QDRANT_URL", help="Qdrant server URL [default: the config file's qdrant_url, else the embedded store under $RAGCAP_HOME]."),
 ]
-QdrantKey = Annotated[Optional[str], typer.Option("--qdrant-api-key", envvar="RAGCAP_QDRANT_API_KEY", help="API key for --qdrant-url.")]
+QdrantKey = Annotated[Optional[str], typer.Option("--qdrant-api-key", envvar="RAGCAP_QDRANT_API_KEY", help="API key for --qdrant-url [default: the config file's qdrant_api_key].")]
 Collection = Annotated[str, typer.Option("--collection", "-c", help="Collection name.")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-Device = Annotated[Optional[str], typer.Option("--device", help="torch device (default: cuda if available, else cpu).")]
+Device = Annotated[Optional[str], typer.Option("--device", help="torch device [default: $RAGCAP_DEVICE, the config file's device, else cuda if available, else cpu].")]
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Embedder (default: the collection's).")]
 # Running on a Ray cluster (see ragcap.distributed), shared by the commands that can.
 Engine = Annotated[Optional[str], typer.Option("--engine", metavar=one_of("ray"), help="ray: run on a Ray cluster (pip install 'ragcap[ray]'); default: this process.")]

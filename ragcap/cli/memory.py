@@ -20,7 +20,7 @@ def ingest(
     source: Annotated[str, typer.Argument(help="Corpus kind: coco-captions, flickr, cc3m, text, jsonl, csv, parquet, hf, clip-retrieval.")],
     paths: Annotated[Optional[list[str]], typer.Argument(help="Files, a directory (clip-retrieval: its output folder), or a Hugging Face data set name.")] = None,
     collection: Collection = "captions",
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Embedder spec [default: the collection's; for a new one $RAGCAP_MODEL, else ViT-B-32:openai].")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Embedder spec [default: the collection's; for a new one $RAGCAP_MODEL, the config file's model, else ViT-B-32:openai].")] = None,
     text_field: Annotated[Optional[str], typer.Option(help="jsonl/csv/parquet/hf: the caption field (clip-retrieval: default caption).")] = None,
     id_field: Annotated[Optional[str], typer.Option(help="jsonl/csv/parquet/hf: the image id field.")] = None,
     vector_field: Annotated[Optional[str], typer.Option(help="parquet: pre-computed vectors (from `ragcap export`); no re-embedding.")] = None,
