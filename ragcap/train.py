@@ -322,9 +322,11 @@ def _epoch_order(train_idx: np.ndarray, config: TrainSettings, epoch: int) -> to
 
 
 # Steps timed before training for the expected time per epoch: the first pays for allocation and
-# warm-up and is left out; the rest are averaged. AdamW's update is not run (it would change the
+# warm-up (on a GPU, CUDA's and cuBLAS's set-up: often slower than the rest of an epoch's steps)
+# and is left out; the second is the estimate. Two, not more: they are work a short run feels
+# (the quick start's decoder trains in 4 steps). AdamW's update is not run (it would change the
 # weights); it is a few percent of a step (the forward and backward passes dominate).
-ESTIMATE_STEPS = 3
+ESTIMATE_STEPS = 2
 
 
 def _time_steps(model: Decoder, batch_loss: Callable[[torch.Tensor], tuple[torch.Tensor, int]], batches: list[torch.Tensor]) -> float:
