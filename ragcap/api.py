@@ -14,13 +14,13 @@ turns requests into them, so a behaviour can never live in only one of them.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
+from ragcap.config import ENV_OF, setting
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.distributed import RayOptions
 from ragcap.errors import ImageError, ModelError, OptionError, RagcapError
@@ -53,19 +53,21 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "ViT-B-32:openai"
-MODEL_ENV = "RAGCAP_MODEL"  # the embedder of new collections and feature files when -m is not given
+MODEL_ENV = ENV_OF["model"]  # the embedder of new collections and feature files when -m is not given
 
 
 def default_model() -> str:
-    """$RAGCAP_MODEL, else DEFAULT_MODEL: set it once instead of passing -m to every new collection."""
-    return os.environ.get(MODEL_ENV, "").strip() or DEFAULT_MODEL
+    """$RAGCAP_MODEL, else the config file's `model`, else DEFAULT_MODEL: set it once instead of
+    passing -m to every new collection."""
+    return setting("model")[0] or DEFAULT_MODEL
 
 
 def collection_model(store: Store, collection: str, model: str | None = None) -> str:
     """The embedder spec to load for a collection: `model` if given, else the one it records.
 
     A local model recorded at a path that no longer exists (moved, or the collection copied to
-    another machine) is looked for at $RAGCAP_MODEL; either way its digest is then checked.
+    another machine) is looked for at $RAGCAP_MODEL or the config file's `model`; either way its
+    digest is then checked.
     """
     if model:
         return model
@@ -73,11 +75,12 @@ def collection_model(store: Store, collection: str, model: str | None = None) ->
     gone = recorded.spec.startswith("local:") and not Path(recorded.spec.removeprefix("local:")).is_dir()
     if not gone:
         return recorded.spec
-    if os.environ.get(MODEL_ENV, "").strip():
-        return os.environ[MODEL_ENV].strip()
+    configured, _ = setting("model")
+    if configured:
+        return configured
     raise ModelError(
         f"collection '{collection}' was filled by the local model {recorded.spec.removeprefix('local:')}, which is not there "
-        f"any more; pass --model DIR (or set {MODEL_ENV}) with that model wherever it is now: a moved or copied "
+        f"any more; pass --model DIR (or set {MODEL_ENV} or the config file's model) with that model wherever it is now: a moved or copied "
         "directory is recognised by its contents (digest), a changed one is refused"
     )
 

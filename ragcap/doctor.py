@@ -8,7 +8,6 @@ whether the hub can be reached.
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ def diagnose(store_url: str | None = None) -> dict:
     report = {
         "ragcap": _version("ragcap"),
         "python": {"version": platform.python_version(), "executable": sys.executable},
+        "config": _config(),
         "packages": {name: _version(name) for name in PACKAGES},
         "torch": _torch(),
         "java": _java(),
@@ -46,15 +46,28 @@ def _version(name: str) -> str | None:
         return None
 
 
+def _config() -> dict:
+    """The config file in effect and what it sets (a malformed one fails here, as in every command)."""
+    from ragcap.config import config_path, file_settings
+
+    values = file_settings()
+    if "qdrant_api_key" in values:
+        values["qdrant_api_key"] = "(set)"  # a report may be pasted into an issue
+    path = config_path()
+    return {"file": str(path), "exists": path.is_file(), "values": values}
+
+
 def _torch() -> dict:
     import torch
+
+    from ragcap.util import default_device
 
     devices = [
         {"index": i, "name": torch.cuda.get_device_name(i), "memory_gb": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
         for i in range(torch.cuda.device_count())
     ]
     return {"cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(), "devices": devices,
-            "default_device": "cuda" if devices else "cpu", "cpu_threads": torch.get_num_threads()}
+            "default_device": str(default_device()), "cpu_threads": torch.get_num_threads()}
 
 
 def _java() -> dict:
@@ -90,15 +103,18 @@ def _cached_models() -> list[dict]:
 
 
 def _default_model() -> dict:
-    from ragcap.api import MODEL_ENV, default_model
+    from ragcap.api import default_model
+    from ragcap.config import setting
 
-    return {"spec": default_model(), "from": MODEL_ENV if os.environ.get(MODEL_ENV, "").strip() else "built-in"}
+    return {"spec": default_model(), "from": setting("model")[1]}
 
 
 def _store(url: str | None) -> dict:
     from ragcap.store import default_home, open_store
 
-    url = url or os.environ.get("RAGCAP_QDRANT_URL")
+    from ragcap.config import setting
+
+    url = url or setting("qdrant_url")[0]
     where = {"kind": "server", "url": url} if url else {"kind": "embedded", "path": str(default_home())}
     try:
         with open_store(url=url, wait=0) as store:  # listing opens no collection, so it never waits
@@ -131,7 +147,8 @@ def _warnings(report: dict) -> list[str]:
 
 def format_report(report: dict) -> str:
     """The report as lines for people."""
-    torch_ = report["torch"]
+    torch_, config = report["torch"], report["config"]
+    settings = ", ".join(f"{k} = {v}" for k, v in config["values"].items()) or "no settings"
     devices = ", ".join(f"cuda:{d['index']} {d['name']} ({d['memory_gb']} GB)" for d in torch_["devices"]) or "none"
     store = report["store"]
     where = store.get("url") or store.get("path")
@@ -143,6 +160,7 @@ def format_report(report: dict) -> str:
         "packages      " + ", ".join(f"{k} {v}" for k, v in report["packages"].items() if v),
         f"torch         CUDA {torch_['cuda'] or 'none'}; devices: {devices}; default device {torch_['default_device']}, "
         f"{torch_['cpu_threads']} CPU threads",
+        f"config        {config['file']}" + (f": {settings}" if config["exists"] else " (none: built-in defaults)"),
         f"java          {report['java']['version'] or 'not found'}",
         f"hub           {report['hub']['host']}: " + ("reachable" if report["hub"]["reachable"] else f"offline ({report['hub']['why_not']})"),
         f"default model {report['default_model']['spec']} (from {report['default_model']['from']})",

@@ -37,7 +37,7 @@ from PIL import Image
 
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
-from ragcap.util import write_atomic
+from ragcap.util import default_device, write_atomic
 
 CONFIG_NAME = "open_clip_config.json"  # the names open_clip reads from a local dir or the hub
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -391,10 +391,6 @@ class SentenceTransformerEmbedder(Embedder):
 # loading
 
 
-def _default_device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def _check_local_dir(path: Path, spec: str) -> None:
     if not (path / CONFIG_NAME).is_file():
         hint = ""
@@ -556,7 +552,7 @@ def load_trainable(spec: str, device: str | None = None) -> OpenClipEmbedder:
     parsed = parse_spec(spec)
     if parsed.kind == "st":
         raise ModelError(f"model {spec}: fine-tuning needs an open_clip model, not a sentence-transformers one")
-    embedder = _load_open_clip(parsed, _default_device(device))
+    embedder = _load_open_clip(parsed, default_device(device))
     embedder.model.requires_grad_(True)
     return embedder
 
@@ -615,7 +611,7 @@ def load_embedder(spec: str, device: str | None = None, image_only: bool = False
     encoded; a whole embedder already loaded serves such requests too.
     """
     parsed = parse_spec(spec)
-    dev = _default_device(device)
+    dev = default_device(device)
     image_only = image_only and parsed.kind != "st"
     whole = (parsed.canonical, str(dev), False)
     key = (parsed.canonical, str(dev), image_only)

@@ -50,5 +50,9 @@ class Interrupted(RagcapError):
     exit_code = 130
 
 
+class ConfigError(RagcapError):
+    """The config file is malformed or holds an unknown key (message carries file:line)."""
+
+
 class OptionError(RagcapError, ValueError):
     """An option or argument is out of range or contradicts another one."""

@@ -37,9 +37,10 @@ def progress(total: int | None, desc: str, unit: str) -> tqdm:
 class StepProgress:
     """A training run's bar: call it as progress(step, total_steps, loss) after each step.
 
-    With epochs, the time per epoch is announced once ESTIMATE_STEPS steps (fewer in a short
-    run) have run after the first, which pays for allocation and warm-up and is left out; and
-    epoch(row) prints each epoch's training and held-out loss above the bar.
+    expected(estimate) announces the time per epoch timed before training; with epochs, the
+    measured pace is announced once ESTIMATE_STEPS steps (fewer in a short run) have run after
+    the first, which pays for allocation and warm-up and is left out; and epoch(row) prints each
+    epoch's training and held-out loss above the bar.
     """
 
     ESTIMATE_STEPS = 5
@@ -68,6 +69,13 @@ class StepProgress:
             self.epochs, epoch_s = None, per_step * total / self.epochs
             self.bar.write(f"{self.bar.desc}: {per_step:.2f} s per step, about {duration(epoch_s)} per epoch and "
                            f"{duration(per_step * (total - step))} to go{self.hint}", file=sys.stderr)
+
+    def expected(self, estimate: dict) -> None:
+        """estimate: ragcap.train.train_decoder's on_estimate argument."""
+        epoch_s, steps, epochs = estimate["expected_epoch_s"], estimate["steps_per_epoch"], estimate["epochs"]
+        self.bar.write(f"{self.bar.desc}: expected ~{duration(epoch_s)} per epoch ({steps:,} steps), "
+                       f"~{duration(epoch_s * epochs)} for {epochs} epoch{'s' * (epochs != 1)}{self.hint}", file=sys.stderr)
+        self.hint = ""  # said once, before training
 
     def epoch(self, row: dict) -> None:
         held_out = "none held out" if row.get("val_loss") is None else f"held-out loss {row['val_loss']:.4f}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -224,6 +225,8 @@ def train_decoder(
     noisy: np.ndarray | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     keep_checkpoint: bool = False,
+    on_estimate: Callable[[dict], None] | None = None,
+    estimate: bool = True,
 ) -> dict:
     """Train the kind `config` builds on (caption, vector) pairs.
 
@@ -232,6 +235,9 @@ def train_decoder(
     Returns {"epochs": [log rows], "train_loss", "val_loss", "steps", "out_dir"};
     progress(step, total_steps, loss) is called after every step, on_epoch(log row) after
     every epoch. keep_checkpoint: leave checkpoint.pt behind (it is only needed to resume).
+    estimate: before the first epoch, time ESTIMATE_STEPS steps (the weights and RNG untouched)
+    for "expected_epoch_s" in the result and on_estimate({"expected_epoch_s", "steps_per_epoch",
+    "epochs"}), epochs being those left to run.
     """
     out = Path(out_dir)
     vectors = _check_inputs(captions, vectors, embedder) if isinstance(vectors, np.ndarray) else vectors
@@ -265,15 +271,25 @@ def train_decoder(
     vectors_t = torch.from_numpy(vectors) if isinstance(vectors, np.ndarray) else vectors
     noisy_t = torch.from_numpy(noisy)
     ensure_free_space(out, checkpoint_bytes(model), "the training checkpoint and the decoder")  # before training, not after
+
+    def batch_loss(batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+        prefixes = _with_noise(_rows(vectors_t, batch, device), noisy_t[batch].to(device), config.noise_std)
+        return _loss(model, prefixes, targets[batch], config.label_smoothing)
+
+    expected_epoch_s = None
+    if estimate and start_epoch < config.epochs and steps_per_epoch > 0:
+        order = _epoch_order(train_idx, config, start_epoch)
+        first = [order[i * config.batch_size : (i + 1) * config.batch_size] for i in range(min(steps_per_epoch, ESTIMATE_STEPS))]
+        expected_epoch_s = _time_steps(model, batch_loss, first) * steps_per_epoch
+        if on_estimate is not None:
+            on_estimate({"expected_epoch_s": expected_epoch_s, "steps_per_epoch": steps_per_epoch, "epochs": config.epochs - start_epoch})
     for epoch in range(start_epoch, config.epochs):
         model.train()
-        # The order depends only on (seed, epoch), so a resumed run sees the same batches.
-        order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))]
+        order = _epoch_order(train_idx, config, epoch)
         total_loss, total_tokens = 0.0, 0
         for i in range(steps_per_epoch):
             batch = order[i * config.batch_size : (i + 1) * config.batch_size]
-            prefixes = _with_noise(_rows(vectors_t, batch, device), noisy_t[batch].to(device), config.noise_std)
-            loss, n_tokens = _loss(model, prefixes, targets[batch], config.label_smoothing)
+            loss, n_tokens = batch_loss(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -295,7 +311,41 @@ def train_decoder(
     if not keep_checkpoint:
         (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     last = log[-1] if log else {"train_loss": None, "val_loss": None}
-    return {"epochs": log, "train_loss": last["train_loss"], "val_loss": last["val_loss"], "steps": total_steps, "out_dir": str(out)}
+    return {"epochs": log, "train_loss": last["train_loss"], "val_loss": last["val_loss"], "steps": total_steps, "out_dir": str(out),
+            "expected_epoch_s": expected_epoch_s}
+
+
+def _epoch_order(train_idx: np.ndarray, config: TrainSettings, epoch: int) -> torch.Tensor:
+    """The epoch's batch order: it depends only on (seed, epoch), so a resumed run sees the same batches."""
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    return torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=generator)]
+
+
+# Steps timed before training for the expected time per epoch: the first pays for allocation and
+# warm-up (on a GPU, CUDA's and cuBLAS's set-up: often slower than the rest of an epoch's steps)
+# and is left out; the second is the estimate. Two, not more: they are work a short run feels
+# (the quick start's decoder trains in 4 steps). AdamW's update is not run (it would change the
+# weights); it is a few percent of a step (the forward and backward passes dominate).
+ESTIMATE_STEPS = 2
+
+
+def _time_steps(model: Decoder, batch_loss: Callable[[torch.Tensor], tuple[torch.Tensor, int]], batches: list[torch.Tensor]) -> float:
+    """Seconds per training step, measured on the given batches without changing the run: no
+    optimiser step, gradients cleared after, and torch's RNG (dropout, noise) restored, so the
+    trained weights are bit-identical to a run that did not estimate."""
+    cuda = model.device.type == "cuda"
+    with torch.random.fork_rng(devices=[model.device] if cuda else []):
+        model.train()
+        times = []
+        for i in range(ESTIMATE_STEPS):  # a one-batch epoch times its batch again
+            start = time.perf_counter()
+            loss, _ = batch_loss(batches[i % len(batches)])
+            loss.backward()
+            if cuda:
+                torch.cuda.synchronize(model.device)
+            times.append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+    return sum(times[1:]) / len(times[1:])
 
 
 def with_overrides(config: TrainSettings, **given) -> TrainSettings:

@@ -17,9 +17,13 @@ T = TypeVar("T")
 
 
 def default_device(device: "str | torch.device | None" = None) -> "torch.device":
-    """The device to run models on: the one asked for, else CUDA when present, else the CPU."""
+    """The device to run models on: the one asked for, else $RAGCAP_DEVICE or the config file's
+    `device`, else CUDA when present, else the CPU."""
     import torch
 
+    from ragcap.config import setting
+
+    device = device if device is not None else setting("device")[0]
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -4,6 +4,7 @@ failing fast offline, portable local models, the default embedder, training feed
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 
@@ -66,6 +67,49 @@ def test_short_help_version_and_defaults_in_help():
     for shown in ("decap 10, small 2", "decap 64, small 128", "decap 3e-4, small 1e-3", "[default: decap]"):
         assert shown in " ".join(long.stdout.split()), shown
     assert "Exit status" in ragcap("-h").stdout
+
+
+def _command_paths(command, path=()):
+    yield path
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _command_paths(sub, (*path, name))
+
+
+def test_help_names_values_instead_of_typer_types():
+    import typer
+
+    paths = list(_command_paths(typer.main.get_command(app)))
+    assert ("models", "import") in paths and len(paths) > 15
+    helps = {}
+    for path in paths:
+        result = ragcap(*path, "--help")
+        assert result.exit_code == 0, path
+        helps[path] = " ".join(result.stdout.split())
+        for noise in ("<str>", "<int>", "<float>", "<path>", "<bool>", "<list", "<Path"):
+            assert noise not in result.stdout, (path, noise)
+    for path, shown in (
+        (("train-decoder",), "--layers LAYERS"), (("train-decoder",), "-o, --out DIR"), (("train-decoder",), "--parquet FILE"),
+        (("train-decoder",), "--wait SECONDS"), (("ingest",), "--qdrant-url QDRANT_URL"), (("ingest",), "{SOURCE} [PATHS]..."),
+        (("ingest",), "PATHS... Files"), (("caption",), "-c, --collection COLLECTION"), (("caption",), "--decoder DIR"),
+    ):
+        assert shown in helps[path], (path, shown)
+
+
+def test_help_shows_the_choices_the_commands_accept():
+    from ragcap.caption import MEMORY_SEARCHES
+    from ragcap.decoders.clipcap import MAPPINGS
+    from ragcap.report import CAPTION_FORMATS
+    from ragcap.store import VECTOR_DTYPES
+    from ragcap.train import PRESETS
+
+    def shown(*args):
+        return ragcap(*args, "--help").stdout
+
+    assert f"--preset [{'|'.join(PRESETS)}]" in shown("train-decoder")
+    assert f"--mapping [{'|'.join(MAPPINGS)}]" in shown("train-clipcap") and f"--mapping [{'|'.join(MAPPINGS)}]" in shown("models", "import")
+    assert f"--format [{'|'.join(CAPTION_FORMATS)}]" in shown("caption")
+    assert f"--memory [{'|'.join(MEMORY_SEARCHES)}]" in shown("caption")
+    assert f"--vector-dtype [{'|'.join(VECTOR_DTYPES)}]" in shown("ingest")
 
 
 # ---------------------------------------------------------------------------- fail fast
@@ -193,6 +237,8 @@ def test_train_decoder_prints_its_pace_and_each_epoch_and_removes_the_checkpoint
     result = ragcap("train-decoder", "-c", memory, "--out", tmp_path / "dec", *small)
     assert result.exit_code == 0, result.output
     assert "s per step, about" in result.stderr and "per epoch" in result.stderr
+    expected = re.search(r"train-decoder: expected ~\d+ s per epoch \(\d+ steps\), ~\d+ s for 2 epochs", result.stderr)
+    assert expected and expected.start() < result.stderr.index("epoch 1: training loss")  # before training
     for epoch in (1, 2):
         assert f"epoch {epoch}: training loss " in result.stderr
     assert "held-out loss" in result.stderr
@@ -200,8 +246,9 @@ def test_train_decoder_prints_its_pace_and_each_epoch_and_removes_the_checkpoint
     config = json.loads((tmp_path / "dec" / "config.json").read_text())["config"]
     assert (config["n_layer"], config["n_embd"]) == (1, 32)  # the flags override the preset
 
-    kept = ragcap("train-decoder", "-c", memory, "--out", tmp_path / "kept", *small, "--epochs", "1", "--keep-checkpoint")
+    kept = ragcap("train-decoder", "-c", memory, "--out", tmp_path / "kept", *small, "--epochs", "1", "--keep-checkpoint", "--json")
     assert kept.exit_code == 0 and (tmp_path / "kept" / "checkpoint.pt").exists()
+    assert json.loads(kept.stdout)["expected_epoch_s"] > 0
     assert ragcap("train-decoder", "-c", memory, "--out", tmp_path / "x", "--preset", "huge").exit_code == 1
 
 

@@ -69,6 +69,27 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_the_time_per_epoch_is_estimated_before_training_without_changing_the_weights(tmp_path):
+    config = TrainConfig(**{**TINY.__dict__, "noise_std": 0.05})  # dropout and noise draw from torch's RNG
+    events = []
+    timed = train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "timed", config, keep_checkpoint=True,
+                          on_estimate=events.append, progress=lambda step, total, loss: events.append(step))
+    estimate = events[0]
+    assert events[1:] == [1, 2, 3, 4]  # announced once, before the first step
+    assert estimate["steps_per_epoch"] == 2 and estimate["epochs"] == 2
+    assert estimate["expected_epoch_s"] > 0 and timed["expected_epoch_s"] == estimate["expected_epoch_s"]
+    plain = train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "plain", config, estimate=False)
+    assert plain["expected_epoch_s"] is None
+    assert [row["train_loss"] for row in plain["epochs"]] == [row["train_loss"] for row in timed["epochs"]]
+    a = load_decoder(tmp_path / "timed").state_dict()
+    b = load_decoder(tmp_path / "plain").state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # Resuming a finished run trains nothing, so it estimates nothing.
+    finished = train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "timed", config, resume=True, on_estimate=events.append)
+    assert finished["expected_epoch_s"] is None and len(events) == 5
+
+
 def test_refuses_to_overwrite_or_resume_a_different_run(tmp_path):
     one_epoch = TrainConfig(**{**TINY.__dict__, "epochs": 1})
     train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "dec", one_epoch, keep_checkpoint=True)

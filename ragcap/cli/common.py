@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import re
 import traceback
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable, Optional, get_args
 
 import click
 import typer
@@ -44,17 +45,23 @@ def _main(
     Exit status: 0 done; 1 an error, or a batch command with failed items (each reported on
     stderr); 2 a usage error; 130 interrupted (Ctrl-C). RAGCAP_DEBUG=1 prints tracebacks."""
 
+def one_of(*choices: str) -> str:
+    """The metavar of an option with fixed choices, `[decap|small]`; the command checks the value
+    (a one-line error naming the choices), so the lists here are only what help shows."""
+    return f"[{'|'.join(choices)}]"
+
+
 QdrantUrl = Annotated[
     Optional[str],
-    typer.Option("--qdrant-url", envvar="RAGCAP_QDRANT_URL", help="Qdrant server URL (default: the embedded store under $RAGCAP_HOME)."),
+    typer.Option("--qdrant-url", envvar="RAGCAP_QDRANT_URL", help="Qdrant server URL [default: the config file's qdrant_url, else the embedded store under $RAGCAP_HOME]."),
 ]
-QdrantKey = Annotated[Optional[str], typer.Option("--qdrant-api-key", envvar="RAGCAP_QDRANT_API_KEY", help="API key for --qdrant-url.")]
+QdrantKey = Annotated[Optional[str], typer.Option("--qdrant-api-key", envvar="RAGCAP_QDRANT_API_KEY", help="API key for --qdrant-url [default: the config file's qdrant_api_key].")]
 Collection = Annotated[str, typer.Option("--collection", "-c", help="Collection name.")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-Device = Annotated[Optional[str], typer.Option("--device", help="torch device (default: cuda if available, else cpu).")]
+Device = Annotated[Optional[str], typer.Option("--device", help="torch device [default: $RAGCAP_DEVICE, the config file's device, else cuda if available, else cpu].")]
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Embedder (default: the collection's).")]
 # Running on a Ray cluster (see ragcap.distributed), shared by the commands that can.
-Engine = Annotated[Optional[str], typer.Option("--engine", help="ray: run on a Ray cluster (pip install 'ragcap[ray]'); default: this process.")]
+Engine = Annotated[Optional[str], typer.Option("--engine", metavar=one_of("ray"), help="ray: run on a Ray cluster (pip install 'ragcap[ray]'); default: this process.")]
 RayAddress = Annotated[Optional[str], typer.Option("--ray-address", envvar="RAGCAP_RAY_ADDRESS", help="Ray cluster to join: HOST:6379, ray://HOST:10001 or auto [default: start one here, on 127.0.0.1 only].")]
 Actors = Annotated[Optional[int], typer.Option("--actors", help="Model actors [default: one per GPU, else one per spare CPU].")]
 GpusPerActor = Annotated[Optional[float], typer.Option("--gpus-per-actor", help="GPUs each actor reserves [default: 1 if the cluster has GPUs, else 0].")]
@@ -105,9 +112,48 @@ def command(app_: typer.Typer, name: str | None = None, interrupted: str = "inte
                     raise
                 _fail(err, f"ragcap: error: {describe_error(err)}", getattr(err, "exit_code", 1))
 
-        return app_.command(name)(run)
+        return app_.command(name, cls=_Command)(run)
 
     return register
+
+
+class _Command(typer.core.TyperCommand):
+    """A command whose help names values as argparse does (`--layers LAYERS`, `--out DIR`, `SOURCE`)
+    instead of Typer's `<int>`, `<path>`, `<list[str]>`; explicit metavars (`--wait SECONDS`, the
+    `[decap|small]` of fixed choices) stay."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.metavar is None and not getattr(param, "is_flag", False):
+                param.metavar = _metavar(param)
+
+    def format_options(self, ctx, formatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {"Arguments": [], "Options": []}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":  # Typer writes the type after even a metavar
+                record = (param.metavar + ("..." if param.nargs != 1 else ""), record[1])
+            sections["Arguments" if param.param_type_name == "argument" else "Options"].append(record)
+        for title, records in sections.items():
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+
+
+def _metavar(param) -> str:
+    """A path option says whether it wants a file or a directory when its help does (`--out DIR`);
+    everything else is named after its long option or argument (`--qdrant-url QDRANT_URL`)."""
+    annotation = param.type_descriptor.annotation
+    if param.param_type_name == "option" and Path in (annotation, *get_args(annotation)):
+        help_text = (param.help or "").lower()
+        if re.search(r"\b(directory|folder)\b", help_text):
+            return "DIR"
+        return "FILE" if re.search(r"\bfile\b", help_text) else "PATH"
+    long_names = [opt for opt in param.opts if opt.startswith("--")] or param.opts
+    return long_names[0].lstrip("-").replace("-", "_").upper()
 
 
 def _fail(err: BaseException, line: str, code: int) -> None:

@@ -10,7 +10,7 @@ import typer
 
 from ragcap.cli.common import (
     DEFAULT_WAIT_S, Actors, Beam, CausalLM, Collection, CpusPerActor, Decoders, Device, Engine, GpusPerActor, Json, MaxTokens, Model, NumCaptions, PromptK,
-    QdrantKey, QdrantUrl, RayAddress, Seed, Tau, Temperature, TopK, TopP, Wait, app, command, ray_options, search_options, store,
+    QdrantKey, QdrantUrl, RayAddress, Seed, Tau, Temperature, TopK, TopP, Wait, app, command, one_of, ray_options, search_options, store,
 )
 from ragcap.errors import OptionError, RagcapError
 
@@ -28,7 +28,7 @@ def train_decoder(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the trained decoder (and its checkpoints).")],
     collection: Annotated[Optional[str], typer.Option("--collection", "-c", help="Train on this collection's captions and vectors.")] = None,
     parquet: Annotated[Optional[Path], typer.Option(help="Or train on a `ragcap export` Parquet file.")] = None,
-    preset: Annotated[str, typer.Option(help="Sizes and loop: decap (the paper's decoder: 4 layers, width 768, 10 epochs) or small (2 layers, width 256, 2 epochs: fits a CPU). The flags below override it.")] = "decap",
+    preset: Annotated[str, typer.Option(metavar=one_of("decap", "small"), help="Sizes and loop: decap (the paper's decoder: 4 layers, width 768, 10 epochs) or small (2 layers, width 256, 2 epochs: fits a CPU). The flags below override it.")] = "decap",
     layers: Annotated[Optional[int], typer.Option(help="Decoder layers [default: decap 4, small 2].")] = None,
     heads: Annotated[Optional[int], typer.Option(help="Attention heads [default: 4].")] = None,
     width: Annotated[Optional[int], typer.Option(help="Hidden size [default: decap 768, small 256].")] = None,
@@ -84,7 +84,7 @@ def train_clipcap(
     features: Annotated[Optional[Path], typer.Option(help="Paired training: an `embed-images` features file (every reference of every image).")] = None,
     collection: Annotated[Optional[str], typer.Option("--collection", "-c", help="Text-only training on this collection's captions and vectors.")] = None,
     parquet: Annotated[Optional[Path], typer.Option(help="Or text-only training on a `ragcap export` Parquet file.")] = None,
-    mapping: Annotated[str, typer.Option(help="Mapping network: mlp (ClipCap with GPT-2 fine-tuned) or transformer (ClipCap with GPT-2 frozen).")] = "mlp",
+    mapping: Annotated[str, typer.Option(metavar=one_of("mlp", "transformer"), help="Mapping network: mlp (ClipCap with GPT-2 fine-tuned) or transformer (ClipCap with GPT-2 frozen).")] = "mlp",
     lm: Annotated[str, typer.Option(help="GPT-2-family causal LM: hub name or directory.")] = "gpt2",
     train_lm: Annotated[bool, typer.Option("--train-lm/--freeze-lm", help="Fine-tune the LM too (ClipCap's MLP checkpoints do) or keep it frozen.")] = False,
     noise: Annotated[Optional[float], typer.Option(help="Variance of Gaussian noise on text embeddings (CapDec: 0.016); 0 = off.")] = None,
@@ -197,14 +197,14 @@ def _noise_std(variance: float | None) -> float | None:
 
 
 def _train(name: str, captions, vectors, info, out: Path, config, resume: bool, keep_checkpoint: bool, hint: str = "", **data) -> dict:
-    """ragcap.train.train_decoder with a progress bar (steps, rate, ETA, loss), the time per
-    epoch once measured, and each epoch's training and held-out loss."""
+    """ragcap.train.train_decoder with a progress bar (steps, rate, ETA, loss), the expected time
+    per epoch before training, the pace once measured, and each epoch's training and held-out loss."""
     from ragcap.report import StepProgress
     from ragcap.train import train_decoder
 
     with StepProgress(name, epochs=config.epochs, hint=hint) as report:
         return train_decoder(captions, vectors, info, out, config, resume=resume, progress=report, on_epoch=report.epoch,
-                             keep_checkpoint=keep_checkpoint, **data)
+                             on_estimate=report.expected, keep_checkpoint=keep_checkpoint, **data)
 
 
 @command(app)
@@ -225,9 +225,9 @@ def caption(
     temperature: Temperature = None,
     seed: Seed = None,
     prompt_k: PromptK = 4,
-    memory: Annotated[str, typer.Option("--memory", help="How to search the memory: exact (every stored caption, from a copy of the vectors kept beside the collection), qdrant (Qdrant's top k: memories larger than RAM), or auto (exact when the copy fits in a quarter of the RAM, or half the GPU's).")] = "auto",
+    memory: Annotated[str, typer.Option("--memory", metavar=one_of("auto", "exact", "qdrant"), help="How to search the memory: exact (every stored caption, from a copy of the vectors kept beside the collection), qdrant (Qdrant's top k: memories larger than RAM), or auto (exact when the copy fits in a quarter of the RAM, or half the GPU's).")] = "auto",
     neighbours: Annotated[int, typer.Option(help="Also report this many retrieved captions with scores.")] = 0,
-    fmt: Annotated[str, typer.Option("--format", help="text, jsonl or csv.")] = "text",
+    fmt: Annotated[str, typer.Option("--format", metavar=one_of("text", "jsonl", "csv"), help="How to write the results.")] = "text",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results here instead of stdout (via FILE.partial, renamed when complete).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted -o FILE: skip the inputs it already holds.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per batch (with --engine ray: per actor call).")] = 32,

@@ -10,7 +10,7 @@ import typer
 
 from ragcap.cli.common import (
     DEFAULT_WAIT_S, Actors, Collection, CpusPerActor, Device, Engine, GpusPerActor, Json, Model, QdrantKey, QdrantUrl, RayAddress,
-    Wait, app, command, ray_options, store,
+    Wait, app, command, one_of, ray_options, store,
 )
 from ragcap.errors import RagcapError
 
@@ -20,7 +20,7 @@ def ingest(
     source: Annotated[str, typer.Argument(help="Corpus kind: coco-captions, flickr, cc3m, text, jsonl, csv, parquet, hf, clip-retrieval.")],
     paths: Annotated[Optional[list[str]], typer.Argument(help="Files, a directory (clip-retrieval: its output folder), or a Hugging Face data set name.")] = None,
     collection: Collection = "captions",
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Embedder spec [default: the collection's; for a new one $RAGCAP_MODEL, else ViT-B-32:openai].")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Embedder spec [default: the collection's; for a new one $RAGCAP_MODEL, the config file's model, else ViT-B-32:openai].")] = None,
     text_field: Annotated[Optional[str], typer.Option(help="jsonl/csv/parquet/hf: the caption field (clip-retrieval: default caption).")] = None,
     id_field: Annotated[Optional[str], typer.Option(help="jsonl/csv/parquet/hf: the image id field.")] = None,
     vector_field: Annotated[Optional[str], typer.Option(help="parquet: pre-computed vectors (from `ragcap export`); no re-embedding.")] = None,
@@ -32,7 +32,7 @@ def ingest(
     skip_bad: Annotated[bool, typer.Option(help="Skip and count malformed lines instead of stopping.")] = False,
     shard: Annotated[Optional[str], typer.Option(help="I/N: ingest only the I-th of N disjoint slices (parallel workers).")] = None,
     batch_size: Annotated[int, typer.Option(help="Captions embedded and upserted together (the resume granularity).")] = 4096,
-    vector_dtype: Annotated[str, typer.Option(help="Storage of a new collection: float16 (half the memory) or float32.")] = "float16",
+    vector_dtype: Annotated[str, typer.Option(metavar=one_of("float16", "float32"), help="Storage of a new collection: float16 (half the memory) or float32.")] = "float16",
     shards: Annotated[Optional[int], typer.Option(help="Qdrant server: shards of a new collection, spread over the cluster's nodes.")] = None,
     replicas: Annotated[Optional[int], typer.Option(help="Qdrant server: copies of each shard of a new collection (2 survives losing a node).")] = None,
     write_consistency: Annotated[Optional[int], typer.Option(help="Qdrant server: replicas that must confirm each write.")] = None,

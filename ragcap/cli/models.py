@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ragcap.cli.common import Device, Json, command, models_app
+from ragcap.cli.common import Device, Json, command, models_app, one_of
 
 
 @command(models_app, "list")
@@ -78,7 +78,7 @@ def import_checkpoint(
     source: Annotated[str, typer.Argument(help="Checkpoint file, a directory holding one (smallcap: with its config.json), or hf-hub:ORG/NAME (read from the local hub cache).")],
     out: Annotated[Path, typer.Argument(help="Directory to write (longclip: usable as --model DIR; clipcap, decap, smallcap: as --decoder DIR).")],
     arch: Annotated[Optional[str], typer.Option(help="longclip: force the open_clip architecture (name or model-config JSON) instead of recognising it.")] = None,
-    mapping: Annotated[Optional[str], typer.Option(help="clipcap: the checkpoint's mapping network, mlp or transformer [default: mlp].")] = None,
+    mapping: Annotated[Optional[str], typer.Option(metavar=one_of("mlp", "transformer"), help="clipcap: the checkpoint's mapping network, mlp or transformer [default: mlp].")] = None,
     lm: Annotated[Optional[str], typer.Option(help="clipcap, smallcap: the LM's tokenizer and config (smallcap: config.json's when present), hub name or directory; weights come from the checkpoint [default: gpt2].")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="clipcap, decap: embedder to record [default: ViT-B-32:openai for 512-d mappings, RN50x4:openai for 640-d]; smallcap: the encoder, a ViT [default: ViT-B-32:openai].")] = None,
     retrieval: Annotated[Optional[str], typer.Option(help="smallcap: the embedder of the memories it reads [default: config.json's retrieval_encoder, else RN50x64:openai].")] = None,

@@ -413,19 +413,21 @@ def open_store(
 ) -> Store:
     """url -> Qdrant server; memory -> qdrant-client ":memory:"; otherwise the embedded store
     under `path` or default_home(). With no explicit choice, RAGCAP_QDRANT_URL (and
-    RAGCAP_QDRANT_API_KEY) select a server. wait: seconds to wait for a collection of the
+    RAGCAP_QDRANT_API_KEY), or the config file's qdrant_url (and qdrant_api_key), select a server. wait: seconds to wait for a collection of the
     embedded store that another process is using (None: as long as it takes); on_wait(message)
     is told when a wait begins to last."""
     if memory:
         from ragcap.store.client import ClientStore
 
         return ClientStore.in_memory()
+    from ragcap.config import setting
+
     if not url and path is None:
-        url = os.environ.get("RAGCAP_QDRANT_URL")
+        url = setting("qdrant_url")[0]
     if url:
         from ragcap.store.client import ClientStore
 
-        return ClientStore.connect(url, api_key or os.environ.get("RAGCAP_QDRANT_API_KEY") or None)
+        return ClientStore.connect(url, api_key or setting("qdrant_api_key")[0])
     from ragcap.store.edge import EdgeStore
 
     return EdgeStore(Path(path) if path is not None else default_home(), wait=wait, on_wait=on_wait)
