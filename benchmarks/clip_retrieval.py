@@ -2,8 +2,10 @@
 `ingest parquet --vector-field` (a ragcap export's list<float32> column), same captions and vectors.
 
 Both run as `ragcap` child processes into fresh embedded stores; reported: points/s of the whole
-command (read, de-duplicate, store, index) and its peak memory. Synthetic data: unit 512-d
-float16 vectors (clip-retrieval's storage type) and unique captions, 10 files each.
+command (read, de-duplicate, store, index) and its peak memory. The embedded store keeps a
+growing collection's vectors in its own memory until it indexes them, so each reader is also run
+alone (every record read, nothing stored): its peak shows whether reading is bounded. Synthetic
+data: unit 512-d float16 vectors (clip-retrieval's storage type) and unique captions, 10 files each.
 
     python benchmarks/clip_retrieval.py --points 1000000 --json
 """
@@ -22,6 +24,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from procpeak import run_sampled
+
+READ_ONLY = """
+import sys
+from pipelines import ReadOptions, get_reader
+records = get_reader(sys.argv[1])(sys.argv[2:], ReadOptions(text_field="caption", vector_field=sys.argv[1] == "parquet" and "vector" or None))
+print(sum(1 for _ in records))
+"""
 
 
 def write_inputs(folder: Path, points: int, dim: int, parts: int = 10) -> tuple[Path, Path]:
@@ -65,6 +74,9 @@ def main() -> None:
             "parquet": run_sampled(ragcap + ["parquet", str(export), "-c", "pq", "-m", str(model), "--text-field", "caption",
                                              "--vector-field", "vector"], {**os.environ, "RAGCAP_HOME": str(tmp / "home-pq")}),
         }
+        root = str(Path(__file__).resolve().parents[1])
+        for name, source, path in (("clip_retrieval_read_only", "clip-retrieval", folder), ("parquet_read_only", "parquet", export)):
+            runs[name] = run_sampled([sys.executable, "-c", READ_ONLY, source, str(path)], {**os.environ, "PYTHONPATH": root})
     for run in runs.values():
         run["points_per_s"] = round(args.points / run["seconds"])
     result = {"points": args.points, "dim": args.dim, **runs,

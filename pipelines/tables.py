@@ -141,7 +141,7 @@ def read_parquet(paths: Sequence[str], options: ReadOptions) -> Iterator[Caption
 
     for path in paths:
         try:
-            table = pq.ParquetFile(require_file(path))
+            table = pq.ParquetFile(require_file(path), pre_buffer=False)
         except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
             raise SourceError(f"{path}: not a readable Parquet file ({exc})") from exc
         available = table.schema_arrow.names
