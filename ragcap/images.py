@@ -15,7 +15,6 @@ import os
 import warnings
 import queue
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
@@ -29,7 +28,6 @@ from ragcap.errors import ImageError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp"})
 
 WHITE = (255, 255, 255)
-JOIN_TIMEOUT_S = 5.0  # how long a finished load_batches waits for its threads to stop
 
 # What captioning and search accept as an image: a file path, the bytes of an encoded image
 # (JPEG, PNG, ...), or a PIL image.
@@ -114,9 +112,8 @@ def load_batches(
         yield from ((batch, *_split([one(*item) for item in batch])) for batch in batches)
         return
     jobs: queue.SimpleQueue = queue.SimpleQueue()
-    threads = [threading.Thread(target=_work, args=(jobs,), name="ragcap-load", daemon=True) for _ in range(workers)]
-    for thread in threads:
-        thread.start()
+    for _ in range(workers):
+        threading.Thread(target=_work, args=(jobs,), name="ragcap-load", daemon=True).start()
 
     def submit(item) -> Future:
         future: Future = Future()
@@ -138,13 +135,6 @@ def load_batches(
                 f.cancel()
         for _ in range(workers):
             jobs.put(None)
-        # Let them finish the job in hand before the caller goes on (and perhaps exits): a
-        # thread still inside torch while the interpreter tears down can abort the process
-        # ("terminate called without an active exception", seen once on a loaded machine).
-        # Bounded, so a read that never returns still cannot hold the process.
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _work(jobs: queue.SimpleQueue) -> None:
