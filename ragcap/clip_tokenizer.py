@@ -26,6 +26,7 @@ regex matches the token only at some positions), so ids equal open_clip's on eve
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import threading
@@ -51,6 +52,7 @@ _NOT_PLAIN = re.compile(r"[^\t\n\r\x20-\x25\x27-\x7e]")
 LAZY_BUILD_MIN = 1000
 
 _lock = threading.Lock()
+_pool_lock = threading.Lock()
 _built: list[tuple[dict, dict, tuple[Tokenizer, Tokenizer]]] = []  # what this process has built
 
 
@@ -152,22 +154,25 @@ class ClipTokenizer:
         pretokenized = isinstance(batch[0], list)
         if not self.parallel:
             return rust.encode_batch(batch, is_pretokenized=pretokenized)
-        saved = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "true"
-        try:
-            return rust.encode_batch(batch, is_pretokenized=pretokenized)
-        finally:
-            if saved is None:
-                del os.environ["TOKENIZERS_PARALLELISM"]
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = saved
+        # One call at a time turns the pool on: concurrent callers (the server's threads) would
+        # otherwise restore each other's setting. The pool already uses every core.
+        with _pool_lock:
+            saved = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "true"
+            try:
+                return rust.encode_batch(batch, is_pretokenized=pretokenized)
+            finally:
+                if saved is None:
+                    del os.environ["TOKENIZERS_PARALLELISM"]
+                else:
+                    os.environ["TOKENIZERS_PARALLELISM"] = saved
 
     def _pad(self, ids: list[list[int]], lengths: np.ndarray, context_length: int) -> np.ndarray:
         """Rows of context_length: a caption's first tokens, zero padded; a cut one ends in EOT."""
         out = np.zeros((len(ids), context_length), dtype=np.int64)
         if not ids:
             return out
-        flat = np.fromiter((i for row in ids for i in row), dtype=np.int64, count=int(lengths.sum()))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
         starts = np.cumsum(lengths) - lengths
         kept = np.minimum(lengths, context_length)
         rows = np.repeat(np.arange(len(ids)), kept)

@@ -1,6 +1,7 @@
 """ragcap.clip_tokenizer: the Rust tokenizer gives open_clip's SimpleTokenizer ids on every input."""
 
 import csv
+import functools
 import json
 import random
 
@@ -30,6 +31,7 @@ HARD = [
     "12 dogs, 3.5 cats, 2,000,000 birds in 1999 at 10:45pm #42 @home $5 100%",
     "中文 日本語のキャプション 한국어 العربية हिन्दी",
     "it'ſ a long s, \u0345 a combining mark, \u0558 a newer letter",
+    "\u0345",  # no word at all for open_clip's regex
     "<start_of_text> a caption that spells <end_of_text> special tokens",
     "((<end_of_text>)) and x<start_of_text>y",
     "a very long caption " * 40,
@@ -100,13 +102,16 @@ def caption_file(name):
         return [row["caption"] for row in csv.DictReader(f)]
 
 
-@pytest.mark.slow  # ~1 min a file on a 2-core CPU: open_clip's tokenizer is the slow side
+@pytest.mark.slow  # open_clip's tokenizer on 268,000 captions: ~50 CPU s
 @pytest.mark.parametrize("corpus", ["coco-val2014", "coco-val2017", "flickr8k"])
-def test_every_real_caption_equals_open_clip(simple, rust, corpus):
+def test_every_real_caption_equals_open_clip(rust, corpus):
     captions = caption_file(corpus)
     assert len(captions) > 25_000
+    reference = SimpleTokenizer()
+    # open_clip encodes each caption once; its own __call__ still pads and cuts at each context.
+    reference.encode = functools.lru_cache(maxsize=None)(reference.encode)
     for context in (77, 16):  # 16 cuts a third of COCO's captions
-        lengths = assert_same_as_open_clip(simple, rust, captions, context)
+        lengths = assert_same_as_open_clip(reference, rust, captions, context)
     assert (lengths > 16).mean() > 0.1
 
 
