@@ -47,8 +47,9 @@ _ASCII_WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 # terminal-escape removal needs other control characters, and NFC is the identity on ASCII.
 _NOT_PLAIN = re.compile(r"[^\t\n\r\x20-\x25\x27-\x7e]")
 
-# Building costs ~0.15 s (loaded 2-core EPYC; BENCHMARKS.md), what SimpleTokenizer spends on
-# ~600 captions: smaller calls (a query, a short ingest) keep using it and skip the build.
+# Building costs 0.07 CPU s (0.2 s wall on a loaded 2-core EPYC; BENCHMARKS.md), what
+# SimpleTokenizer spends on ~500 captions: smaller calls (a query, a short ingest) keep using
+# it, so a cold start that embeds a query pays nothing.
 LAZY_BUILD_MIN = 1000
 
 _lock = threading.Lock()
