@@ -73,7 +73,7 @@ def build(simple: SimpleTokenizer) -> tuple[Tokenizer, Tokenizer]:
     ASCII text, one for text split into words in Python. They share one BPE model."""
     with _lock:
         for encoder, ranks, built in _built:
-            if encoder == simple.encoder and ranks == simple.bpe_ranks:  # ~2 ms for 49k entries
+            if encoder == simple.encoder and ranks == simple.bpe_ranks:  # ~10 ms: 49k entries each
                 return built
         merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
         bpe = models.BPE(vocab=simple.encoder, merges=merges, end_of_word_suffix="</w>")
@@ -99,8 +99,9 @@ def clean(simple: SimpleTokenizer, text: str) -> str:
 class ClipTokenizer:
     """Callable like open_clip's SimpleTokenizer (same tensor), plus each caption's full length.
 
-    parallel: encode a batch on the Rust thread pool. open_clip turns TOKENIZERS_PARALLELISM
-    off when imported (its fork-safety default), so the pool is switched on only for the call.
+    parallel: encode a batch on the Rust thread pool (else on the calling thread). open_clip
+    turns TOKENIZERS_PARALLELISM off when imported (its fork-safety default), so the pool is
+    switched on only for the call.
     build_min: calls with fewer captions use SimpleTokenizer until the Rust one is built.
     """
 
@@ -152,16 +153,13 @@ class ClipTokenizer:
     def _encode_batch(self, rust: Tokenizer, batch: list) -> list:
         if not batch:
             return []
-        pretokenized = isinstance(batch[0], list)
-        if not self.parallel:
-            return rust.encode_batch(batch, is_pretokenized=pretokenized)
-        # One call at a time turns the pool on: concurrent callers (the server's threads) would
-        # otherwise restore each other's setting. The pool already uses every core.
+        # `tokenizers` reads TOKENIZERS_PARALLELISM at each call; one call at a time sets it, so
+        # concurrent callers (the server's threads) cannot restore each other's setting.
         with _pool_lock:
             saved = os.environ.get("TOKENIZERS_PARALLELISM")
-            os.environ["TOKENIZERS_PARALLELISM"] = "true"
+            os.environ["TOKENIZERS_PARALLELISM"] = "true" if self.parallel else "false"
             try:
-                return rust.encode_batch(batch, is_pretokenized=pretokenized)
+                return rust.encode_batch(batch, is_pretokenized=isinstance(batch[0], list))
             finally:
                 if saved is None:
                     del os.environ["TOKENIZERS_PARALLELISM"]

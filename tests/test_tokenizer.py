@@ -3,6 +3,7 @@
 import csv
 import functools
 import json
+import os
 import random
 
 import numpy as np
@@ -151,3 +152,13 @@ def test_embedder_vectors_unchanged(tmp_path, simple):
     full = np.array([len(simple.encode(c)) + 2 for c in captions])
     np.testing.assert_array_equal(encoded.lengths, full)
     np.testing.assert_array_equal(encoded.truncated, full > 77)
+
+
+def test_pool_setting_restored(rust, monkeypatch):
+    """open_clip's fork-safety setting holds again after each call that switched the pool on."""
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    rust(HARD)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+    rust(HARD)
+    assert "TOKENIZERS_PARALLELISM" not in os.environ
