@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from open_clip.transformer import TextTransformer
 from PIL import Image
 
+from ragcap import clip_tokenizer
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
 from ragcap.util import default_device, write_atomic
@@ -249,6 +250,9 @@ class OpenClipEmbedder(Embedder):
             self._tower = text_tower(model)
             # The pad id as this tokenizer writes it: the last slot of an empty caption.
             self._pad_id = int(tokenizer([""], context_length=self.context_length)[0, -1])
+        # open_clip's SimpleTokenizer (OpenAI/LAION CLIPs) is pure Python and bounds ingest on a
+        # GPU: the same ids from Rust (ragcap.clip_tokenizer). Others (Hugging Face) are Rust already.
+        self.clip_tokenizer = clip_tokenizer.ClipTokenizer(tokenizer) if clip_tokenizer.supports(tokenizer) else None
         # The config's joint width, not a probe forward: one ViT forward is a tenth of a cold
         # start's model loading on a CPU.
         self.info = EmbedderInfo(spec=spec.canonical, dim=int(model_config(spec)["embed_dim"]), digest=local_digest(spec))
@@ -261,6 +265,8 @@ class OpenClipEmbedder(Embedder):
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, np.ndarray]:
         """open_clip's tokens (n, context), and each caption's full length in tokens."""
+        if self.clip_tokenizer is not None:
+            return self.clip_tokenizer.tokenize(texts, self.context_length)
         tokens = self.tokenizer(list(texts), context_length=self.context_length)
         lengths = _used_lengths(tokens, self._pad_id)
         # A full row either fits exactly or was cut; re-tokenising only those rows in a context
