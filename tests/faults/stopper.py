@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import signal
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,9 @@ def stop_at(marker: str | Path, target: str) -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C as a terminal delivers it, even when the test run itself was started in the
+    # background, where the shell leaves SIGINT ignored and every child inherits that.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     marker, target, *arguments = sys.argv[1:]
     stop_at(marker, target)
     sys.argv = ["ragcap", *arguments]
