@@ -24,7 +24,6 @@ be identical), and with its default top-k projection.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -35,6 +34,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from caption import fill_memory, real_images  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from output import print_report
 from ragcap.caption import CaptionSettings, Captioner
 from ragcap.decoders import load_decoder
 from ragcap.embed import load_embedder, save_random
@@ -134,11 +134,7 @@ def main() -> None:
         "mean_tokens_per_caption": round(sum(len(t) for _, t in reference) / len(reference), 1),
         "threads": torch.get_num_threads(),
     }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        for key, value in report.items():
-            print(f"{key:32s} {value}")
+    print_report(report, args.json)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from output import print_report  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 BY_IMAGE = ROOT.parent / "shared" / "data" / "coco" / "captions_val2014_by_image.json"
 VIT_B32_CPU_CAPTIONS_PER_S = 103.0  # BENCHMARKS.md, "Text embedding (ingest)", same machine
 
@@ -120,11 +121,7 @@ def main() -> None:
     }
     if args.model == "tiny":  # against a real ViT-B-32 text ingest of the same size on this CPU
         result[f"overhead_pct_of_vit_b32_cpu_ingest_at_{n}"] = round(100 * overhead_s / (n / VIT_B32_CPU_CAPTIONS_PER_S), 2)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        for key, value in result.items():
-            print(f"{key}: {value}")
+    print_report(result, args.json)
 
 
 if __name__ == "__main__":
