@@ -422,5 +422,5 @@ def restore_record(store: Store, name: str, model: str, device: str | None = Non
 
     if not isinstance(store, EdgeStore):
         raise StoreError("--restore-record is for the embedded store; a Qdrant server keeps the embedder in the collection's metadata")
-    embedder = load_embedder(model, device)
+    embedder = load_embedder(model, device, precision="fp32")  # the check compares with vectors made at fp32
     return store.restore_record(name, embedder.info, lambda captions: embedder.encode_text(captions).vectors)

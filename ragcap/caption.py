@@ -179,10 +179,7 @@ class Captioner:
         """Where the loaded models run: {"device": "cpu", "precision": "float32"}; several
         models on different devices or precisions are listed comma-separated. The precision is
         what their forward passes compute in (bfloat16 under --precision bf16: ragcap.precision)."""
-        # The image tower, not the model's first parameter: an image-only load leaves the text
-        # tower on the meta device.
-        tower = getattr(self.embedder.model, "visual", self.embedder.model)
-        owners = [(self.embedder, tower), (self.decoder, self.decoder), (self.smallcap, self.smallcap),
+        owners = [(self.embedder, self.embedder.loaded), (self.decoder, self.decoder), (self.smallcap, self.smallcap),
                   (self.prompter, getattr(self.prompter, "model", None))]
         loaded = [(owner.precision, next(model.parameters()).device) for owner, model in owners if model is not None]
         return {"device": ",".join(sorted({str(device) for _, device in loaded})),

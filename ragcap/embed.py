@@ -38,7 +38,7 @@ from PIL import Image
 from ragcap import clip_tokenizer
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
-from ragcap.precision import autocast, resolve_precision
+from ragcap.precision import autocast, prepare, resolve_precision
 from ragcap.util import default_device, write_atomic
 
 CONFIG_NAME = "open_clip_config.json"  # the names open_clip reads from a local dir or the hub
@@ -179,6 +179,11 @@ class Embedder:
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
         return self.encode_prepared([self.prepare_image(im) for im in images], batch_size)
 
+    @property
+    def loaded(self) -> torch.nn.Module:
+        """The part of the model whose weights are loaded (an image-only CLIP's image tower)."""
+        return self.model
+
     def prepare_image(self, image: Image.Image):
         """The model's input for one image: the part of encode_images that other threads can run."""
         raise ModelError(
@@ -262,6 +267,10 @@ class OpenClipEmbedder(Embedder):
     @property
     def has_text(self) -> bool:
         return self.tokenizer is not None
+
+    @property
+    def loaded(self) -> torch.nn.Module:
+        return self.model if self.has_text else self.model.visual  # an image-only load leaves the text tower meta
 
     # -- text
 
@@ -640,6 +649,7 @@ def load_embedder(spec: str, device: str | None = None, image_only: bool = False
             embedder = _load_sentence_transformer(parsed, dev)
         else:
             embedder = _load_open_clip(parsed, dev, image_only)
+        prepare(embedder.loaded, dev, precision)
         embedder.precision = precision
         _CACHE[key] = embedder
     return _CACHE[key]

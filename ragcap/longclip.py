@@ -70,7 +70,7 @@ def stretch_model(spec: str, out: str | Path, context: int = LONG_CONTEXT, keep:
         raise ModelError(f"model {spec}: Long-CLIP's stretch applies to CLIP's own text transformer and tokenizer, not a Hugging Face one")
     stretch_ratio(cfg["text_cfg"].get("context_length", 77), context, keep)  # refuse a bad --context before loading
     require_new_model_dir(out)
-    model = load_embedder(spec, device).model
+    model = load_embedder(spec, device, precision="fp32").model  # the weights as stored, whatever $RAGCAP_PRECISION says
     found = text_tower(model)
     if found is None:
         raise ModelError(f"model {spec}: Long-CLIP's stretch needs a causal CLIP text tower pooled at the end token")

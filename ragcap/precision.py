@@ -1,4 +1,4 @@
-"""The floating-point precision models run at (--precision): fp32, or bf16 / fp16 autocast.
+"""The precision models run at (--precision): fp32, bf16 / fp16 autocast, or int8 on a CPU.
 
 fp32 is the default, and every quality figure ragcap reports was measured with it. bf16 and
 fp16 run the encoders' and decoders' forward passes under torch.autocast: matrix products and
@@ -11,17 +11,26 @@ DeCap's projection, and the search's log-probabilities (ragcap.generation).
 
 On a GPU, 16-bit matrix work is several times faster (the image tower alone: 8,710 images/s fp32
 against 25,632 bf16 on an H100). On a CPU without bf16 instructions (AVX2) it is slower than
-fp32, so it is opt-in; benchmarks/gpu.py measures the drift and the speed.
+fp32 (ViT-B-32: 2-5x), so it is opt-in; benchmarks/precision.py measures the drift and the speed.
+
+int8 is the CPU's counterpart: every nn.Linear of a model is replaced, once at load, by torch's
+dynamically quantized Linear (int8 weights, activations quantized per batch, fbgemm kernels),
+which made ViT-B-32's image tower 1.2-1.4x faster on an AVX2 CPU (benchmarks/precision.py). Layers
+that are not nn.Linear stay float32: attention's input projection inside nn.MultiheadAttention
+and GPT-2's Conv1D layers, so the decoders gain little. torchao, the successor of torch.ao's
+eager quantization, was 12x slower than fp32 on the same CPU without torch.compile, hence
+torch.ao, whose deprecation notices are silenced here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 from ragcap.errors import OptionError
 
 # --precision value -> the torch dtype autocast computes in (named, so importing this is free of torch).
-DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
 PRECISIONS = tuple(DTYPE_NAMES)
 
 
@@ -41,9 +50,34 @@ def resolve_precision(precision: str | None = None) -> str:
     return name
 
 
+def prepare(model, device, precision: str):
+    """`model` made ready to run at `precision` on `device`, in place: int8 quantizes its
+    nn.Linear layers (CPU only: OptionError elsewhere); autocast needs nothing at load."""
+    if precision != "int8":
+        return model
+    if device.type != "cpu":
+        raise OptionError(f"--precision int8 runs on the CPU only (torch's quantized Linear has no {device.type} kernels); "
+                          "on a GPU use bf16 or fp16")
+    import torch
+
+    try:
+        from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError as e:
+        raise OptionError(f"--precision int8 needs torch's eager dynamic quantization, which torch {torch.__version__} "
+                          f"no longer has ({e}); use fp32") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices, one per layer (see above)
+        quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    for layer in model.modules():
+        if isinstance(layer, QuantizedLinear):
+            layer.int8_original_dtype = torch.float32  # where open_clip's towers read their compute dtype
+    return model
+
+
 def autocast(device, precision: str):
     """The context a model's forward pass runs in at this precision on this torch device."""
-    if precision == "fp32":
+    if precision in ("fp32", "int8"):
         return contextlib.nullcontext()
     import torch
 
@@ -51,5 +85,5 @@ def autocast(device, precision: str):
 
 
 def dtype_name(precision: str) -> str:
-    """The name reports use: float32, bfloat16 or float16."""
+    """The name reports use: float32, bfloat16, float16 or int8."""
     return DTYPE_NAMES[precision]

@@ -14,7 +14,7 @@ from ragcap.cli import app
 from ragcap.decoders import DeCapConfig, DeCapDecoder, load_decoder
 from ragcap.embed import load_embedder
 from ragcap.errors import OptionError
-from ragcap.precision import resolve_precision
+from ragcap.precision import prepare, resolve_precision
 from ragcap.store import open_store
 from tests.conftest import shared_path
 
@@ -83,6 +83,36 @@ def test_embedders_compute_in_16_bits_and_return_unit_float32_vectors_near_fp32(
         assert cosines.min() > 0.999 and not np.array_equal(low_vectors, fp32_vectors)
 
 
+def quantized_layers(module: torch.nn.Module) -> int:
+    from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
+
+    return sum(isinstance(m, QuantizedLinear) for m in module.modules())
+
+
+def plain_linears(module: torch.nn.Module) -> int:
+    """nn.Linear layers that dynamic quantization replaces (not MultiheadAttention's own out_proj)."""
+    return sum(type(m) is torch.nn.Linear for m in module.modules())
+
+
+def test_int8_quantizes_every_linear_of_what_is_loaded_and_stays_near_fp32(tiny_clip_dir):
+    exact = load_embedder(str(tiny_clip_dir), "cpu")
+    whole = load_embedder(str(tiny_clip_dir), "cpu", precision="int8")
+    tower = load_embedder(str(tiny_clip_dir), "cpu", image_only=True, precision="int8")
+    assert plain_linears(exact.model) > 0 and plain_linears(whole.model) == plain_linears(tower.model.visual) == 0
+    assert quantized_layers(whole.model) == plain_linears(exact.model)
+    assert quantized_layers(tower.model.visual) == plain_linears(exact.model.visual) > 0
+    texts, pictures = whole.encode_text(CAPTIONS).vectors, tower.encode_images(images())
+    for low_vectors, fp32_vectors in ((texts, exact.encode_text(CAPTIONS).vectors), (pictures, exact.encode_images(images()))):
+        np.testing.assert_allclose(np.linalg.norm(low_vectors, axis=1), 1.0, atol=1e-5)
+        cosines = (low_vectors * fp32_vectors).sum(axis=1)
+        assert cosines.min() > 0.99 and not np.array_equal(low_vectors, fp32_vectors)
+
+
+def test_int8_is_refused_off_the_cpu():
+    with pytest.raises(OptionError, match="int8 runs on the CPU only .* on a GPU use bf16 or fp16"):
+        prepare(torch.nn.Linear(4, 4), torch.device("cuda"), "int8")
+
+
 def test_fp32_image_vectors_are_open_clips_own(tiny_clip_dir):
     embedder = load_embedder(str(tiny_clip_dir), "cpu")
     pixels = torch.stack([embedder.prepare_image(im) for im in images(3)])
@@ -104,6 +134,9 @@ def test_a_decoder_captions_at_the_precision_it_was_loaded_with(tmp_path):
         with OutputDtypes(decoder) as watched:
             found[precision] = decoder.caption(prefixes)
         assert watched.seen == {torch.float32 if precision == "fp32" else torch.bfloat16}
+    decoder = load_decoder(tmp_path / "dec", "cpu", precision="int8")
+    assert quantized_layers(decoder) == plain_linears(load_decoder(tmp_path / "dec", "cpu")) > 0
+    found["int8"] = decoder.caption(prefixes)
     assert all(len(rows) == 4 and all(np.isfinite(row[0].score) for row in rows) for rows in found.values())
     assert load_decoder(tmp_path / "dec", "cpu").precision == "fp32"
 
@@ -119,6 +152,8 @@ def test_the_prompt_lm_runs_at_the_precision_asked_for(tmp_path):
             captions = prompter.caption(neighbours)
         # GPT-2's layers are Conv1D (addmm); its output layer is the Linear watched here.
         assert watched.seen == {dtype} and len(captions) == 2
+    prompter = PromptCaptioner(lm, device="cpu", precision="int8")
+    assert quantized_layers(prompter.model) == 1 and len(prompter.caption(neighbours)) == 2  # the output layer
 
 
 def ragcap(*args, ok: bool = True, env: dict | None = None):
@@ -144,6 +179,7 @@ def test_ingest_and_caption_take_precision_and_say_it(tmp_path, tiny_clip_dir):
     assert json.loads(result.stdout)["precision"] == "bfloat16"
     assert any(line.startswith("ragcap: running on cpu, bfloat16") for line in result.stderr.splitlines())
     assert json.loads(ragcap(*asked, env={"RAGCAP_PRECISION": "fp16"}).stdout)["precision"] == "float16"
+    assert json.loads(ragcap(*asked, "--precision", "int8").stdout)["precision"] == "int8"
 
     refused = ragcap(*asked, "--precision", "fp64", ok=False)
     assert refused.exit_code == 1 and "unknown precision 'fp64'; choose from fp32, bf16, fp16" in refused.output

@@ -62,8 +62,8 @@ Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON 
 Device = Annotated[Optional[str], typer.Option("--device", help="torch device [default: $RAGCAP_DEVICE, the config file's device, else cuda if available, else cpu].")]
 Precision = Annotated[Optional[str], typer.Option(
     "--precision", metavar=one_of(*PRECISIONS),
-    help="The models' forward passes: fp32, or bf16 / fp16 autocast (several times faster on a GPU, slower on most CPUs; "
-         "README: Precision) [default: $RAGCAP_PRECISION, the config file's precision, else fp32].")]
+    help="The models' arithmetic: fp32, bf16 / fp16 autocast (several times faster on a GPU, slower on most CPUs), or int8 "
+         "(quantized Linear layers, CPU only); README: Precision [default: $RAGCAP_PRECISION, the config file's precision, else fp32].")]
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Embedder (default: the collection's).")]
 # Running on a Ray cluster (see ragcap.distributed), shared by the commands that can.
 Engine = Annotated[Optional[str], typer.Option("--engine", metavar=one_of("ray"), help="ray: run on a Ray cluster (pip install 'ragcap[ray]'); default: this process.")]

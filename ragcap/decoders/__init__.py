@@ -22,7 +22,7 @@ from ragcap.decoders.decap import DeCapConfig, DeCapDecoder
 from ragcap.decoders.smallcap import SmallCapConfig, SmallCapDecoder
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
-from ragcap.precision import resolve_precision
+from ragcap.precision import prepare, resolve_precision
 from ragcap.util import default_device
 
 DECODERS: dict[str, type[Decoder]] = {cls.kind: cls for cls in (DeCapDecoder, ClipCapDecoder, SmallCapDecoder)}
@@ -80,7 +80,7 @@ def load_decoder(directory: str | Path, device: str | torch.device | None = None
     _retie(model)
     model.source = src
     model.precision = resolve_precision(precision)
-    return model.to(default_device(device)).eval()
+    return prepare(model.to(default_device(device)), model.device, model.precision).eval()
 
 
 def _tied_pairs(model: Decoder) -> list[tuple[str, str]]:

@@ -20,7 +20,7 @@ from ragcap.decoders.base import Caption
 from ragcap.decoders.lm import LMInput, LMStepper, load_causal_lm
 from ragcap.errors import ModelError
 from ragcap.generation import SearchOptions, search
-from ragcap.precision import autocast, resolve_precision
+from ragcap.precision import autocast, prepare, resolve_precision
 from ragcap.util import default_device
 
 # SmallCap src/template.txt is "Similar images show\n\n||\n\nThis image shows \n"; infer.py reads it
@@ -114,7 +114,7 @@ class PromptCaptioner:
         self.tokenizer, self.model = load_causal_lm(lm)
         self.device = default_device(device)
         self.precision = resolve_precision(precision)  # ragcap.precision
-        self.model.to(self.device)
+        prepare(self.model.to(self.device), self.device, self.precision)
         self.batch_size = batch_size
         self.stop_ids = stop_ids(self.tokenizer)
 

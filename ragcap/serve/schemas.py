@@ -138,7 +138,7 @@ class InfoResponse(BaseModel):
     collection: str
     embedder: str
     device: str = Field(description="Where the models run, e.g. cpu or cuda:0.")
-    precision: str = Field(description="The models' floating-point type, e.g. float32.")
+    precision: str = Field(description="The models' arithmetic: float32, or bfloat16, float16 or int8 under --precision.")
     modes: list[str] = Field(description="The modes a request gets by default.")
     available_modes: list[str] = Field(description="Every mode the loaded models can run.")
     k: int = Field(description="Default neighbours in the pd projection.")
