@@ -93,6 +93,7 @@ def ingest_embedder(
     vectors_from: str | Path | None = None,
     pre_embedded: bool = False,
     load: bool = True,
+    precision: str | None = None,
 ) -> tuple[EmbedderInfo, Callable[[], object]]:
     """The embedder identity for an ingest, and a loader called only if something needs embedding.
 
@@ -109,21 +110,21 @@ def ingest_embedder(
     if vectors_from is not None:
         recorded = parquet_embedder(vectors_from)
         if recorded is not None and (model is None or model == recorded.spec):
-            return recorded, lambda: load_embedder(recorded.spec, device)
+            return recorded, lambda: load_embedder(recorded.spec, device, precision=precision)
     if pre_embedded:
         if model is None:
             where = vectors_from or "the source"
             raise ModelError(f"{where} records no embedder; pass --model with the spec its vectors were made with (e.g. ViT-L-14:openai)")
         info = describe_embedder(model)
-        return info, lambda: load_embedder(model, device)
+        return info, lambda: load_embedder(model, device, precision=precision)
     spec = model or default_model()
     if parse_spec(spec).kind == "st" and load:  # its dimension is known only once loaded
-        embedder = load_embedder(spec, device)
+        embedder = load_embedder(spec, device, precision=precision)
         return embedder.info, lambda: embedder
     # Checked now (a missing directory, or offline without the weights), loaded only once
     # something needs embedding: an empty corpus or a resumed ingest loads no weights.
     check_available(spec)
-    return describe_embedder(spec), lambda: load_embedder(spec, device)
+    return describe_embedder(spec), lambda: load_embedder(spec, device, precision=precision)
 
 
 def ingest_corpus(
@@ -154,7 +155,8 @@ def ingest_corpus(
     given_vectors = source == "parquet" and read_options.vector_field is not None
     vectors_from = paths[0] if given_vectors and paths else None
     pre_embedded = given_vectors or source in PRE_EMBEDDED
-    info, load = ingest_embedder(store, collection, model, device, vectors_from, pre_embedded, load=engine is None)
+    info, load = ingest_embedder(store, collection, model, device, vectors_from, pre_embedded, load=engine is None,
+                                 precision=options.precision)
     if engine is None:
         return info, ingest(reader(paths, read_options), store, collection, info, load, options, on_progress)
     from ragcap.distributed.ingest import ingest_on_ray
@@ -298,6 +300,7 @@ def load_captioner(
     model: str | None = None,
     device: str | None = None,
     image_only: bool = True,
+    precision: str | None = None,
 ) -> Captioner:
     """A Captioner with every resource its modes need, loaded once.
 
@@ -305,12 +308,14 @@ def load_captioner(
     nnd and vd; a SmallCap model for smallcap), each put where its kind serves.
     image_only: load only CLIP's image tower (captioning images never runs the text tower);
     pass False to caption texts.
+    precision: every model's forward passes (ragcap.precision; default $RAGCAP_PRECISION, else fp32).
     """
     from ragcap.caption import CaptionSettings, Captioner, require_resources
     from ragcap.decoders import check_decoder
     from ragcap.decoders.lm import check_causal_lm
     from ragcap.embed import check_available, load_embedder
     from ragcap.modes import modes_needing
+    from ragcap.precision import resolve_precision
 
     settings = settings or CaptionSettings()
     directories = [] if decoder is None else [decoder] if isinstance(decoder, (str, Path)) else list(decoder)
@@ -323,13 +328,14 @@ def load_captioner(
     if modes_needing("lm", settings.modes):
         check_causal_lm(lm)
     check_available(spec)
-    embedder = load_embedder(spec, device, image_only=image_only)
+    precision = resolve_precision(precision)
+    embedder = load_embedder(spec, device, image_only=image_only, precision=precision)
     loaded: dict[str, object] = {}  # "decoder" / "smallcap" -> the model serving those modes
     if directories and (modes_needing("decoder", settings.modes) or modes_needing("smallcap", settings.modes)):
         from ragcap.decoders import load_decoder
 
         for directory in directories:
-            found = load_decoder(directory, device=device)
+            found = load_decoder(directory, device=device, precision=precision)
             use = "smallcap" if found.kind == "smallcap" else "decoder"
             if use in loaded:
                 raise RagcapError(f"--decoder {directory} and --decoder {loaded[use].source} serve the same modes; pass one of them")
@@ -339,7 +345,7 @@ def load_captioner(
     if modes_needing("lm", settings.modes):
         from ragcap.decoders.lm_prompt import PromptCaptioner
 
-        prompter = PromptCaptioner(lm, device=device)
+        prompter = PromptCaptioner(lm, device=device, precision=precision)
     return Captioner(store, collection, embedder, settings, decoder=loaded.get("decoder"), prompter=prompter, smallcap=loaded.get("smallcap"))
 
 

@@ -24,6 +24,7 @@ from ragcap.errors import RagcapError
 from ragcap.generation import SearchOptions
 from ragcap.images import IMAGE_EXTENSIONS, ImageInput, image_name, load_batches
 from ragcap.modes import MODES, modes_needing, parse_modes
+from ragcap.precision import dtype_name
 from ragcap.retrieve import DEFAULT_TAU, ExactMemory
 from ragcap.store import Hit, Store
 from ragcap.store.cache import cache_bytes
@@ -176,14 +177,16 @@ class Captioner:
 
     def runtime(self) -> dict[str, str]:
         """Where the loaded models run: {"device": "cpu", "precision": "float32"}; several
-        models on different devices or dtypes are listed comma-separated."""
+        models on different devices or precisions are listed comma-separated. The precision is
+        what their forward passes compute in (bfloat16 under --precision bf16: ragcap.precision)."""
         # The image tower, not the model's first parameter: an image-only load leaves the text
         # tower on the meta device.
         tower = getattr(self.embedder.model, "visual", self.embedder.model)
-        models = [tower, self.decoder, self.smallcap, getattr(self.prompter, "model", None)]
-        first = [next(m.parameters()) for m in models if m is not None]
-        return {"device": ",".join(sorted({str(p.device) for p in first})),
-                "precision": ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in first}))}
+        owners = [(self.embedder, tower), (self.decoder, self.decoder), (self.smallcap, self.smallcap),
+                  (self.prompter, getattr(self.prompter, "model", None))]
+        loaded = [(owner.precision, next(model.parameters()).device) for owner, model in owners if model is not None]
+        return {"device": ",".join(sorted({str(device) for _, device in loaded})),
+                "precision": ",".join(sorted({dtype_name(precision) for precision, _ in loaded}))}
 
     def with_settings(self, settings: CaptionSettings) -> "Captioner":
         """A captioner for other settings (modes, k, neighbours, decoding) over the same loaded

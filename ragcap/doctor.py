@@ -60,14 +60,20 @@ def _config() -> dict:
 def _torch() -> dict:
     import torch
 
+    from ragcap.errors import OptionError
+    from ragcap.precision import resolve_precision
     from ragcap.util import default_device
 
     devices = [
         {"index": i, "name": torch.cuda.get_device_name(i), "memory_gb": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
         for i in range(torch.cuda.device_count())
     ]
+    try:
+        precision = resolve_precision()
+    except OptionError as e:  # a bad RAGCAP_PRECISION or config value: reported, the rest still checked
+        precision = f"unusable ({e})"
     return {"cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(), "devices": devices,
-            "default_device": str(default_device()), "cpu_threads": torch.get_num_threads()}
+            "default_device": str(default_device()), "default_precision": precision, "cpu_threads": torch.get_num_threads()}
 
 
 def _java() -> dict:
@@ -159,7 +165,7 @@ def format_report(report: dict) -> str:
         f"python        {report['python']['version']} ({report['python']['executable']})",
         "packages      " + ", ".join(f"{k} {v}" for k, v in report["packages"].items() if v),
         f"torch         CUDA {torch_['cuda'] or 'none'}; devices: {devices}; default device {torch_['default_device']}, "
-        f"{torch_['cpu_threads']} CPU threads",
+        f"precision {torch_['default_precision']}, {torch_['cpu_threads']} CPU threads",
         f"config        {config['file']}" + (f": {settings}" if config["exists"] else " (none: built-in defaults)"),
         f"java          {report['java']['version'] or 'not found'}",
         f"hub           {report['hub']['host']}: " + ("reachable" if report["hub"]["reachable"] else f"offline ({report['hub']['why_not']})"),

@@ -38,6 +38,7 @@ from PIL import Image
 from ragcap import clip_tokenizer
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
+from ragcap.precision import autocast, resolve_precision
 from ragcap.util import default_device, write_atomic
 
 CONFIG_NAME = "open_clip_config.json"  # the names open_clip reads from a local dir or the hub
@@ -164,6 +165,7 @@ class Embedder:
     info: EmbedderInfo
     supports_images: bool = False
     device: torch.device
+    precision: str = "fp32"  # the forward passes' precision (ragcap.precision); set by load_embedder
 
     def encode_text(
         self, texts: Sequence[str], batch_size: int = 256, on_batch: Callable[[int], None] | None = None
@@ -230,7 +232,7 @@ def encode_cut(tower: torch.nn.Module, tokens: torch.Tensor, pool_pos: torch.Ten
     proj = tower.text_projection
     if proj is not None:
         x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
-    return F.normalize(x, dim=-1)
+    return F.normalize(x.float(), dim=-1)  # in float32 also under autocast: a bf16 norm is off by ~0.4%
 
 
 def _used_lengths(tokens: torch.Tensor, pad_id: int) -> np.ndarray:
@@ -281,11 +283,14 @@ class OpenClipEmbedder(Embedder):
 
     @torch.inference_mode()
     def _encode_full(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(tokens, normalize=True).float()
+        with autocast(self.device, self.precision):
+            features = self.model.encode_text(tokens)
+        return F.normalize(features.float(), dim=-1)
 
     @torch.inference_mode()
     def _encode_cut(self, tokens: torch.Tensor, pool_pos: torch.Tensor) -> torch.Tensor:
-        return encode_cut(self._tower[0], tokens, pool_pos).float()
+        with autocast(self.device, self.precision):
+            return encode_cut(self._tower[0], tokens, pool_pos)
 
     def encode_text(
         self, texts: Sequence[str], batch_size: int = 256, on_batch: Callable[[int], None] | None = None
@@ -336,8 +341,9 @@ class OpenClipEmbedder(Embedder):
         out = np.empty((len(prepared), self.info.dim), dtype=np.float32)
         for start in range(0, len(prepared), batch_size):
             pixels = torch.stack(list(prepared[start:start + batch_size]))
-            features = self.model.encode_image(pixels.to(self.device), normalize=True)
-            out[start:start + batch_size] = features.float().cpu().numpy()
+            with autocast(self.device, self.precision):
+                features = self.model.encode_image(pixels.to(self.device))
+            out[start:start + batch_size] = F.normalize(features.float(), dim=-1).cpu().numpy()
         return out
 
     @torch.inference_mode()
@@ -381,16 +387,19 @@ class SentenceTransformerEmbedder(Embedder):
         parts = []
         for start in range(0, len(texts), step):
             chunk = texts[start:start + step]
-            parts.append(self.model.encode(
-                chunk, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
-            ))
+            with autocast(self.device, self.precision):
+                parts.append(self.model.encode(
+                    chunk, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+                ))
             if on_batch is not None:
                 on_batch(len(chunk))
-        vectors = np.concatenate(parts)
+        vectors = np.concatenate(parts).astype(np.float32, copy=False)
+        if self.precision != "fp32":  # normalised in 16 bits: again in float32
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         # sentence-transformers truncates silently at max_seq_length; count tokens to report it.
         lengths = np.array([len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]])
         truncated = lengths > self.model.max_seq_length
-        return TextEncoding(vectors.astype(np.float32, copy=False), truncated, lengths)
+        return TextEncoding(vectors, truncated, lengths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,27 +616,32 @@ def _load_sentence_transformer(spec: ModelSpec, device: torch.device) -> Sentenc
     )
 
 
-_CACHE: dict[tuple[str, str, bool], Embedder] = {}
+_CACHE: dict[tuple[str, str, bool, str], Embedder] = {}
 
 
-def load_embedder(spec: str, device: str | None = None, image_only: bool = False) -> Embedder:
-    """Load the embedder for a model spec; one instance per (canonical spec, device) per process.
+def load_embedder(spec: str, device: str | None = None, image_only: bool = False, precision: str | None = None) -> Embedder:
+    """Load the embedder for a model spec; one instance per (canonical spec, device, precision)
+    per process.
 
     image_only: skip the text tower (less memory, no load-time copy) when only images will be
     encoded; a whole embedder already loaded serves such requests too.
+    precision: fp32, bf16 or fp16 (ragcap.precision; default $RAGCAP_PRECISION, else fp32).
     """
     parsed = parse_spec(spec)
     dev = default_device(device)
+    precision = resolve_precision(precision)
     image_only = image_only and parsed.kind != "st"
-    whole = (parsed.canonical, str(dev), False)
-    key = (parsed.canonical, str(dev), image_only)
+    whole = (parsed.canonical, str(dev), False, precision)
+    key = (parsed.canonical, str(dev), image_only, precision)
     if whole in _CACHE:
         return _CACHE[whole]
     if key not in _CACHE:
         if parsed.kind == "st":
-            _CACHE[key] = _load_sentence_transformer(parsed, dev)
+            embedder = _load_sentence_transformer(parsed, dev)
         else:
-            _CACHE[key] = _load_open_clip(parsed, dev, image_only)
+            embedder = _load_open_clip(parsed, dev, image_only)
+        embedder.precision = precision
+        _CACHE[key] = embedder
     return _CACHE[key]
 
 

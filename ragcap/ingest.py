@@ -36,6 +36,9 @@ class IngestOptions:
     batch_size: int = 4096
     vector_dtype: str = "float16"  # storage of a collection this run creates (see ragcap.store)
     layout: CollectionLayout = CollectionLayout()  # shards, replicas, on-disk vectors, quantization of one it creates
+    # The text encoder's precision (ragcap.precision; None: $RAGCAP_PRECISION, else fp32). bf16
+    # is several times faster on a GPU; its vectors drift from fp32's by what benchmarks/gpu.py states.
+    precision: str | None = None
 
 
 @dataclass

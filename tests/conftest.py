@@ -29,7 +29,7 @@ def ragcap_home(tmp_path_factory, monkeypatch) -> Path:
     monkeypatch.setenv("RAGCAP_HOME", str(home))
     monkeypatch.delenv("RAGCAP_QDRANT_URL", raising=False)
     monkeypatch.delenv("RAGCAP_QDRANT_API_KEY", raising=False)
-    for setting in ("RAGCAP_CONFIG", "RAGCAP_MODEL", "RAGCAP_DEVICE"):  # and the config file is under the new home
+    for setting in ("RAGCAP_CONFIG", "RAGCAP_MODEL", "RAGCAP_DEVICE", "RAGCAP_PRECISION"):  # and the config file is under the new home
         monkeypatch.delenv(setting, raising=False)
     return home
 

@@ -87,3 +87,9 @@ def test_doctor_shows_the_file_in_effect_and_its_values(config_file, monkeypatch
     assert report["config"] == {"file": str(config_file), "exists": True,
                                 "values": {"model": "/models/clip", "qdrant_api_key": "(set)", "device": "cpu"}}
     assert report["default_model"] == {"spec": "/models/clip", "from": str(config_file)}
+
+    config_file.write_text('precision = "bf16"\n')
+    assert ", precision bf16, " in ragcap("doctor").stdout
+    monkeypatch.setenv("RAGCAP_PRECISION", "half")  # reported, and the rest of the checks still run
+    text = ragcap("doctor")
+    assert text.exit_code == 0 and "precision unusable (RAGCAP_PRECISION: unknown precision 'half'" in text.stdout

@@ -14,6 +14,7 @@ import click
 import typer
 
 from ragcap.errors import Interrupted, RagcapError
+from ragcap.precision import PRECISIONS
 from ragcap.store import DEFAULT_WAIT_S
 
 app = typer.Typer(
@@ -59,6 +60,10 @@ QdrantKey = Annotated[Optional[str], typer.Option("--qdrant-api-key", envvar="RA
 Collection = Annotated[str, typer.Option("--collection", "-c", help="Collection name.")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 Device = Annotated[Optional[str], typer.Option("--device", help="torch device [default: $RAGCAP_DEVICE, the config file's device, else cuda if available, else cpu].")]
+Precision = Annotated[Optional[str], typer.Option(
+    "--precision", metavar=one_of(*PRECISIONS),
+    help="The models' forward passes: fp32, or bf16 / fp16 autocast (several times faster on a GPU, slower on most CPUs; "
+         "README: Precision) [default: $RAGCAP_PRECISION, the config file's precision, else fp32].")]
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Embedder (default: the collection's).")]
 # Running on a Ray cluster (see ragcap.distributed), shared by the commands that can.
 Engine = Annotated[Optional[str], typer.Option("--engine", metavar=one_of("ray"), help="ray: run on a Ray cluster (pip install 'ragcap[ray]'); default: this process.")]

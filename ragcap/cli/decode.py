@@ -9,8 +9,9 @@ from typing import Annotated, Optional
 import typer
 
 from ragcap.cli.common import (
-    DEFAULT_WAIT_S, Actors, Beam, CausalLM, Collection, CpusPerActor, Decoders, Device, Engine, GpusPerActor, Json, MaxTokens, Model, NumCaptions, PromptK,
-    QdrantKey, QdrantUrl, RayAddress, Seed, Tau, Temperature, TopK, TopP, Wait, app, command, one_of, ray_options, search_options, store,
+    DEFAULT_WAIT_S, Actors, Beam, CausalLM, Collection, CpusPerActor, Decoders, Device, Engine, GpusPerActor, Json, MaxTokens, Model, NumCaptions,
+    Precision, PromptK, QdrantKey, QdrantUrl, RayAddress, Seed, Tau, Temperature, TopK, TopP, Wait, app, command, one_of, ray_options, search_options,
+    store,
 )
 from ragcap.errors import OptionError, RagcapError
 
@@ -233,6 +234,7 @@ def caption(
     batch_size: Annotated[int, typer.Option(help="Images per batch (with --engine ray: per actor call).")] = 32,
     model: Model = None,
     device: Device = None,
+    precision: Precision = None,
     engine: Engine = None,
     ray_address: RayAddress = None,
     actors: Actors = None,
@@ -250,6 +252,7 @@ def caption(
     from ragcap import api
     from ragcap.caption import CaptionSettings, iter_inputs
     from ragcap.modes import parse_modes
+    from ragcap.precision import resolve_precision
     from ragcap.report import CAPTION_FORMATS, CaptionWriter, announce_runtime, caption_output, progress, write_all
 
     fmt = "jsonl" if json_out else fmt
@@ -261,6 +264,7 @@ def caption(
     settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, search=search, prompt_k=prompt_k,
                                memory=memory, batch_size=batch_size, neighbours=neighbours)
     engine_options = ray_options(engine, ray_address, actors, gpus_per_actor, cpus_per_actor)
+    precision = resolve_precision(precision)
     if engine_options is not None and text:
         raise OptionError("--engine ray captions images; caption --text in this process (leave --engine out)")
     paths = list(iter_inputs(inputs or []))
@@ -269,7 +273,8 @@ def caption(
         text, paths = [t for t in text or [] if t not in out.done], [p for p in paths if p not in out.done]
         runtime = None  # on Ray, each actor has its own device: no one line can say where
         if engine_options is None:
-            captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device, image_only=key == "file")
+            captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device, image_only=key == "file",
+                                           precision=precision)
             runtime = captioner.runtime()
             announce_runtime(runtime)
         writer = CaptionWriter(out.stream, fmt, key=key, header=out.header, runtime=runtime)
@@ -281,7 +286,7 @@ def caption(
                 else:
                     from ragcap.distributed.caption import caption_on_ray
 
-                    results = caption_on_ray(st, collection, settings, paths, engine_options, decoder, lm, model, device)
+                    results = caption_on_ray(st, collection, settings, paths, engine_options, decoder, lm, model, device, precision)
                 failed += write_all(_counting(results, bar), writer)
     if failed:
         typer.echo(f"ragcap: {failed} input(s) failed; see the error lines", err=True)
@@ -325,6 +330,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     model: Model = None,
     device: Device = None,
+    precision: Precision = None,
     qdrant_url: QdrantUrl = None,
     qdrant_api_key: QdrantKey = None,
     wait: Wait = DEFAULT_WAIT_S,
@@ -335,9 +341,11 @@ def evaluate(
     from ragcap import evaluate as ev
     from ragcap.caption import CaptionSettings
     from ragcap.modes import parse_modes
+    from ragcap.precision import resolve_precision
     from ragcap.report import emit_json, progress
 
     ev.require_java()  # fail before minutes of captioning, not after
+    precision = resolve_precision(precision)
     refs = ev.load_references(references, ref_format, split)
     matched = ev.match_images(refs, images)
     absent = sorted(set(refs) - set(matched.pairs))
@@ -354,7 +362,7 @@ def evaluate(
                     "which inflates every score; rebuild it with `ragcap ingest ... --exclude-images FILE` "
                     "(a file of the evaluated image ids) or pass --allow-leakage"
                 )
-        captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device)
+        captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device, precision=precision)
         key_of = {str(path): key for key, path in matched.pairs.items()}
         captions: dict[str, dict[str, str]] = {m: {} for m in settings.modes}
         failed: dict[str, str] = {}

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ragcap.cli.common import (
-    DEFAULT_WAIT_S, Actors, Collection, CpusPerActor, Device, Engine, GpusPerActor, Json, Model, QdrantKey, QdrantUrl, RayAddress,
+    DEFAULT_WAIT_S, Actors, Collection, CpusPerActor, Device, Engine, GpusPerActor, Json, Model, Precision, QdrantKey, QdrantUrl, RayAddress,
     Wait, app, command, one_of, ray_options, store,
 )
 from ragcap.errors import RagcapError
@@ -45,6 +45,7 @@ def ingest(
     cpus_per_actor: CpusPerActor = None,
     parquet_out: Annotated[Optional[Path], typer.Option(help="With --engine ray: write Parquet parts (the `ragcap export` format) to this folder instead of a collection.")] = None,
     device: Device = None,
+    precision: Precision = None,
     qdrant_url: QdrantUrl = None,
     qdrant_api_key: QdrantKey = None,
     wait: Wait = -1,
@@ -59,6 +60,7 @@ def ingest(
     from ragcap import api
     from ragcap.embed import check_available
     from ragcap.ingest import IngestOptions
+    from ragcap.precision import resolve_precision
     from ragcap.report import emit_json, progress
     from ragcap.store import CollectionLayout, check_vector_dtype
 
@@ -72,7 +74,8 @@ def ingest(
     engine_options = ray_options(engine, ray_address, actors, gpus_per_actor, cpus_per_actor)
     layout = CollectionLayout(shards, replicas, write_consistency, on_disk, quantization)
     layout.check()
-    options = IngestOptions(limit=limit, batch_size=batch_size, vector_dtype=vector_dtype, layout=layout)
+    options = IngestOptions(limit=limit, batch_size=batch_size, vector_dtype=vector_dtype, layout=layout,
+                            precision=resolve_precision(precision))
     if exclude_images is not None:
         options.exclude_images = frozenset(filters.load_image_ids(exclude_images))
     if max_tokens is not None:

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from ragcap.cli.common import (
-    Beam, CausalLM, Collection, Decoders, Device, MaxTokens, Model, NumCaptions, PromptK, QdrantKey, QdrantUrl, Seed, Tau, Temperature, TopK, TopP, app,
+    Beam, CausalLM, Collection, Decoders, Device, MaxTokens, Model, NumCaptions, Precision, PromptK, QdrantKey, QdrantUrl, Seed, Tau, Temperature, TopK,
+    TopP, app,
     command, search_options, store,
 )
 from ragcap.serve.config import ServeConfig
@@ -46,6 +47,7 @@ def serve(
     allow_image_host: Annotated[Optional[list[str]], typer.Option("--allow-image-host", help="Let chat requests name http(s) image URLs on this host (repeatable; none by default: images come inline as data: URLs).")] = None,
     model: Model = None,
     device: Device = None,
+    precision: Precision = None,
     qdrant_url: QdrantUrl = None,
     qdrant_api_key: QdrantKey = None,
 ):
@@ -70,7 +72,7 @@ def serve(
         typer.echo(f"ragcap: warning: listening on {host} without --api-key: anyone who reaches this address can use it", err=True)
     with store(qdrant_url, qdrant_api_key) as st:
         # The text tower too: /v1/caption/text and /v1/search take texts.
-        captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device, image_only=False)
+        captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device, image_only=False, precision=precision)
         announce_runtime(captioner.runtime())
         run(captioner, config)
     typer.echo("ragcap: stopped", err=True)

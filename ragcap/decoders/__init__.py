@@ -22,6 +22,7 @@ from ragcap.decoders.decap import DeCapConfig, DeCapDecoder
 from ragcap.decoders.smallcap import SmallCapConfig, SmallCapDecoder
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
+from ragcap.precision import resolve_precision
 from ragcap.util import default_device
 
 DECODERS: dict[str, type[Decoder]] = {cls.kind: cls for cls in (DeCapDecoder, ClipCapDecoder, SmallCapDecoder)}
@@ -61,8 +62,9 @@ def check_decoder(directory: str | Path) -> tuple[type[Decoder], object, Embedde
     return found
 
 
-def load_decoder(directory: str | Path, device: str | torch.device | None = None) -> Decoder:
-    """The decoder saved in `directory`, whatever its kind, on `device` (default: CUDA if present)."""
+def load_decoder(directory: str | Path, device: str | torch.device | None = None, precision: str | None = None) -> Decoder:
+    """The decoder saved in `directory`, whatever its kind, on `device` (default: CUDA if present),
+    captioning at `precision` (ragcap.precision; default $RAGCAP_PRECISION, else fp32)."""
     src = Path(directory)
     cls, config, embedder = check_decoder(src)
     # Built on the meta device (no random init), then the file's tensors are assigned in place:
@@ -77,6 +79,7 @@ def load_decoder(directory: str | Path, device: str | torch.device | None = None
         raise ModelError(f"{src / WEIGHTS_FILE} cannot be loaded ({e}); {HINT}") from e
     _retie(model)
     model.source = src
+    model.precision = resolve_precision(precision)
     return model.to(default_device(device)).eval()
 
 

@@ -24,6 +24,7 @@ from ragcap.decoders.lm import LMInput, LMStepper
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
 from ragcap.generation import SearchOptions, search
+from ragcap.precision import autocast
 from ragcap.util import write_atomic
 
 CONFIG_FILE = "config.json"
@@ -52,6 +53,7 @@ class Decoder(nn.Module):
         self.config = config
         self.embedder = embedder
         self.source: Path | None = None  # the directory it was loaded from, for messages
+        self.precision = "fp32"  # captioning's forward passes (ragcap.precision); training is always fp32
 
     @property
     def device(self) -> torch.device:
@@ -95,7 +97,8 @@ class Decoder(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            found = search(self.stepper(), self.prepare(cond), self.search_defaults(options or SearchOptions()))
+            with autocast(self.device, self.precision):
+                found = search(self.stepper(), self.prepare(cond), self.search_defaults(options or SearchOptions()))
         finally:
             self.train(was_training)
         return [[Caption(self.detokenize(h.tokens), h.score) for h in row] for row in found]

@@ -20,6 +20,7 @@ from ragcap.decoders.base import Caption
 from ragcap.decoders.lm import LMInput, LMStepper, load_causal_lm
 from ragcap.errors import ModelError
 from ragcap.generation import SearchOptions, search
+from ragcap.precision import autocast, resolve_precision
 from ragcap.util import default_device
 
 # SmallCap src/template.txt is "Similar images show\n\n||\n\nThis image shows \n"; infer.py reads it
@@ -108,9 +109,11 @@ def left_padded(token_ids: list[list[int]], embed, device: torch.device) -> LMIn
 class PromptCaptioner:
     """Captions images from their neighbours' captions with a causal LM (SmallCap prompt)."""
 
-    def __init__(self, lm: str | Path = "gpt2", device: str | torch.device | None = None, batch_size: int = 32):
+    def __init__(self, lm: str | Path = "gpt2", device: str | torch.device | None = None, batch_size: int = 32,
+                 precision: str | None = None):
         self.tokenizer, self.model = load_causal_lm(lm)
         self.device = default_device(device)
+        self.precision = resolve_precision(precision)  # ragcap.precision
         self.model.to(self.device)
         self.batch_size = batch_size
         self.stop_ids = stop_ids(self.tokenizer)
@@ -143,7 +146,8 @@ class PromptCaptioner:
         embed = self.model.get_input_embeddings()
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            found = search(LMStepper(self.model), left_padded([ids[i] for i in chunk], embed, self.device), options)
+            with autocast(self.device, self.precision):
+                found = search(LMStepper(self.model), left_padded([ids[i] for i in chunk], embed, self.device), options)
             for i, row in zip(chunk, found):
                 captions[i] = [Caption(first_sentence(self.tokenizer.decode(h.tokens, skip_special_tokens=True)), h.score) for h in row]
         return captions

@@ -169,7 +169,7 @@ class SmallCapDecoder(Decoder):
         """The encoder's patch features of PIL images (n, tokens, encoder_width)."""
         from ragcap.embed import load_embedder
 
-        encoder = load_embedder(self.embedder.spec, str(self.device), image_only=True)
+        encoder = load_embedder(self.embedder.spec, str(self.device), image_only=True, precision=self.precision)
         if not self.embedder.matches(encoder.info):
             raise ModelError(f"encoder {self.embedder.spec} now makes {encoder.info.dim}-d embeddings, not {self.embedder.dim}-d; "
                              "it is not the model this SmallCap was trained on")

@@ -21,13 +21,13 @@ from ragcap.util import chunks
 
 class CaptionActor:
     def __init__(self, open_store: Callable[[], Store], collection: str, settings: CaptionSettings, decoder, lm: str,
-                 model: str | None, device: str | None, threads: int):
+                 model: str | None, device: str | None, threads: int, precision: str | None = None):
         from ragcap import api
 
         share_cpus(device, threads)
         self.captioner, self.error = None, None
         try:
-            self.captioner = api.load_captioner(open_store(), collection, settings, decoder, lm, model, device)
+            self.captioner = api.load_captioner(open_store(), collection, settings, decoder, lm, model, device, precision=precision)
         except RagcapError as e:
             # Raised here it would reach the driver as a dead actor, without the message; the
             # first call raises it instead (an empty collection, a decoder of another embedder).
@@ -49,6 +49,7 @@ def caption_on_ray(
     lm: str = "gpt2",
     model: str | None = None,
     device: str | None = None,
+    precision: str | None = None,
 ) -> Iterator[CaptionResult]:
     """Caption the images at `paths` as Captioner.caption_images does, on a Ray cluster."""
     from ragcap.store.client import ClientStore
@@ -65,7 +66,7 @@ def caption_on_ray(
         from ray.util import ActorPool
 
         actor = ray.remote(CaptionActor).options(num_cpus=plan.cpus, num_gpus=plan.gpus)
-        args = (open_store, collection, settings, decoder, lm, model, device, plan.threads)
+        args = (open_store, collection, settings, decoder, lm, model, device, plan.threads, precision)
         pool = ActorPool([actor.remote(*args) for _ in range(plan.actors)])
         try:
             # Absolute paths (a worker's directory is not this one), results named as given.

@@ -19,11 +19,11 @@ def share_cpus(device: str | None, threads: int) -> None:
 class CaptionEmbedder:
     """One embedding actor: the model is loaded once, then embeds batch after batch."""
 
-    def __init__(self, spec: str, device: str | None, threads: int):
+    def __init__(self, spec: str, device: str | None, threads: int, precision: str | None = None):
         from ragcap.embed import load_embedder
 
         share_cpus(device, threads)
-        self.embedder = load_embedder(spec, device)
+        self.embedder = load_embedder(spec, device, precision=precision)
 
     def __call__(self, batch: dict) -> dict:
         encoded = self.embedder.encode_text(batch["caption"].tolist())

@@ -135,7 +135,8 @@ def _pipeline(job: ReadJob, paths, stored, tally, plan, device, sink: str, targe
     ds = ray.data.read_datasource(prepared_captions(job, file_groups(paths, options), stored, tally), num_cpus=READ_CPUS)
     if plan is not None:
         ds = ds.map_batches(
-            CaptionEmbedder, fn_constructor_kwargs={"spec": job.info.spec, "device": device, "threads": plan.threads},
+            CaptionEmbedder,
+            fn_constructor_kwargs={"spec": job.info.spec, "device": device, "threads": plan.threads, "precision": options.precision},
             batch_size=options.batch_size, compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus,
             num_gpus=plan.gpus or None, batch_format="numpy",
         )
