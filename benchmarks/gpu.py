@@ -19,8 +19,8 @@ End to end, through the CLI as child processes (whole-process wall time, isolate
                   steady rate (N - 1) / (wall(N photos) - wall(1 photo)), the cold start taken out
 Each is repeated with `--precision P` for every P of --precisions other than fp32.
 
-In this process, baseline and ragcap side by side (fp32, and each other precision under
-torch.autocast where the row is GPU work):
+In this process, baseline and ragcap side by side (fp32, and each other precision where the row
+is GPU work: ragcap's models loaded at it, the baselines under the same torch.autocast):
   image tower     decode + preprocess + encode in one thread, and the forward pass alone, batches of --batch-size
   decap           DeCap's per-image procedure (--reference-images) against ragcap's pd pipeline
   generate        the decoder's batched greedy decoding of 256 prefixes
@@ -45,7 +45,6 @@ A CPU smoke check of the same rows at tiny sizes:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -73,8 +72,10 @@ import ragcap
 from ragcap.decoders import DeCapConfig, DeCapDecoder, load_decoder
 from ragcap.decoders.lm_prompt import PromptCaptioner, save_random_lm
 from ragcap.embed import describe_embedder, load_embedder, save_random
+from ragcap.config import CONFIG_ENV, ENV_OF
 from ragcap.generation import SearchOptions
 from ragcap.images import load_image
+from ragcap.precision import PRECISIONS, autocast
 from ragcap.retrieve import DEFAULT_TAU, ExactMemory
 from ragcap.store import open_store
 from ragcap.util import default_device, write_atomic
@@ -82,7 +83,6 @@ from ragcap.util import default_device, write_atomic
 ROOT = Path(__file__).resolve().parents[1]
 CARRIED, SHARED = ROOT / ".gpu", ROOT.parent / "shared"
 COLLECTION = "bench"  # the name caption.py's pd_rate captions against
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The speed issue's figures for ragcap before this work, on one H100 with 16 CPU cores.
 BEFORE = {
@@ -140,10 +140,6 @@ def listing(paths: list[str], file: Path) -> str:
     """An @list argument for `ragcap caption`."""
     file.write_text("\n".join(paths) + "\n")
     return f"@{file}"
-
-
-def autocast(device: torch.device, precision: str):
-    return contextlib.nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=DTYPES[precision])
 
 
 def per_s(n: int, seconds: float) -> float:
@@ -281,17 +277,31 @@ def timed_call(fn, *args):
 
 
 class InProcess:
-    """The in-process rows: baseline and ragcap on the same models, photos and memory. Each row
-    takes a precision (fp32, or torch.autocast to bf16/fp16); what rows share is made when
-    first needed, so a skipped row costs nothing."""
+    """The in-process rows: baseline and ragcap on the same models, photos and memory. A row that
+    takes a precision runs ragcap's models loaded at it and the baseline under the same
+    autocast; what rows share is made when first needed, so a skipped row costs nothing."""
 
     def __init__(self, sizes: Sizes, device: torch.device, batch_size: int, model: Path, decoder_dir: Path, lm: Path,
                  captions_path: Path, links: list[str]):
         self.sizes, self.device, self.batch_size, self.links = sizes, device, batch_size, links
-        self.lm, self.captions_path = lm, captions_path
-        self.embedder = load_embedder(str(model), str(device))
-        self.decoder = load_decoder(decoder_dir, device)
+        self.model, self.decoder_dir, self.lm, self.captions_path = model, decoder_dir, lm, captions_path
+        self._loaded: dict[tuple[str, str], object] = {}
+        self.embedder, self.decoder = self.embedder_at("fp32"), self.decoder_at("fp32")
         self.store = open_store()
+
+    # The models as ragcap runs them at a precision (--precision): one of each per precision.
+    def embedder_at(self, precision: str):
+        return load_embedder(str(self.model), str(self.device), precision=precision)  # cached by ragcap
+
+    def decoder_at(self, precision: str):
+        if ("decoder", precision) not in self._loaded:
+            self._loaded["decoder", precision] = load_decoder(self.decoder_dir, self.device, precision)
+        return self._loaded["decoder", precision]
+
+    def prompter_at(self, precision: str) -> PromptCaptioner:
+        if ("prompter", precision) not in self._loaded:
+            self._loaded["prompter", precision] = PromptCaptioner(str(self.lm), self.device, self.batch_size, precision)
+        return self._loaded["prompter", precision]
 
     @cached_property
     def exact(self) -> ExactMemory:
@@ -305,13 +315,8 @@ class InProcess:
     def captions(self) -> list[str]:
         return unique_captions(max(self.sizes.text_captions, self.sizes.drift_captions, self.sizes.tokenizer_captions), self.captions_path)
 
-    @cached_property
-    def prompter(self) -> PromptCaptioner:
-        return PromptCaptioner(str(self.lm), device=self.device, batch_size=self.batch_size)
-
     def tower(self, precision: str) -> dict:
-        with autocast(self.device, precision):
-            whole, forward = tower_rates(self.embedder, self.links, self.batch_size)
+        whole, forward = tower_rates(self.embedder_at(precision), self.links, self.batch_size)
         before = {"before_forward": BEFORE[f"tower_{precision}"]} if f"tower_{precision}" in BEFORE else {}
         return {**before, "forward_images_per_s": round(forward, 1), "decode_preprocess_encode_images_per_s": round(whole, 1),
                 "images": len(self.links), "batch": self.batch_size}
@@ -328,9 +333,9 @@ class InProcess:
 
     def generate(self, precision: str) -> dict:
         prefixes = torch.from_numpy(self.exact.search(self.queries[: self.sizes.prefixes], tau=DEFAULT_TAU)[2])  # pd's prefixes
-        with autocast(self.device, precision):
-            self.decoder.caption(prefixes[:8])  # warm-up
-            _, seconds = timed_call(self.decoder.caption, prefixes)
+        decoder = self.decoder_at(precision)
+        decoder.caption(prefixes[:8])  # warm-up
+        _, seconds = timed_call(decoder.caption, prefixes)
         return {"before_s": BEFORE["generate_s"], "seconds": round(seconds, 3), "prefixes": len(prefixes)}
 
     def search(self) -> dict:
@@ -349,12 +354,12 @@ class InProcess:
                 **{name: round(s, 3) for name, s in seconds.items()}, "queries": len(queries), "memory": exact.size, "k": k}
 
     def encode_text(self, precision: str) -> dict:
-        text = self.captions[: self.sizes.text_captions]
+        text, embedder = self.captions[: self.sizes.text_captions], self.embedder_at(precision)
+        embedder.encode_text(text[:256])  # warm-up
+        _, cut_s = timed_call(embedder.encode_text, text)
         with autocast(self.device, precision):
-            self.embedder.encode_text(text[:256])  # warm-up
-            default_path(self.embedder, text[:256], 256)
-            _, cut_s = timed_call(self.embedder.encode_text, text)
-            _, padded_s = timed_call(default_path, self.embedder, text, 256)
+            default_path(embedder, text[:256], 256)
+            _, padded_s = timed_call(default_path, embedder, text, 256)
         return {"before (padded / cut)": [BEFORE["encode_text_padded"], BEFORE["encode_text_cut"]],
                 "open_clip_padded_captions_per_s": per_s(len(text), padded_s), "ragcap_cut_captions_per_s": per_s(len(text), cut_s),
                 "speedup": round(padded_s / cut_s, 2), "captions": len(text)}
@@ -383,10 +388,11 @@ class InProcess:
         neighbours = list(json.loads(self.captions_path.read_text(encoding="utf-8")).values())[: self.sizes.prompts]
         loop = neighbours[: self.sizes.prompt_loop]
         options = SearchOptions(beam=3, max_tokens=25)
+        prompter = self.prompter_at(precision)
+        prompter.generate(neighbours[:2], options=options)  # warm-up
+        _, batched_s = timed_call(prompter.generate, neighbours, 4, options)
         with autocast(self.device, precision):
-            self.prompter.generate(neighbours[:2], options=options)  # warm-up
-            _, batched_s = timed_call(self.prompter.generate, neighbours, 4, options)
-            _, loop_s = timed_call(per_image_loop, self.prompter, loop, 4, 3, 25)
+            _, loop_s = timed_call(per_image_loop, prompter, loop, 4, 3, 25)
         loop_all_s = loop_s / len(loop) * len(neighbours)
         return {"before_s": BEFORE["prompt_lm_s"], "seconds": round(batched_s, 3), "prompts": len(neighbours),
                 "per_image_generate_s": round(loop_all_s, 2), "speedup": round(loop_all_s / batched_s, 2),
@@ -400,10 +406,10 @@ class InProcess:
 
     def drift(self, precision: str) -> dict:
         pictures, text, images_fp32, text_fp32 = self.fp32_embeddings
-        with autocast(self.device, precision):
-            images, texts = self.embedder.encode_images(pictures), self.embedder.encode_text(text).vectors
+        embedder = self.embedder_at(precision)
+        images, texts = embedder.encode_images(pictures), embedder.encode_text(text).vectors
         return {"image_cosine": cosines(images, images_fp32), "text_cosine": cosines(texts, text_fp32),
-                "photos": len(pictures), "captions": len(text), "note": "random weights, under torch.autocast"}
+                "photos": len(pictures), "captions": len(text), "note": "random weights; ragcap's --precision (autocast)"}
 
 
 def in_process_rows(bench: Bench, rows: InProcess, precisions: list[str]) -> None:
@@ -446,8 +452,8 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
 
     precisions = args.precisions.split(",")
-    if unknown := [p for p in precisions if p != "fp32" and p not in DTYPES]:
-        parser.error(f"unknown precision {unknown[0]}: choose from fp32, {', '.join(DTYPES)}")
+    if unknown := [p for p in precisions if p not in PRECISIONS]:
+        parser.error(f"unknown precision {unknown[0]}: choose from {', '.join(PRECISIONS)}")
     if "fp32" not in precisions:
         precisions.insert(0, "fp32")  # every other precision is compared with it
     sizes = SMALL if args.small else Sizes()
@@ -468,7 +474,9 @@ def main() -> None:
     }
     bench = Bench(args.out, args.budget_s, meta)
     tmp = Path(tempfile.mkdtemp(prefix="ragcap-gpu-"))
-    os.environ["RAGCAP_HOME"] = str(tmp / "home")
+    os.environ["RAGCAP_HOME"] = str(tmp / "home")  # its own store, and no config file: only the flags given here count
+    for name in (CONFIG_ENV, *ENV_OF.values()):  # here and in the CLI runs
+        os.environ.pop(name, None)
     model = save_random("ViT-B-32", tmp / "vit-b-32")
     captions = unique_captions(sizes.memory, args.captions)
     if len(captions) < sizes.memory:
