@@ -48,6 +48,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -463,7 +464,7 @@ def main() -> None:
     batch_size = args.batch_size or (8 if args.small else 256 if device.type == "cuda" else 32)
     for path in (args.photos, args.captions, args.tokenizer_dir):
         if not path.exists():
-            sys.exit(f"{path} not found: run gpu-prep for the GPU machine, or pass --photos, --captions, --tokenizer-dir")
+            sys.exit(f"{path} not found: pass --photos DIR, --captions FILE and --tokenizer-dir DIR (defaults: under .gpu/ in the checkout, else ../shared)")
 
     meta = {
         "benchmark": "gpu", "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -484,15 +485,19 @@ def main() -> None:
     captions_file = tmp / "captions.txt"
     captions_file.write_text("\n".join(captions) + "\n", encoding="utf-8")
     # DeCap's size with the vocabulary `train-decoder` gives it: the memory's CLIP tokens.
-    decoder = DeCapDecoder(DeCapConfig(embed_dim=describe_embedder(str(model)).dim).pruned_to(captions), describe_embedder(str(model)))
-    decoder_dir = decoder.save(tmp / "decoder")
+    info = describe_embedder(str(model))
+    decoder_dir = DeCapDecoder(DeCapConfig(embed_dim=info.dim).pruned_to(captions), info).save(tmp / "decoder")
     lm = save_random_lm(tmp / "gpt2", args.tokenizer_dir, *sizes.lm_shape)
     links = link_photos(args.photos, max(sizes.images, sizes.prompt_images), tmp / "photos")
     print(f"[{time.perf_counter() - bench.start:6.1f} s] models and data ready under {tmp}", file=sys.stderr, flush=True)
 
-    cli_rows(bench, Cli(bench, tmp / "home", str(device), batch_size), tmp, sizes, precisions, model, decoder_dir, lm,
-             captions_file, links)
-    in_process_rows(bench, InProcess(sizes, device, batch_size, model, decoder_dir, lm, args.captions, links[: sizes.images]), precisions)
+    try:
+        cli_rows(bench, Cli(bench, tmp / "home", str(device), batch_size), tmp, sizes, precisions, model, decoder_dir, lm,
+                 captions_file, links)
+        in_process_rows(bench, InProcess(sizes, device, batch_size, model, decoder_dir, lm, args.captions, links[: sizes.images]),
+                        precisions)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # models and memory: over a GB
     bench.save()
     print_report(bench.rows if args.json else {name: summary(r) for name, r in bench.rows.items()}, args.json)
     if bench.failed:
