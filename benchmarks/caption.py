@@ -62,9 +62,14 @@ def real_images(n: int) -> list[str]:
     return [files[i % len(files)] for i in range(n)]
 
 
+def unique_captions(n: int, path: Path = SHARED / "captions_val2014_by_image.json") -> list[str]:
+    """The first n distinct COCO captions of a {image: [captions]} file, whitespace-normalised."""
+    captions = [c for caps in json.loads(path.read_text(encoding="utf-8")).values() for c in caps]
+    return list(dict.fromkeys(" ".join(c.split()) for c in captions))[:n]
+
+
 def fill_memory(store, collection: str, info, n: int, seed: int = 0) -> list[str]:
-    captions = [c for caps in json.loads((SHARED / "captions_val2014_by_image.json").read_text()).values() for c in caps]
-    captions = list(dict.fromkeys(" ".join(c.split()) for c in captions))[:n]
+    captions = unique_captions(n)
     rng = np.random.default_rng(seed)
     store.create(collection, info)
     for start in range(0, len(captions), 8192):

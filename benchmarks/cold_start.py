@@ -32,11 +32,11 @@ from ragcap.store import open_store
 LIBRARIES = "import torch, open_clip, transformers"
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, float, str]:
+def timed(cmd: list[str], env: dict, timeout: float | None = None) -> tuple[float, float, str]:
     """Wall and CPU seconds of a child process, and its stderr."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:

@@ -43,30 +43,24 @@ def timed(fn, *args):
     return out, time.perf_counter() - start, time.process_time() - cpu
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=100_000, help="COCO val2014 captions")
-    parser.add_argument("--context", type=int, default=77)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-
-    captions = coco_val2014_captions(args.n)
+def tokenizer_rates(captions: list[str], context: int = 77) -> dict:
+    """open_clip's tokenizer against ragcap's (one thread, Rust pool) on the same captions."""
     simple = open_clip.get_tokenizer("ViT-B-32")
     _, build_s, build_cpu_s = timed(clip_tokenizer.build, simple)  # the first build in this process
     single = clip_tokenizer.ClipTokenizer(simple, parallel=False, build_min=0)
     pooled = clip_tokenizer.ClipTokenizer(simple, parallel=True, build_min=0)
-    pooled.tokenize(captions[:1000], args.context)  # warm-up: starts the Rust thread pool
+    pooled.tokenize(captions[:1000], context)  # warm-up: starts the Rust thread pool
 
-    expected, open_clip_s, open_clip_cpu_s = timed(simple, captions, args.context)
-    (single_tokens, _), single_s, single_cpu_s = timed(single.tokenize, captions, args.context)
-    (pooled_tokens, _), pooled_s, _ = timed(pooled.tokenize, captions, args.context)
+    expected, open_clip_s, open_clip_cpu_s = timed(simple, captions, context)
+    (single_tokens, _), single_s, single_cpu_s = timed(single.tokenize, captions, context)
+    (pooled_tokens, _), pooled_s, _ = timed(pooled.tokenize, captions, context)
     _, _, ftfy_clean_cpu_s = timed(lambda: [simple.clean_fn(c) for c in captions])
     _, _, ragcap_clean_cpu_s = timed(lambda: [clip_tokenizer.clean(simple, c) for c in captions])
 
     n = len(captions)
-    report = {
+    return {
         "captions": n,
-        "context": args.context,
+        "context": context,
         "cpus": os.cpu_count(),
         "open_clip_captions_per_s": round(n / open_clip_s),
         "ragcap_1_thread_captions_per_s": round(n / single_s),
@@ -83,6 +77,16 @@ def main() -> None:
         "open_clip_clean_captions_per_cpu_s": round(n / ftfy_clean_cpu_s),
         "ragcap_clean_captions_per_cpu_s": round(n / ragcap_clean_cpu_s),
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100_000, help="COCO val2014 captions")
+    parser.add_argument("--context", type=int, default=77)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    report = tokenizer_rates(coco_val2014_captions(args.n), args.context)
     print_report(report, args.json)
 
 

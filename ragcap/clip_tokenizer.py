@@ -85,8 +85,9 @@ def build(simple: SimpleTokenizer) -> tuple[Tokenizer, Tokenizer]:
             rust.post_processor = processors.TemplateProcessing(
                 single="<start_of_text> $A <end_of_text>", special_tokens=specials
             )
-        _built[:] = [(simple.encoder, simple.bpe_ranks, (ascii_text, words))]
-        return ascii_text, words
+        built = ascii_text, words  # the one pair every later call returns
+        _built[:] = [(simple.encoder, simple.bpe_ranks, built)]
+        return built
 
 
 def clean(simple: SimpleTokenizer, text: str) -> str:
