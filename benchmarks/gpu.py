@@ -65,6 +65,7 @@ import transformers
 from caption import draft_effect, pd_rate, reference_caption, tower_rates, unique_captions
 from cold_start import timed
 from output import print_report
+from precision import drift
 from prompt import per_image_loop
 from text_embed import default_path
 from tokenizer import tokenizer_rates
@@ -145,11 +146,6 @@ def listing(paths: list[str], file: Path) -> str:
 
 def per_s(n: int, seconds: float) -> float:
     return round(n / seconds, 1)
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> dict:
-    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return {"min": round(float(cos.min()), 6), "mean": round(float(cos.mean()), 6)}
 
 
 class Bench:
@@ -409,7 +405,7 @@ class InProcess:
         pictures, text, images_fp32, text_fp32 = self.fp32_embeddings
         embedder = self.embedder_at(precision)
         images, texts = embedder.encode_images(pictures), embedder.encode_text(text).vectors
-        return {"image_cosine": cosines(images, images_fp32), "text_cosine": cosines(texts, text_fp32),
+        return {"image_cosine": drift(images, images_fp32), "text_cosine": drift(texts, text_fp32),
                 "photos": len(pictures), "captions": len(text), "note": "random weights; ragcap's --precision"}
 
 

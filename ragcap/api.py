@@ -345,7 +345,8 @@ def load_captioner(
     if modes_needing("lm", settings.modes):
         from ragcap.decoders.lm_prompt import PromptCaptioner
 
-        prompter = PromptCaptioner(lm, device=device, precision=precision)
+        # The LM takes the images' batches whole (--batch-size): 256 prompts at a time on a GPU, not 32.
+        prompter = PromptCaptioner(lm, device=device, batch_size=settings.batch_size, precision=precision)
     return Captioner(store, collection, embedder, settings, decoder=loaded.get("decoder"), prompter=prompter, smallcap=loaded.get("smallcap"))
 
 

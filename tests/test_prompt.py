@@ -130,3 +130,22 @@ def test_dir_without_weights_is_a_model_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelError, match="could not be loaded"):
         PromptCaptioner(str(tmp_path))
+
+
+def test_the_prompt_lm_takes_the_captioning_batches_whole(captioner, tiny_clip_dir):
+    """One LM call per batch of images (--batch-size), not sub-batches of 32: a GPU's batch of
+    256 images is 256 prompts at once."""
+    from pipelines.base import CaptionRecord
+    from ragcap.api import load_captioner
+    from ragcap.caption import CaptionSettings
+    from ragcap.embed import load_embedder
+    from ragcap.ingest import IngestOptions, ingest
+    from ragcap.store import open_store
+
+    embedder = load_embedder(str(tiny_clip_dir))
+    with open_store() as store:
+        ingest((CaptionRecord(caption=c, corpus="test") for c in NEIGHBOURS), store, "mem", embedder.info, lambda: embedder, IngestOptions())
+        for batch_size in (3, 64):
+            settings = CaptionSettings(modes=("prompt",), batch_size=batch_size)
+            loaded = load_captioner(store, "mem", settings, lm=str(captioner.model.name_or_path), image_only=False)
+            assert loaded.prompter.batch_size == batch_size
