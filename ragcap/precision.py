@@ -9,17 +9,18 @@ SmallCap) with no dtype plumbing per model, and keeps the drift from fp32 at its
 runs outside the models stays float32 or float64 whatever the setting: the memory search,
 DeCap's projection, and the search's log-probabilities (ragcap.generation).
 
-On a GPU, 16-bit matrix work is several times faster (the image tower alone: 8,710 images/s fp32
-against 25,632 bf16 on an H100). On a CPU without bf16 instructions (AVX2) it is slower than
-fp32 (ViT-B-32: 2-5x), so it is opt-in; benchmarks/precision.py measures the drift and the speed.
+On a GPU, 16-bit matrix work is several times faster (the image tower alone: 8,710 images/s
+fp32 against 25,632 bf16 on an H100, as measured for the speed issue). On a CPU without bf16
+instructions (AVX2) it is 6-7x slower than fp32 on ViT-B-32, so it is opt-in;
+benchmarks/precision.py measures the drift and the speed.
 
 int8 is the CPU's counterpart: every nn.Linear of a model is replaced, once at load, by torch's
 dynamically quantized Linear (int8 weights, activations quantized per batch, fbgemm kernels),
-which made ViT-B-32's image tower 1.2-1.4x faster on an AVX2 CPU (benchmarks/precision.py). Layers
-that are not nn.Linear stay float32: attention's input projection inside nn.MultiheadAttention
-and GPT-2's Conv1D layers, so the decoders gain little. torchao, the successor of torch.ao's
-eager quantization, was 12x slower than fp32 on the same CPU without torch.compile, hence
-torch.ao, whose deprecation notices are silenced here.
+which made ViT-B-32's image tower 1.56x and its text tower 1.49x faster on an AVX2 CPU
+(benchmarks/precision.py). Layers that are not nn.Linear stay float32: attention's input
+projection inside nn.MultiheadAttention and GPT-2's Conv1D layers, so the decoders gain little.
+torchao, the successor of torch.ao's eager quantization, was 12x slower than fp32 on the same
+CPU without torch.compile, hence torch.ao, whose deprecation notices are silenced here.
 """
 
 from __future__ import annotations
