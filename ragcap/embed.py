@@ -403,7 +403,7 @@ class SentenceTransformerEmbedder(Embedder):
             if on_batch is not None:
                 on_batch(len(chunk))
         vectors = np.concatenate(parts).astype(np.float32, copy=False)
-        if self.precision != "fp32":  # normalised in 16 bits: again in float32
+        if self.precision != "fp32":  # normalised at the reduced precision: again in float32
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         # sentence-transformers truncates silently at max_seq_length; count tokens to report it.
         lengths = np.array([len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]])
