@@ -65,7 +65,7 @@ import transformers
 from caption import draft_effect, pd_rate, reference_caption, tower_rates, unique_captions
 from cold_start import timed
 from output import print_report
-from precision import drift
+from precision import drift, timed_call
 from prompt import per_image_loop
 from text_embed import default_path
 from tokenizer import tokenizer_rates
@@ -263,14 +263,6 @@ def cli_rows(bench: Bench, cli: Cli, tmp: Path, sizes: Sizes, precisions: list[s
                   precision, "caption_clipre", "--mode", "clipre")
         bench.row(f"caption --mode prompt, {sizes.prompt_images} photos" + tag, cli.caption_rate, None, lists["prompt"],
                   sizes.prompt_images, out, precision, "caption_prompt", "--mode", "prompt", "--lm", str(lm))
-
-
-def timed_call(fn, *args):
-    t0 = time.perf_counter()
-    out = fn(*args)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
 
 
 class InProcess:

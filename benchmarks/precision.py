@@ -22,35 +22,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from caption import real_images
 from output import print_report
 from ragcap.embed import load_embedder, save_random
+from ragcap.images import load_image
 from text_embed import coco_captions
 
-PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco" / "images"
+
+def timed_call(fn, *args) -> tuple[object, float]:
+    """(fn(*args), its seconds), the GPU's queued work included."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn(*args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
 
 
-def real_photos(n: int, folder: Path = PHOTOS) -> list[Image.Image]:
-    files = sorted(folder.glob("*.jpg"))[:n]
-    if not files:
-        sys.exit(f"no photographs under {folder} (expected ../shared/data/coco/images beside the repo)")
-    return [Image.open(f).convert("RGB") for f in files]
-
-
-def timed(fn, repeats: int) -> tuple[float, object]:
+def best_of(fn, repeats: int) -> tuple[float, object]:
     """(best seconds of `repeats` calls, the last result): the best, so a moment of contention on
     a shared machine does not decide a ratio."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+    runs = [timed_call(fn) for _ in range(repeats)]
+    return min(seconds for _, seconds in runs), runs[-1][0]
 
 
 def drift(vectors: np.ndarray, reference: np.ndarray) -> dict:
@@ -63,8 +58,8 @@ def measure(model_dir: Path, device: str, precision: str, pixels: list, captions
     images = load_embedder(str(model_dir), device, image_only=True, precision=precision)
     texts = load_embedder(str(model_dir), device, precision=precision)
     images.encode_prepared(pixels[:batch], batch), texts.encode_text(captions[:batch], batch)  # warm-up: one batch each
-    image_s, image_vectors = timed(lambda: images.encode_prepared(pixels, batch), repeats)
-    text_s, text_vectors = timed(lambda: texts.encode_text(captions, batch).vectors, repeats)
+    image_s, image_vectors = best_of(lambda: images.encode_prepared(pixels, batch), repeats)
+    text_s, text_vectors = best_of(lambda: texts.encode_text(captions, batch).vectors, repeats)
     return {"images_per_s": len(pixels) / image_s, "captions_per_s": len(captions) / text_s,
             "image_vectors": image_vectors, "text_vectors": text_vectors}
 
@@ -88,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ragcap-bench-") as tmp:
         model_dir = save_random(args.arch, Path(tmp) / "model")
         prepare = load_embedder(str(model_dir), args.device, image_only=True).prepare_image
-        pixels = [prepare(photo) for photo in real_photos(args.images)]
+        pixels = [prepare(load_image(path)) for path in real_images(args.images)]
         found = {p: measure(model_dir, args.device, p, pixels, captions, args.batch_size, args.repeats) for p in precisions}
 
     fp32 = found["fp32"]

@@ -8,7 +8,7 @@ environment variable, the file, the built-in default:
     qdrant_url = "http://qdrant:6333"    # RAGCAP_QDRANT_URL: a server instead of the embedded store
     qdrant_api_key = "..."               # RAGCAP_QDRANT_API_KEY
     device = "cuda:1"                    # RAGCAP_DEVICE: where models run
-    precision = "bf16"                   # RAGCAP_PRECISION: fp32, bf16 or fp16 (ragcap.precision)
+    precision = "bf16"                   # RAGCAP_PRECISION: fp32, bf16, fp16 or int8 (ragcap.precision)
 
 A malformed file or an unknown key is an error naming the file and the line, from any command
 that reads a setting. The file is read each time a setting is asked for: a few small reads per
