@@ -37,7 +37,7 @@ from PIL import Image
 
 from ragcap import clip_tokenizer
 from ragcap.embedder_info import EmbedderInfo
-from ragcap.errors import ModelError
+from ragcap.errors import DiskFullError, ModelError
 from ragcap.precision import autocast, prepare, resolve_precision
 from ragcap.util import default_device, write_atomic
 
@@ -671,6 +671,10 @@ def describe_embedder(spec: str) -> EmbedderInfo:
 
 
 _DIGESTS: dict[tuple, str] = {}
+# Digests of local models already hashed, kept across processes: hashing ViT-B-32's weights
+# is ~0.5 s of every cold start, and a file whose size and mtime are unchanged is the same file
+# for this purpose (git's index makes the same bet). One entry per model directory.
+DIGESTS_FILE = "model_digests.json"
 
 
 def local_digest(spec: ModelSpec) -> str | None:
@@ -678,7 +682,8 @@ def local_digest(spec: ModelSpec) -> str | None:
 
     A collection records it, so a model directory that is moved or copied to another machine
     still matches, and one whose weights changed does not. Hashing reads the weights once
-    (~1 s for ViT-B-32's 600 MB), the read that loading them does anyway; cached per process.
+    (~0.5 s for ViT-B-32's 600 MB on one core), the read loading does anyway; the result is kept in
+    the process and in $RAGCAP_HOME/model_digests.json, keyed by the files' sizes and mtimes.
     """
     if spec.kind != "local":
         return None
@@ -686,15 +691,48 @@ def local_digest(spec: ModelSpec) -> str | None:
 
     directory = Path(spec.name)
     files = [directory / CONFIG_NAME, Path(_find_checkpoint_in_dir(directory))]
-    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        for file in files:
-            with open(file, "rb") as handle:
-                while chunk := handle.read(1 << 23):
-                    digest.update(chunk)
-        _DIGESTS[key] = "sha256:" + digest.hexdigest()
+        _DIGESTS[key] = _stored_digest(key) or _hash_files(key, files)
     return _DIGESTS[key]
+
+
+def _digests_path() -> Path:
+    from ragcap.store import default_home  # embed is imported by the store's users, not the reverse
+
+    return default_home() / DIGESTS_FILE
+
+
+def _stored_digest(key: tuple) -> str | None:
+    try:
+        entry = json.loads(_digests_path().read_text(encoding="utf-8")).get(key[0][0])
+    except (OSError, ValueError, AttributeError):  # absent, unreadable or damaged: hash again
+        return None
+    if isinstance(entry, dict) and [tuple(f) for f in entry.get("files", [])] == list(key):
+        return entry.get("digest")
+    return None
+
+
+def _hash_files(key: tuple, files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as handle:
+            while chunk := handle.read(1 << 23):
+                digest.update(chunk)
+    result = "sha256:" + digest.hexdigest()
+    path = _digests_path()
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        stored = stored if isinstance(stored, dict) else {}
+    except (OSError, ValueError):
+        stored = {}
+    stored[key[0][0]] = {"files": [list(f) for f in key], "digest": result}
+    try:  # an optimisation only: a read-only or full home just means hashing again next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda tmp: tmp.write_text(json.dumps(stored, indent=1), encoding="utf-8"))
+    except (OSError, DiskFullError):
+        pass
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

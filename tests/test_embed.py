@@ -125,6 +125,33 @@ def test_load_is_cached_per_spec_and_device(tiny, tiny_clip_dir):
     assert EmbedderInfo.from_dict(tiny.info.to_dict()) == tiny.info
 
 
+def test_local_digest_is_kept_across_processes_and_follows_the_weights(tmp_path, ragcap_home, monkeypatch):
+    model = make_tiny_clip(tmp_path / "clip", seed=1)
+    spec = parse_spec(str(model))
+    first = embed.local_digest(spec)
+    stored = json.loads((ragcap_home / embed.DIGESTS_FILE).read_text())
+    assert [entry["digest"] for entry in stored.values()] == [first]
+
+    # A new process (no in-process cache) takes the stored digest without reading the weights.
+    monkeypatch.setattr(embed, "_DIGESTS", {})
+    monkeypatch.setattr(embed, "_hash_files", lambda *a: pytest.fail("hashed the weights again"))
+    assert embed.local_digest(spec) == first
+    monkeypatch.undo()
+    monkeypatch.setenv("RAGCAP_HOME", str(ragcap_home))
+
+    # Changed weights (new size and mtime) are hashed again and get a new digest.
+    weights = model / embed.WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    monkeypatch.setattr(embed, "_DIGESTS", {})
+    changed = embed.local_digest(spec)
+    assert changed != first and changed.startswith("sha256:")
+
+    # A damaged store of digests costs a re-hash, never an error.
+    (ragcap_home / embed.DIGESTS_FILE).write_text("{not json")
+    monkeypatch.setattr(embed, "_DIGESTS", {})
+    assert embed.local_digest(spec) == changed
+
+
 # -- specs
 
 
