@@ -45,7 +45,7 @@ PROMPT_K = 4  # SmallCap's retrieved captions per prompt
 from procpeak import run_sampled  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from output import print_report
 from ragcap.caption import DEFAULT_K, CaptionSettings, Captioner
-from ragcap.decoders import DeCapConfig, DeCapDecoder
+from ragcap.decoders import DeCapConfig, DeCapDecoder, load_decoder
 from ragcap.decoders.lm_prompt import PromptCaptioner, first_sentence, save_random_lm
 from ragcap.embed import load_embedder, save_random
 from ragcap.images import load_image
@@ -202,12 +202,14 @@ def main() -> None:
     parser.add_argument("--full-vocab", action="store_true", help="decoder over all 49408 CLIP ids (DeCap exactly)")
     parser.add_argument("--prompt-images", type=int, default=64, help="images for the prompt-mode comparison (0: skip)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--precision", default="fp32", help="fp32, bf16, fp16 or int8 (ragcap.precision), for the tower and every captioner")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="ragcap-bench-")
     os.environ["RAGCAP_HOME"] = tmp
-    embedder = load_embedder(str(save_random("ViT-B-32", Path(tmp) / "vit-b-32")), args.device, image_only=True)
+    os.environ["RAGCAP_PRECISION"] = args.precision  # the prompt LM and the CLI runs in children take it from here
+    embedder = load_embedder(str(save_random("ViT-B-32", Path(tmp) / "vit-b-32")), args.device, image_only=True, precision=args.precision)
     store = open_store()
     t0 = time.perf_counter()
     captions = fill_memory(store, "bench", embedder.info, args.memory)
@@ -217,8 +219,8 @@ def main() -> None:
     config = DeCapConfig(embed_dim=embedder.info.dim)
     if not args.full_vocab:
         config = config.pruned_to(captions)
-    decoder = DeCapDecoder(config, embedder.info).to(embedder.device).eval()
-    decoder_dir = str(decoder.save(Path(tmp) / "decoder"))
+    decoder_dir = str(DeCapDecoder(config, embedder.info).save(Path(tmp) / "decoder"))
+    decoder = load_decoder(decoder_dir, embedder.device, args.precision)
     paths = real_images(args.images)
 
     t0 = time.perf_counter()
@@ -286,6 +288,7 @@ def main() -> None:
         "decoder_vocab": decoder.config.vocab_size,
         "prompt_mode": prompt,
         "device": str(embedder.device),
+        "precision": args.precision,
         "threads": torch.get_num_threads(),
     }
     print_report(report, args.json)

@@ -14,19 +14,13 @@ fp32 against 25,632 bf16 on an H100, as measured for the speed issue). On a CPU 
 instructions (AVX2) it is 6-7x slower than fp32 on ViT-B-32, so it is opt-in;
 benchmarks/precision.py measures the drift and the speed.
 
-int8 is the CPU's counterpart: every nn.Linear of a model is replaced, once at load, by torch's
-dynamically quantized Linear (int8 weights, activations quantized per batch, fbgemm kernels),
-which made ViT-B-32's image tower 1.56x and its text tower 1.49x faster on an AVX2 CPU
-(benchmarks/precision.py). Layers that are not nn.Linear stay float32: attention's input
-projection inside nn.MultiheadAttention and GPT-2's Conv1D layers, so the decoders gain little.
-torchao, the successor of torch.ao's eager quantization, was 12x slower than fp32 on the same
-CPU without torch.compile, hence torch.ao, whose deprecation notices are silenced here.
+int8 is the CPU's counterpart: every matrix product with a model's weights runs in int8 through
+torch's dynamically quantized Linear, applied once at load (ragcap.int8).
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 from ragcap.errors import OptionError
 
@@ -53,27 +47,15 @@ def resolve_precision(precision: str | None = None) -> str:
 
 def prepare(model, device, precision: str):
     """`model` made ready to run at `precision` on `device`, in place: int8 quantizes its
-    nn.Linear layers (CPU only: OptionError elsewhere); autocast needs nothing at load."""
+    linear layers (CPU only: OptionError elsewhere); autocast needs nothing at load."""
     if precision != "int8":
         return model
     if device.type != "cpu":
         raise OptionError(f"--precision int8 runs on the CPU only (torch's quantized Linear has no {device.type} kernels); "
                           "on a GPU use bf16 or fp16")
-    import torch
+    from ragcap.int8 import quantize
 
-    try:
-        from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
-        from torch.ao.quantization import quantize_dynamic
-    except ImportError as e:
-        raise OptionError(f"--precision int8 needs torch's eager dynamic quantization, which torch {torch.__version__} "
-                          f"no longer has ({e}); use fp32") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's deprecation notices, one per layer (see above)
-        quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-    for layer in model.modules():
-        if isinstance(layer, QuantizedLinear):
-            layer.int8_original_dtype = torch.float32  # where open_clip's towers read their compute dtype
-    return model
+    return quantize(model)
 
 
 def autocast(device, precision: str):

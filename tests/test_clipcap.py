@@ -133,6 +133,21 @@ def test_saved_directory_loads_on_its_own(decoder, tmp_path, lm_dir):
         assert loaded.generate(x, options) == decoder.generate(x, options)
 
 
+@pytest.mark.parametrize("mapping", ["mlp", "transformer"])
+def test_int8_captions_and_stays_near_fp32(lm_dir, mapping, tmp_path):
+    from ragcap.int8 import ProjectedAttention
+
+    make(lm_dir, mapping).save(tmp_path / "clipcap")
+    exact, low = load_decoder(tmp_path / "clipcap", "cpu"), load_decoder(tmp_path / "clipcap", "cpu", precision="int8")
+    # The mapping's attention too (nn.TransformerEncoderLayer's fused path must give way to it).
+    assert (mapping == "transformer") == any(isinstance(m, ProjectedAttention) for m in low.modules())
+    x = prefixes(3)
+    with torch.inference_mode():
+        near, far = exact.prefix_embeds(x), low.prefix_embeds(x)
+    assert torch.nn.functional.cosine_similarity(near.flatten(1), far.flatten(1)).min() > 0.99 and not torch.equal(near, far)
+    assert [len(c) for c in low.caption(x)] == [1, 1, 1]
+
+
 def test_frozen_lm_gets_no_gradient_and_no_dropout(lm_dir):
     decoder = make(lm_dir).freeze_lm()
     decoder.train()

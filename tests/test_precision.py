@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -14,6 +15,7 @@ from ragcap.cli import app
 from ragcap.decoders import DeCapConfig, DeCapDecoder, load_decoder
 from ragcap.embed import load_embedder
 from ragcap.errors import OptionError
+from ragcap.int8 import ProjectedAttention, attention_as_linear, conv1d_as_linear
 from ragcap.precision import prepare, resolve_precision
 from ragcap.store import open_store
 from tests.conftest import shared_path
@@ -90,8 +92,64 @@ def quantized_layers(module: torch.nn.Module) -> int:
 
 
 def plain_linears(module: torch.nn.Module) -> int:
-    """nn.Linear layers that dynamic quantization replaces (not MultiheadAttention's own out_proj)."""
-    return sum(type(m) is torch.nn.Linear for m in module.modules())
+    """Layers int8 makes quantized Linears: nn.Linear (not MultiheadAttention's own out_proj),
+    GPT-2's Conv1D, and each MultiheadAttention's four projections."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sum(
+        1 if type(m) is torch.nn.Linear or isinstance(m, Conv1D) else 4 if isinstance(m, torch.nn.MultiheadAttention) else 0
+        for m in module.modules()
+    )
+
+
+def test_gpt2_conv1d_layers_become_the_linear_layers_that_compute_the_same():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2, add_cross_attention=True, bos_token_id=0, eos_token_id=0)
+    lm = GPT2LMHeadModel(config).eval()
+    ids, states = torch.randint(0, 50, (3, 7)), torch.randn(3, 5, 32)
+    with torch.inference_mode():
+        before = lm(input_ids=ids, encoder_hidden_states=states).logits
+        conv1d = sum(isinstance(m, Conv1D) for m in lm.modules())
+        linears = sum(type(m) is torch.nn.Linear for m in lm.modules())
+        conv1d_as_linear(lm)
+        after = lm(input_ids=ids, encoder_hidden_states=states).logits
+    assert conv1d == 2 * 7  # per block: attention in and out, cross-attention query, in and out, MLP in and out
+    assert not any(isinstance(m, Conv1D) for m in lm.modules())
+    assert sum(type(m) is torch.nn.Linear for m in lm.modules()) == linears + conv1d
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask", ["none", "float", "bool", "per-head"])
+def test_multihead_attention_becomes_linear_layers_that_compute_the_same(batch_first, mask):
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    x, memory = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+    if not batch_first:
+        x, memory = x.transpose(0, 1), memory.transpose(0, 1)
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)  # True: may not attend (MultiheadAttention's sense)
+    attn_mask = {"none": None, "bool": causal, "float": torch.zeros(5, 5).masked_fill(causal, float("-inf")),
+                 "per-head": torch.randn(2 * 4, 5, 5)}[mask]
+    projected = ProjectedAttention.of(mha)
+    with torch.inference_mode():
+        for q, kv, m in ((x, x, attn_mask), (x, memory, None)):  # self-attention, and attending to other states
+            expected = mha(q, kv, kv, need_weights=False, attn_mask=m)[0]
+            torch.testing.assert_close(projected(q, kv, kv, need_weights=False, attn_mask=m)[0], expected, rtol=1e-5, atol=1e-5)
+    assert ProjectedAttention.of(torch.nn.MultiheadAttention(16, 4, kdim=8, vdim=8)) is None  # stays as it is
+
+
+def test_a_clip_with_its_attention_rewritten_computes_what_open_clip_does(tiny_clip_dir):
+    exact = load_embedder(str(tiny_clip_dir), "cpu")
+    rewritten = copy.deepcopy(exact.model)
+    attention_as_linear(rewritten)
+    assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in rewritten.modules())
+    tokens, pixels = exact.tokenizer(CAPTIONS), torch.stack([exact.prepare_image(im) for im in images()])
+    with torch.inference_mode():  # the text tower runs with its causal mask, the image tower without
+        torch.testing.assert_close(rewritten.encode_text(tokens), exact.model.encode_text(tokens), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rewritten.encode_image(pixels), exact.model.encode_image(pixels), rtol=1e-5, atol=1e-5)
 
 
 def test_int8_quantizes_every_linear_of_what_is_loaded_and_stays_near_fp32(tiny_clip_dir):
@@ -135,8 +193,13 @@ def test_a_decoder_captions_at_the_precision_it_was_loaded_with(tmp_path):
             found[precision] = decoder.caption(prefixes)
         assert watched.seen == {torch.float32 if precision == "fp32" else torch.bfloat16}
     decoder = load_decoder(tmp_path / "dec", "cpu", precision="int8")
-    assert quantized_layers(decoder) == plain_linears(load_decoder(tmp_path / "dec", "cpu")) > 0
+    exact = load_decoder(tmp_path / "dec", "cpu")
+    assert quantized_layers(decoder) == plain_linears(exact) > 4  # the projection, the output layer and GPT-2's 4 per block
     found["int8"] = decoder.caption(prefixes)
+    inputs = torch.randint(0, decoder.config.vocab_size, (4, 5))
+    with torch.inference_mode():
+        low, high = decoder(prefixes, inputs), exact(prefixes, inputs)
+    assert (low - high).abs().max() < 0.05 * high.abs().max() and not torch.equal(low, high)
     assert all(len(rows) == 4 and all(np.isfinite(row[0].score) for row in rows) for rows in found.values())
     assert load_decoder(tmp_path / "dec", "cpu").precision == "fp32"
 
@@ -153,7 +216,7 @@ def test_the_prompt_lm_runs_at_the_precision_asked_for(tmp_path):
         # GPT-2's layers are Conv1D (addmm); its output layer is the Linear watched here.
         assert watched.seen == {dtype} and len(captions) == 2
     prompter = PromptCaptioner(lm, device="cpu", precision="int8")
-    assert quantized_layers(prompter.model) == 1 and len(prompter.caption(neighbours)) == 2  # the output layer
+    assert quantized_layers(prompter.model) == 1 + 4 and len(prompter.caption(neighbours)) == 2  # output layer, one block
 
 
 def ragcap(*args, ok: bool = True, env: dict | None = None):

@@ -287,6 +287,28 @@ def test_batched_beam_search_gives_transformers_generate_captions(data, tiny_cli
     assert len({row[0].text for row in decoder.caption(SmallCapInput(patches, neighbours))}) > 1  # the images matter
 
 
+def test_int8_quantizes_the_cross_attention_lm_whole_and_still_captions(data):
+    from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
+
+    from ragcap.decoders.tokenizers import load_gpt2_tokenizer
+    from ragcap.embedder_info import EmbedderInfo
+    from ragcap.precision import prepare
+
+    config = SmallCapConfig(encoder_width=64, cross_attention_width=16, retrieval_spec="r", retrieval_dim=32)
+    torch.manual_seed(3)
+    decoder = SmallCapDecoder(config, EmbedderInfo("e", 32), cross_attention_lm(data["lm"], config), load_gpt2_tokenizer(data["lm"])).eval()
+    patches, neighbours = torch.randn(3, 17, 64), [[r["references"][0]] for r in data["rows"][:3]]
+    exact = decoder.caption(SmallCapInput(patches, neighbours))
+    prepare(decoder, torch.device("cpu"), "int8")
+    block = decoder.lm.transformer.h[0]
+    # Self-attention, cross-attention (query from the text, keys and values from the image) and MLP.
+    layers = (block.attn.c_attn, block.attn.c_proj, block.crossattention.q_attn, block.crossattention.c_attn, block.mlp.c_fc)
+    assert all(isinstance(layer, QuantizedLinear) for layer in layers)
+    low = decoder.caption(SmallCapInput(patches, neighbours))
+    # Scores are summed log-probabilities (~-250 for 25 tokens of a random LM): within 2% of fp32's.
+    assert len(low) == 3 and all(abs(a[0].score - b[0].score) < 0.02 * abs(b[0].score) for a, b in zip(low, exact))
+
+
 def test_refused_inputs(data, tiny_clip_dir, tmp_path):
     from tests.helpers import make_tiny_clip
 
