@@ -9,7 +9,8 @@ ragcap: batches of images decoded and preprocessed by worker threads one batch a
 memory searched exactly by matrix products over a copy of its vectors (the default, `--memory
 exact`) or by one batched top-k Qdrant query (`--memory qdrant`), KV-cached batched greedy
 decoding; "before": ragcap without this work (Qdrant's top k, images loaded in the calling
-thread). The image tower alone: the same batches of the same photographs decoded, preprocessed
+thread, batches of 32); also ragcap's pd in batches of 32, and with captions of the memory's
+mean length (a random decoder never stops early; a trained one does). The image tower alone: the same batches of the same photographs decoded, preprocessed
 and encoded in one thread, nothing else; and its forward pass alone on preprocessed images.
 
 The memory holds real COCO captions as payloads; their vectors are random unit vectors (the
@@ -48,6 +49,7 @@ from ragcap.caption import DEFAULT_K, CaptionSettings, Captioner
 from ragcap.decoders import DeCapConfig, DeCapDecoder, load_decoder
 from ragcap.decoders.lm_prompt import PromptCaptioner, first_sentence, save_random_lm
 from ragcap.embed import load_embedder, save_random
+from ragcap.generation import SearchOptions
 from ragcap.images import load_image
 from ragcap.modes import PROMPT_SEARCH_FACTOR
 from ragcap.retrieve import DEFAULT_TAU, ExactMemory, FullMemory, project_hits
@@ -167,12 +169,12 @@ def draft_effect(embedder, paths: list[str]) -> dict:
 
 
 # ragcap before this work: Qdrant's top 1,024 with their vectors, images loaded in the calling thread.
-BEFORE = {"memory": "qdrant", "load_workers": 0, "draft": False}
+BEFORE = {"memory": "qdrant", "load_workers": 0, "draft": False, "batch_size": 32}
 
 
-def pd_rate(store, embedder, decoder, paths: list[str], batch_size: int, **settings) -> float:
-    captioner = Captioner(store, "bench", embedder, CaptionSettings(modes=("pd",), batch_size=batch_size, **settings), decoder=decoder)
-    list(captioner.caption_images(paths[:batch_size]))  # warm-up
+def pd_rate(store, embedder, decoder, paths: list[str], **settings) -> float:
+    captioner = Captioner(store, "bench", embedder, CaptionSettings(modes=("pd",), **settings), decoder=decoder)
+    list(captioner.caption_images(paths[: captioner.settings.batch_size]))  # warm-up
     t0 = time.perf_counter()
     results = list(captioner.caption_images(paths))
     rate = len(paths) / (time.perf_counter() - t0)
@@ -198,7 +200,7 @@ def main() -> None:
     parser.add_argument("--reference-images", type=int, default=None, help="images for DeCap's slow per-image loop (default: --images)")
     parser.add_argument("--memory", type=int, default=200_000, help="captions in the collection")
     parser.add_argument("--memory-images", type=int, default=1000, help="images for the peak-memory run (0: skip)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=CaptionSettings.batch_size, help="images per batch (ragcap's default)")
     parser.add_argument("--full-vocab", action="store_true", help="decoder over all 49408 CLIP ids (DeCap exactly)")
     parser.add_argument("--prompt-images", type=int, default=64, help="images for the prompt-mode comparison (0: skip)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
@@ -240,9 +242,16 @@ def main() -> None:
     del memory
 
     tower, forward = tower_rates(embedder, paths, args.batch_size)
-    exact_rate = pd_rate(store, embedder, decoder, paths, args.batch_size, memory="exact")
-    topk_rate = pd_rate(store, embedder, decoder, paths, args.batch_size, memory="qdrant")
-    before_rate = pd_rate(store, embedder, decoder, paths, args.batch_size, **BEFORE)
+    exact_rate = pd_rate(store, embedder, decoder, paths, batch_size=args.batch_size, memory="exact")
+    topk_rate = pd_rate(store, embedder, decoder, paths, batch_size=args.batch_size, memory="qdrant")
+    before_rate = pd_rate(store, embedder, decoder, paths, **BEFORE)
+    batch_32_rate = pd_rate(store, embedder, decoder, paths, batch_size=32, memory="exact")
+    # A random decoder never writes <end_of_text>, so every caption above runs the full 20 tokens;
+    # a trained one stops where captions stop. Capping at the memory's mean caption length (plus
+    # the end token) costs what that would: greedy decoding drops each row once it has stopped.
+    caption_tokens = round(float(np.mean([len(decoder.tokenizer.encode(c)) for c in captions[:20000]]))) + 1
+    coco_length_rate = pd_rate(store, embedder, decoder, paths, batch_size=args.batch_size, memory="exact",
+                               search=SearchOptions(max_tokens=caption_tokens))
     draft = draft_effect(embedder, paths[:16])
 
     queries = embedder.encode_images([load_image(p) for p in paths[:20]])
@@ -272,6 +281,12 @@ def main() -> None:
         "ragcap_pd_qdrant_topk_images_per_s": round(topk_rate, 2),
         "ragcap_pd_before_images_per_s": round(before_rate, 2),
         "pd_vs_tower": round(exact_rate / tower, 2),
+        "ragcap_pd_batch_32_images_per_s": round(batch_32_rate, 2),
+        "pd_batch_vs_batch_32": round(exact_rate / batch_32_rate, 2),
+        "mean_caption_tokens_with_end": caption_tokens,
+        "ragcap_pd_caption_length_images_per_s": round(coco_length_rate, 2),
+        "pd_caption_length_vs_tower": round(coco_length_rate / tower, 2),
+        "pd_caption_length_vs_tower_forward_only": round(coco_length_rate / forward, 2),
         "pd_vs_tower_forward_only": round(exact_rate / forward, 2),
         "pd_qdrant_topk_vs_tower": round(topk_rate / tower, 2),
         "pd_before_vs_tower": round(before_rate / tower, 2),
@@ -292,6 +307,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     print_report(report, args.json)
+    shutil.rmtree(tmp, ignore_errors=True)  # a ViT-B-32 and the memory: over a GB
 
 
 if __name__ == "__main__":

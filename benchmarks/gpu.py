@@ -71,6 +71,7 @@ from text_embed import default_path
 from tokenizer import tokenizer_rates
 
 import ragcap
+from ragcap.caption import CaptionSettings
 from ragcap.decoders import DeCapConfig, DeCapDecoder, load_decoder
 from ragcap.decoders.lm_prompt import PromptCaptioner, save_random_lm
 from ragcap.embed import describe_embedder, load_embedder, save_random
@@ -315,7 +316,7 @@ class InProcess:
         reference = self.links[: self.sizes.reference_images]
         reference_caption(reference[0], self.embedder, memory, self.decoder)  # warm-up
         _, reference_s = timed_call(lambda: [reference_caption(p, self.embedder, memory, self.decoder) for p in reference])
-        ragcap_rate = pd_rate(self.store, self.embedder, self.decoder, self.links, self.batch_size)
+        ragcap_rate = pd_rate(self.store, self.embedder, self.decoder, self.links, batch_size=self.batch_size)
         return {"before": BEFORE["decap_per_image"], "decap_images_per_s": per_s(len(reference), reference_s),
                 "ragcap_pd_images_per_s": round(ragcap_rate, 1), "speedup": round(ragcap_rate * reference_s / len(reference), 1),
                 "decap_images": len(reference), "ragcap_images": len(self.links)}
@@ -433,7 +434,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, help=f"photos for pd and clipre [default: {Sizes.images}]")
     parser.add_argument("--prompt-images", type=int, help=f"photos for prompt mode [default: {Sizes.prompt_images}]")
     parser.add_argument("--reference-images", type=int, help=f"photos for DeCap's per-image loop [default: {Sizes.reference_images}]")
-    parser.add_argument("--batch-size", type=int, help="images per batch [default: 256 on cuda, 32 on cpu; --small 8]")
+    parser.add_argument("--batch-size", type=int, help="images per batch [default: 256 on cuda, ragcap's 128 on cpu; --small 8]")
     parser.add_argument("--budget-s", type=float, default=420, help="rows starting later are skipped (reported as such)")
     parser.add_argument("--out", type=Path, help="write the JSON result here (rewritten after each row)")
     parser.add_argument("--json", action="store_true", help="print the JSON result instead of aligned lines")
@@ -449,7 +450,7 @@ def main() -> None:
     overrides = {"memory": args.memory, "images": args.images, "prompt_images": args.prompt_images, "reference_images": args.reference_images}
     sizes = replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
     device = default_device(args.device)
-    batch_size = args.batch_size or (8 if args.small else 256 if device.type == "cuda" else 32)
+    batch_size = args.batch_size or (8 if args.small else 256 if device.type == "cuda" else CaptionSettings.batch_size)
     for path in (args.photos, args.captions, args.tokenizer_dir):
         if not path.exists():
             sys.exit(f"{path} not found: pass --photos DIR, --captions FILE and --tokenizer-dir DIR (defaults: under .gpu/ in the checkout, else ../shared)")

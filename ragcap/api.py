@@ -345,7 +345,8 @@ def load_captioner(
     if modes_needing("lm", settings.modes):
         from ragcap.decoders.lm_prompt import PromptCaptioner
 
-        # The LM takes the images' batches whole (--batch-size): 256 prompts at a time on a GPU, not 32.
+        # On a GPU the LM takes the images' batches whole (--batch-size: 256 prompts at a time, not
+        # 32); on a CPU 32 at a time (ragcap.decoders.lm.CPU_LM_BATCH).
         prompter = PromptCaptioner(lm, device=device, batch_size=settings.batch_size, precision=precision)
     return Captioner(store, collection, embedder, settings, decoder=loaded.get("decoder"), prompter=prompter, smallcap=loaded.get("smallcap"))
 

@@ -61,13 +61,19 @@ def _prompt(batch: "Batch") -> list:
 
 
 def _smallcap(batch: "Batch") -> list:
+    from ragcap.decoders.lm import lm_batch
     from ragcap.decoders.smallcap import SmallCapInput
 
     if not batch.images:
         raise RagcapError("mode smallcap captions images (it attends to the image itself), not --text queries")
     decoder = batch.captioner.smallcap
     neighbours = [[hit.payload["caption"] for hit in hits] for hits in batch.hits]
-    return decoder.caption(SmallCapInput(decoder.encode_patches(batch.images), neighbours), batch.captioner.settings.search)
+    rows = lm_batch(len(batch.images), decoder.device)
+    found = []
+    for start in range(0, len(batch.images), rows):
+        patches = decoder.encode_patches(batch.images[start : start + rows])
+        found += decoder.caption(SmallCapInput(patches, neighbours[start : start + rows]), batch.captioner.settings.search)
+    return found
 
 
 # Prompt mode retrieves 3x its k, so that skipping over-long captions (> 25 GPT-2 tokens) still leaves k.

@@ -67,9 +67,12 @@ class ExactMemory:
     whole matrix is copied there once.
     """
 
-    # Rows per block: 16,384 x 512 float32 is 32 MB, and 32 queries' similarities to it 2 MB.
-    # Smaller blocks lost up to half the speed to per-call overheads on a busy 2-core CPU.
-    BLOCK_ROWS = 16384
+    # Similarities per block (queries x rows): 32 queries x 16,384 rows. Blocks shrink as batches
+    # grow, so that a block's float32 copy (16,384 x 512 is 32 MB) and its similarities stay this
+    # size: 128 queries against 16,384 rows took 97 MB more at the peak than against 4,096. Much
+    # smaller blocks lost up to half the speed to per-call overheads on a busy 2-core CPU.
+    BLOCK_SIMILARITIES = 32 * 16384
+    MIN_BLOCK_ROWS = 1024
 
     def __init__(self, store: Store, collection: str, device: str | torch.device | None = None):
         self.store, self.collection = store, collection
@@ -102,10 +105,11 @@ class ExactMemory:
         top_rows = torch.empty((b, 0), dtype=torch.long, device=self.device)
         peak = q.new_full((b,), float("-inf"))
         total, mixed = q.new_zeros(b), q.new_zeros((b, dim))
+        rows_per_block = min(max(self.BLOCK_SIMILARITIES // max(b, 1), self.MIN_BLOCK_ROWS), max(self.size, 1))
         widen = self.vectors.dtype != torch.float32
-        buffer = torch.empty((min(self.BLOCK_ROWS, self.size), dim), device=self.device) if widen else None
-        for start in range(0, self.size, self.BLOCK_ROWS):
-            block = self.vectors[start : start + self.BLOCK_ROWS]
+        buffer = torch.empty((rows_per_block, dim), device=self.device) if widen else None
+        for start in range(0, self.size, rows_per_block):
+            block = self.vectors[start : start + rows_per_block]
             if buffer is not None:  # widened into one reused buffer: no allocation per block
                 block = buffer[: len(block)].copy_(block)
             sims = q @ block.T
@@ -118,7 +122,10 @@ class ExactMemory:
                 # matter are small and exact in float32, where sims / tau (~50) would round them.
                 new_peak = torch.maximum(peak, sims.amax(1))
                 rescale = torch.exp((peak - new_peak) / tau)
-                weights = torch.exp((sims - new_peak[:, None]) / tau)
+                # Clamped at -80: such a weight is < 2e-35 of the best one's (nothing, even summed
+                # over 10M rows), and torch's exp runs ~20x slower where its result would be
+                # subnormal (arguments below -87), which far captions' weights are.
+                weights = torch.exp(((sims - new_peak[:, None]) / tau).clamp_(min=-80))
                 total = total * rescale + weights.sum(1)
                 mixed = mixed * rescale[:, None] + weights @ block
                 peak = new_peak

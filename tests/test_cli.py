@@ -299,3 +299,15 @@ def test_caption_says_where_it_runs_on_stderr_and_in_json(filled):
     said = [line for line in result.stderr.splitlines() if line.startswith("ragcap: running on")]
     assert said == [f"ragcap: running on cpu, float32, {torch.get_num_threads()} threads"
                     + ("" if torch.cuda.is_available() else " (no CUDA GPU found)")]
+
+
+def test_caption_and_eval_batch_by_the_library_default():
+    """The CLI's --batch-size defaults are CaptionSettings' (written twice: the CLI does not import
+    torch to build its help)."""
+    import inspect
+
+    from ragcap.caption import CaptionSettings
+    from ragcap.cli import decode
+
+    for command in (decode.caption, decode.evaluate):
+        assert inspect.signature(command).parameters["batch_size"].default == CaptionSettings().batch_size

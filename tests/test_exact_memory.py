@@ -41,8 +41,37 @@ def store(request, tmp_path):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 7 rows, so that the online softmax and the top-k merge cross many blocks."""
-    monkeypatch.setattr(ExactMemory, "BLOCK_ROWS", 7)
+    """Blocks of 7 rows for 5 queries (fewer for more), so that the online softmax and the top-k
+    merge cross many blocks."""
+    monkeypatch.setattr(ExactMemory, "BLOCK_SIMILARITIES", 35)
+    monkeypatch.setattr(ExactMemory, "MIN_BLOCK_ROWS", 1)
+
+
+def test_far_captions_weigh_next_to_nothing_and_near_ones_exactly(store):
+    """Queries close to some stored captions and far (cosine ~0, softmax arguments ~ -100) from
+    the rest, where the search clamps the arguments of exp: still DeCap's formula to 1e-6."""
+    fill(store, "mem", 100, vector_dtype="float32")
+    stored = np.concatenate([v for _, v, _ in store.scroll("mem")])
+    mixed = stored[:3] + 0.05 * unit_vectors(3, seed=6)
+    queries = mixed / np.linalg.norm(mixed, axis=1, keepdims=True)
+    projections = ExactMemory(store, "mem").search(queries, tau=0.01)[2]
+    full = FullMemory(store, "mem").project(queries, 0.01)
+    np.testing.assert_allclose(projections, full, atol=1e-6)
+    assert (np.sum(full * stored[:3], axis=1) > 0.99).all()  # the near caption dominates: the case is what it says
+
+
+def test_a_query_gets_the_same_answer_in_any_batch(store, small_blocks):
+    """Blocks shrink as batches grow (1 query: 35 rows a block, 35 queries: 1); each query's
+    projection and neighbours stay those it gets alone."""
+    fill(store, "mem", 100)
+    queries = unit_vectors(35, seed=4)
+    memory = ExactMemory(store, "mem")
+    scores, rows, projections = memory.search(queries, k=3, tau=0.01)
+    for i in (0, 17, 34):
+        alone = memory.search(queries[i : i + 1], k=3, tau=0.01)
+        np.testing.assert_allclose(alone[2][0], projections[i], atol=1e-6)
+        np.testing.assert_allclose(alone[0][0], scores[i], atol=1e-6)
+        assert list(alone[1][0]) == list(rows[i])
 
 
 @pytest.mark.parametrize("vector_dtype", ["float16", "float32"])

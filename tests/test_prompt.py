@@ -3,9 +3,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 
-from ragcap.errors import ModelError
+from ragcap.decoders.lm import CPU_LM_BATCH, lm_batch
 from ragcap.decoders.lm_prompt import PromptCaptioner, build_prompt, first_sentence, save_random_lm, select_captions
+from ragcap.errors import ModelError
 from ragcap.generation import SearchOptions
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -132,9 +134,9 @@ def test_dir_without_weights_is_a_model_error(tmp_path):
         PromptCaptioner(str(tmp_path))
 
 
-def test_the_prompt_lm_takes_the_captioning_batches_whole(captioner, tiny_clip_dir):
-    """One LM call per batch of images (--batch-size), not sub-batches of 32: a GPU's batch of
-    256 images is 256 prompts at once."""
+def test_the_prompt_lm_takes_batches_whole_on_a_gpu_and_in_pieces_on_a_cpu(captioner, tiny_clip_dir):
+    """On a GPU one LM call per batch of images (--batch-size): a batch of 256 images is 256
+    prompts at once. On a CPU at most CPU_LM_BATCH prompts at once (their beams' caches)."""
     from pipelines.base import CaptionRecord
     from ragcap.api import load_captioner
     from ragcap.caption import CaptionSettings
@@ -145,7 +147,8 @@ def test_the_prompt_lm_takes_the_captioning_batches_whole(captioner, tiny_clip_d
     embedder = load_embedder(str(tiny_clip_dir))
     with open_store() as store:
         ingest((CaptionRecord(caption=c, corpus="test") for c in NEIGHBOURS), store, "mem", embedder.info, lambda: embedder, IngestOptions())
-        for batch_size in (3, 64):
+        for batch_size, on_cpu in ((3, 3), (64, CPU_LM_BATCH)):
             settings = CaptionSettings(modes=("prompt",), batch_size=batch_size)
             loaded = load_captioner(store, "mem", settings, lm=str(captioner.model.name_or_path), image_only=False)
-            assert loaded.prompter.batch_size == batch_size
+            assert loaded.prompter.batch_size == on_cpu == lm_batch(batch_size, torch.device("cpu"))
+            assert lm_batch(batch_size, torch.device("cuda")) == batch_size

@@ -119,7 +119,7 @@ def pretrain_lm(out, tokenizer, prompts: list[str], captions: list[str], steps: 
 
 
 @pytest.mark.slow
-def test_training_reproduces_the_captions_of_30_photographs(tiny_clip_dir, tmp_path):
+def test_training_reproduces_the_captions_of_30_photographs(tiny_clip_dir, tmp_path, monkeypatch):
     """30 real COCO photographs with their first caption, a memory of 50 other photographs'
     captions, a tiny frozen LM that knows the captions and a tiny cross-attention trained through
     the CLI: `caption --mode smallcap` writes each image's own caption (measured with these
@@ -151,6 +151,16 @@ def test_training_reproduces_the_captions_of_30_photographs(tiny_clip_dir, tmp_p
     decoder = load_decoder(tmp_path / "model")
     exact = sum(written[r["file"]] == decoder.target_text(r["references"][0]) for r in rows[:30])
     assert exact >= 27, f"only {exact}/30 reproduced"
+
+    # On a CPU a batch reaches the LM in pieces (ragcap.decoders.lm.CPU_LM_BATCH): same captions, same order.
+    sizes = []
+    whole = SmallCapDecoder.caption
+    monkeypatch.setattr(SmallCapDecoder, "caption", lambda self, cond, options=None: sizes.append(len(cond.neighbours)) or whole(self, cond, options))
+    monkeypatch.setattr("ragcap.decoders.lm.CPU_LM_BATCH", 7)
+    pieces = ragcap("caption", *[images / r["file"] for r in rows[:30]], "-c", "coco-others", "--mode", "smallcap",
+                    "--decoder", tmp_path / "model", "--batch-size", "30", "--json")
+    assert sizes == [7, 7, 7, 7, 2]
+    assert [json.loads(line)["caption"] for line in pieces.stdout.splitlines()] == [json.loads(line)["caption"] for line in result.stdout.splitlines()]
 
 
 def test_an_images_own_captions_never_reach_its_prompt(data, tiny_clip_dir):

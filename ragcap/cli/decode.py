@@ -231,7 +231,7 @@ def caption(
     fmt: Annotated[str, typer.Option("--format", metavar=one_of("text", "jsonl", "csv"), help="How to write the results.")] = "text",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results here instead of stdout (via FILE.partial, renamed when complete).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted -o FILE: skip the inputs it already holds.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per batch (with --engine ray: per actor call).")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Images per batch (with --engine ray: per actor call).")] = 128,  # CaptionSettings.batch_size
     model: Model = None,
     device: Device = None,
     precision: Precision = None,
@@ -327,7 +327,7 @@ def evaluate(
     spice: Annotated[bool, typer.Option(help="Also score SPICE when its jars are installed (slow).")] = True,
     allow_leakage: Annotated[bool, typer.Option(help="Score even if the memory holds the evaluated images' own captions.")] = False,
     allow_missing: Annotated[bool, typer.Option(help="Score the referenced images that --images holds and exit 0 when others are missing (a subset is intended).")] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,  # CaptionSettings.batch_size
     model: Model = None,
     device: Device = None,
     precision: Precision = None,

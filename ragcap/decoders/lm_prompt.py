@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ragcap.decoders.base import Caption
-from ragcap.decoders.lm import LMInput, LMStepper, load_causal_lm
+from ragcap.decoders.lm import LMInput, LMStepper, lm_batch, load_causal_lm
 from ragcap.errors import ModelError
 from ragcap.generation import SearchOptions, search
 from ragcap.precision import autocast, prepare, resolve_precision
@@ -115,7 +115,7 @@ class PromptCaptioner:
         self.device = default_device(device)
         self.precision = resolve_precision(precision)  # ragcap.precision
         prepare(self.model.to(self.device), self.device, self.precision)
-        self.batch_size = batch_size
+        self.batch_size = lm_batch(batch_size, self.device)
         self.stop_ids = stop_ids(self.tokenizer)
 
     def generate_kwargs(self) -> dict:
