@@ -39,8 +39,9 @@ __all__ = ["Batch", "CaptionResult", "CaptionSettings", "Captioner", "DEFAULT_K"
 DEFAULT_K = 1024
 MEMORY_SEARCHES = ("auto", "exact", "qdrant")
 # Images per forward pass of the image tower on a CPU. Larger passes are no faster there
-# (ViT-B-32: the same ms per image at 32 as at 128) but hold more activations at the peak (+46 MB
-# at 32, +219 MB at 128). A GPU encodes each batch in one pass.
+# (ViT-B-32: the same ms per image at 32 as at 128) but hold more activations: 128 images in
+# passes of 32 / 64 / 128 raised the peak by 0 / 77 / 192 MB once the allocator was warm. A GPU
+# encodes each batch in one pass.
 CPU_ENCODE_ROWS = 32
 
 
@@ -60,7 +61,7 @@ class CaptionSettings:
     memory: str = "auto"
     # None: a quarter of the RAM, or half of the GPU's memory (10M 512-d float16 vectors are 10 GB).
     exact_max_bytes: int | None = None
-    # Images per batch; 128 for the decoder's sake: a CPU runs DeCap's decoder 1.5-1.9x faster per
+    # Images per batch; 128 for the decoder's sake: a CPU runs DeCap's decoder 1.9x faster per
     # image with 128 rows per matrix product than with 32 (each step reads the weights once either
     # way), while CLIP's image tower is as fast at 32 (CPU_ENCODE_ROWS). Beam-searching LMs take
     # a CPU batch in smaller pieces (ragcap.decoders.lm.CPU_LM_BATCH). benchmarks/caption.py.

@@ -693,7 +693,14 @@ def local_digest(spec: ModelSpec) -> str | None:
     files = [directory / CONFIG_NAME, Path(_find_checkpoint_in_dir(directory))]
     key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     if key not in _DIGESTS:
-        _DIGESTS[key] = _stored_digest(key) or _hash_files(key, files)
+        stored = _read_digests()
+        entry = stored.get(key[0][0])
+        if isinstance(entry, dict) and entry.get("digest") and [tuple(f) for f in entry.get("files", [])] == list(key):
+            _DIGESTS[key] = entry["digest"]
+        else:
+            _DIGESTS[key] = _hash_files(files)
+            stored[key[0][0]] = {"files": [list(f) for f in key], "digest": _DIGESTS[key]}
+            _write_digests(stored)
     return _DIGESTS[key]
 
 
@@ -703,36 +710,30 @@ def _digests_path() -> Path:
     return default_home() / DIGESTS_FILE
 
 
-def _stored_digest(key: tuple) -> str | None:
+def _read_digests() -> dict:
     try:
-        entry = json.loads(_digests_path().read_text(encoding="utf-8")).get(key[0][0])
-    except (OSError, ValueError, AttributeError):  # absent, unreadable or damaged: hash again
-        return None
-    if isinstance(entry, dict) and [tuple(f) for f in entry.get("files", [])] == list(key):
-        return entry.get("digest")
-    return None
+        stored = json.loads(_digests_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent, unreadable or damaged: hash again
+        return {}
+    return stored if isinstance(stored, dict) else {}
 
 
-def _hash_files(key: tuple, files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as handle:
-            while chunk := handle.read(1 << 23):
-                digest.update(chunk)
-    result = "sha256:" + digest.hexdigest()
+def _write_digests(stored: dict) -> None:
     path = _digests_path()
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-        stored = stored if isinstance(stored, dict) else {}
-    except (OSError, ValueError):
-        stored = {}
-    stored[key[0][0]] = {"files": [list(f) for f in key], "digest": result}
     try:  # an optimisation only: a read-only or full home just means hashing again next time
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda tmp: tmp.write_text(json.dumps(stored, indent=1), encoding="utf-8"))
     except (OSError, DiskFullError):
         pass
-    return result
+
+
+def _hash_files(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as handle:
+            while chunk := handle.read(1 << 23):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ class ExactMemory:
 
     # Similarities per block (queries x rows): 32 queries x 16,384 rows. Blocks shrink as batches
     # grow, so that a block's float32 copy (16,384 x 512 is 32 MB) and its similarities stay this
-    # size: 128 queries against 16,384 rows took 97 MB more at the peak than against 4,096. Much
+    # size: 128 queries against 16,384 rows took 97 MB at the peak, against 4,096 rows 16 MB. Much
     # smaller blocks lost up to half the speed to per-call overheads on a busy 2-core CPU.
     BLOCK_SIMILARITIES = 32 * 16384
     MIN_BLOCK_ROWS = 1024
