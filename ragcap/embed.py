@@ -13,6 +13,12 @@ open_clip_config.json (model_cfg + preprocess_cfg) next to open_clip_model.safet
 Text encoding equals open_clip's encode_text, but skips the padding: CLIP's text tower is
 causal, so the pooled (EOT) output never sees the tokens after it. Captions are sorted by
 token length and each batch is cut to its longest caption (~6x less work on COCO captions).
+
+Image-only loads (captioning) skip open_clip altogether when they can: importing it costs a new
+process seconds (torchvision, timm, transformers). A local directory, or a hub spec that loaded
+before (its resolution is kept in $RAGCAP_HOME/model_resolutions.json), whose tower ragcap.vit
+supports is built by ragcap.vit with open_clip's numbers; anything else loads through open_clip.
+open_clip is therefore imported inside the functions that need it, never at the top.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import importlib.metadata
 import itertools
 import json
 import logging
@@ -29,13 +36,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import TextTransformer
 from PIL import Image
 
-from ragcap import clip_tokenizer
+from ragcap import vit
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import DiskFullError, ModelError
 from ragcap.precision import autocast, prepare, resolve_precision
@@ -94,6 +99,8 @@ def _resolve_dir(raw: str, spec: str) -> str:
 
 
 def _check_arch(arch: str, spec: str) -> str:
+    import open_clip
+
     arch = arch.replace("/", "-")  # open_clip's own normalisation: ViT-B/32 -> ViT-B-32
     models = open_clip.list_models()
     if arch not in models:
@@ -132,6 +139,10 @@ def parse_spec(spec: str) -> ModelSpec:
     if Path(raw).expanduser().is_dir():
         return ModelSpec("local", str(Path(raw).expanduser().resolve()))
     arch, sep, tag = raw.partition(":")
+    if sep and tag and _recorded_resolution(loaded := ModelSpec("pretrained", arch.replace("/", "-"), tag.lower())):
+        return loaded  # it loaded before, so it is valid: no need to import open_clip for its table
+    import open_clip
+
     if "/" in arch and not open_clip.get_model_config(arch.replace("/", "-")):
         raise ModelError(
             f"model {spec!r}: neither an existing directory nor an open_clip architecture; give an "
@@ -154,6 +165,8 @@ def parse_spec(spec: str) -> ModelSpec:
 
 def list_pretrained_specs() -> list[str]:
     """Every ARCH:TAG open_clip knows (for `ragcap models list`)."""
+    import open_clip
+
     return [f"{arch}:{tag}" for arch, tag in open_clip.list_pretrained()]
 
 
@@ -203,6 +216,9 @@ def text_tower(model: torch.nn.Module):
     then no pooled output attends to padding. Bidirectional towers (SigLIP), 'last' pooling,
     CoCa's appended CLS token and HF text towers take open_clip's full-length path instead.
     """
+    import open_clip
+    from open_clip.transformer import TextTransformer
+
     if isinstance(model, open_clip.CLIP):
         tower, pool, eos_id = model, model.text_pool_type, model.text_eos_id
     elif isinstance(getattr(model, "text", None), TextTransformer):
@@ -250,16 +266,20 @@ class OpenClipEmbedder(Embedder):
     supports_images = True
 
     def __init__(self, spec: ModelSpec, model, preprocess, tokenizer, device: torch.device):
-        """tokenizer None: an image-only embedder (see _load_image_tower); encode_text refuses."""
+        """tokenizer None: an image-only embedder (_load_vit or _load_image_tower); encode_text refuses."""
         self.spec, self.model, self.preprocess, self.tokenizer, self.device = spec, model, preprocess, tokenizer, device
+        self.clip_tokenizer = None
         if tokenizer is not None:
+            from ragcap import clip_tokenizer  # imports open_clip's tokenizer: text loads only
+
+            # open_clip's SimpleTokenizer (OpenAI/LAION CLIPs) is pure Python and bounds ingest on a
+            # GPU: the same ids from Rust. Others (Hugging Face) are Rust already.
+            if clip_tokenizer.supports(tokenizer):
+                self.clip_tokenizer = clip_tokenizer.ClipTokenizer(tokenizer)
             self.context_length = int(getattr(tokenizer, "context_length", None) or model.context_length)
             self._tower = text_tower(model)
             # The pad id as this tokenizer writes it: the last slot of an empty caption.
             self._pad_id = int(tokenizer([""], context_length=self.context_length)[0, -1])
-        # open_clip's SimpleTokenizer (OpenAI/LAION CLIPs) is pure Python and bounds ingest on a
-        # GPU: the same ids from Rust (ragcap.clip_tokenizer). Others (Hugging Face) are Rust already.
-        self.clip_tokenizer = clip_tokenizer.ClipTokenizer(tokenizer) if clip_tokenizer.supports(tokenizer) else None
         # The config's joint width, not a probe forward: one ViT forward is a tenth of a cold
         # start's model loading on a CPU.
         self.info = EmbedderInfo(spec=spec.canonical, dim=int(model_config(spec)["embed_dim"]), digest=local_digest(spec))
@@ -435,6 +455,8 @@ def _factory_args(spec: ModelSpec) -> tuple[str, str | None, bool]:
         return f"local-dir:{spec.name}", None, False
     if spec.kind == "hf-hub":
         return spec.canonical, None, False
+    import open_clip
+
     # open_clip only warns when a tag was trained with QuickGELU (OpenAI's weights) but the
     # architecture uses GELU; the embeddings are then wrong, so follow the tag.
     return spec.name, spec.tag, bool(open_clip.get_pretrained_cfg(spec.name, spec.tag).get("quick_gelu", False))
@@ -442,12 +464,21 @@ def _factory_args(spec: ModelSpec) -> tuple[str, str | None, bool]:
 
 def model_config(spec: ModelSpec) -> dict:
     """The model_cfg open_clip builds a spec from (QuickGELU forced as the factory forces it),
-    read without loading weights; an hf-hub spec's config comes from the hub cache."""
+    read without loading weights; an hf-hub spec's config comes from the hub cache, or from its
+    recorded resolution."""
     if spec.kind == "st":
         raise ModelError(f"model {spec.canonical} is a sentence-transformers model, not an open_clip one")
+    if recorded := _recorded_resolution(spec):
+        return recorded.model_cfg
     name, _, quick_gelu = _factory_args(spec)
     try:
-        config = open_clip.get_model_config(name)
+        if spec.kind == "local":
+            config = _local_config(Path(spec.name))
+            config = config.get("model_cfg", config)  # open_clip's get_model_config also takes a bare model_cfg
+        else:
+            import open_clip
+
+            config = open_clip.get_model_config(name)
     except Exception as e:  # a hub config that is neither cached nor downloadable
         raise ModelError(f"cannot read the config of model {spec.canonical}: {e}") from e
     if config is None:
@@ -478,13 +509,34 @@ def check_decoder_length(spec: str, max_tokens: int) -> None:
         )
 
 
+def _local_config(directory: Path) -> dict:
+    return json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+
+
+# open_clip's preference among a directory's weights files (factory._find_checkpoint_in_dir).
+PREFERRED_WEIGHTS = (
+    "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth",
+)
+
+
+def _checkpoint_in_dir(directory: Path) -> str | None:
+    """The weights file open_clip's factory picks in a local directory: a preferred name if any
+    (in PREFERRED_WEIGHTS' order), else the first by name, safetensors before the others."""
+    found = sorted(p for pattern in ("*.safetensors", "*.bin", "*.pth") for p in directory.glob(pattern))
+    if not found:
+        return None
+    preferred = [p for name in PREFERRED_WEIGHTS for p in found if p.name == name]
+    return str(preferred[0] if preferred else sorted(found, key=lambda p: p.suffix != ".safetensors")[0])
+
+
 def _checkpoint_file(spec: ModelSpec) -> str:
     """The weights file open_clip's factory loads for a spec (fetched into the cache if need be)."""
-    from open_clip.factory import _find_checkpoint_in_dir  # private, but it is create_model's own choice
+    if spec.kind == "local":
+        return _checkpoint_in_dir(Path(spec.name))
+    import open_clip
     from open_clip.pretrained import download_pretrained, download_pretrained_from_hf
 
-    if spec.kind == "local":
-        return _find_checkpoint_in_dir(Path(spec.name))
     if spec.kind == "hf-hub":
         return download_pretrained_from_hf(spec.name)
     return download_pretrained(open_clip.get_pretrained_cfg(spec.name, spec.tag))
@@ -503,6 +555,8 @@ def _load_image_tower(
     would still hold a meta tensor (a buffer no checkpoint stores, or a format open_clip copies
     in place): the caller then loads the whole model the ordinary way.
     """
+    import open_clip
+
     name, pretrained, quick_gelu = factory_args
     with torch.device("meta"), _quiet_open_clip():
         model, _, preprocess = open_clip.create_model_and_transforms(
@@ -514,13 +568,122 @@ def _load_image_tower(
         return model.visual.load_state_dict(tower, strict=strict, assign=True)
 
     model.load_state_dict = assign_image_tower
-    open_clip.load_checkpoint(model, _checkpoint_file(spec))
+    checkpoint = _checkpoint_file(spec)
+    open_clip.load_checkpoint(model, checkpoint)
     del model.load_state_dict
     if any(t.is_meta for t in itertools.chain(model.visual.parameters(), model.visual.buffers())):
         return None
     model.visual.to(device)
     model.eval().requires_grad_(False)
+    if spec.kind != "local":  # a local directory resolves without open_clip anyway
+        _record_resolution(spec, Resolution(model_config(spec), model.visual.preprocess_cfg, checkpoint))
     return OpenClipEmbedder(spec, model, preprocess, None, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# image-only loading without open_clip (ragcap.vit)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What open_clip's factory makes of a spec, all ragcap.vit needs to build its image tower."""
+
+    model_cfg: dict  # as the factory builds from it (QuickGELU forced as a tag asks)
+    preprocess_cfg: dict  # the inference preprocessing it settles on (model.visual.preprocess_cfg)
+    checkpoint: str  # the weights file it loads
+
+
+def _local_resolution(spec: ModelSpec) -> Resolution | None:
+    """A local directory's resolution, read as open_clip's factory reads it (the config must
+    have model_cfg there); None without a config or weights (check_available says why)."""
+    directory = Path(spec.name)
+    checkpoint = _checkpoint_in_dir(directory)
+    if checkpoint is None or not (directory / CONFIG_NAME).is_file():
+        return None
+    config = _local_config(directory)
+    model_cfg = config["model_cfg"]
+    return Resolution(model_cfg, vit.preprocess_config(config.get("preprocess_cfg", {}), model_cfg), checkpoint)
+
+
+def _load_vit(spec: ModelSpec, device: torch.device) -> OpenClipEmbedder | None:
+    """The image-only embedder with ragcap.vit's tower and preprocessing: open_clip's numbers
+    without importing it (seconds of a cold start). None, for the caller to load through
+    open_clip, when the spec does not resolve without it (a hub spec not loaded before, or whose
+    weights file changed since), when ragcap.vit does not support the model, or when the
+    checkpoint's image tower does not load as it is (a format open_clip converts on load; a
+    damaged config or file, which open_clip then reports)."""
+    try:
+        resolution = _local_resolution(spec) if spec.kind == "local" else _recorded_resolution(spec)
+        if resolution is None or not vit.supports(resolution.model_cfg, resolution.preprocess_cfg):
+            return None
+        model = vit.load(resolution.model_cfg, _visual_state(resolution.checkpoint))
+    except Exception as e:  # noqa: BLE001 - whatever failed, open_clip's load is the way on
+        logging.getLogger(__name__).debug("model %s: loading through open_clip (%s: %s)", spec.canonical, type(e).__name__, e)
+        return None
+    return OpenClipEmbedder(spec, model.to(device), vit.Preprocess(resolution.preprocess_cfg), None, device)
+
+
+def _visual_state(checkpoint: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's image tower tensors, named without 'visual.', the text tower's left unread.
+    Plain state dicts only: the wrappers open_clip unwraps (a 'state_dict' key, DataParallel's
+    'module.' names) leave no 'visual.' names here, so the load fails and open_clip takes over."""
+    if checkpoint.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(checkpoint, framework="pt") as weights:
+            return {name.removeprefix("visual."): weights.get_tensor(name) for name in weights.keys() if name.startswith("visual.")}
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return {name.removeprefix("visual."): t for name, t in state.items() if name.startswith("visual.")}
+
+
+# Hub and pretrained-tag specs resolve through open_clip's pretrained table and the hub: kept
+# after an image-only load through open_clip, so the next process need not import it. One entry
+# per canonical spec, trusted while its files keep their sizes and mtimes (the weights, and the
+# hub cache's ref to the revision they came from: a newer revision downloaded by another load
+# moves it) and open_clip its version; an absent, stale or damaged entry just means loading
+# through open_clip again.
+RESOLUTIONS_FILE = "model_resolutions.json"
+
+
+def _open_clip_version() -> str | None:
+    try:
+        return importlib.metadata.version("open_clip_torch")  # the installed package's, without importing it
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _file_keys(checkpoint: str) -> list[list]:
+    """[path, size, mtime_ns] of the weights file and, for one in huggingface_hub's cache
+    (REPO/snapshots/REVISION/FILE), of the ref that named that revision (REPO/refs/main)."""
+    files = [Path(checkpoint).absolute()]
+    if files[0].parent.parent.name == "snapshots":
+        files.append(files[0].parent.parent.parent / "refs" / "main")
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def _recorded_resolution(spec: ModelSpec) -> Resolution | None:
+    """The resolution recorded for a hub or pretrained-tag spec, if still valid."""
+    if spec.kind not in ("hf-hub", "pretrained"):
+        return None
+    entry = _read_home_json(RESOLUTIONS_FILE).get(spec.canonical)
+    try:
+        if entry["open_clip"] != _open_clip_version() or _file_keys(entry["checkpoint"]) != entry["files"]:
+            return None
+        resolution = Resolution(entry["model_cfg"], entry["preprocess_cfg"], entry["checkpoint"])
+        # Only supported models are recorded: anything else is a damaged entry.
+        return resolution if vit.supports(resolution.model_cfg, resolution.preprocess_cfg) else None
+    except (TypeError, KeyError, AttributeError, OSError):  # no entry, a damaged one, or a file is gone
+        return None
+
+
+def _record_resolution(spec: ModelSpec, resolution: Resolution) -> None:
+    if not vit.supports(resolution.model_cfg, resolution.preprocess_cfg):
+        return  # ragcap.vit could not use it: loading goes through open_clip anyway
+    stored = _read_home_json(RESOLUTIONS_FILE)
+    stored[spec.canonical] = {"open_clip": _open_clip_version(), "checkpoint": str(Path(resolution.checkpoint).absolute()),
+                              "files": _file_keys(resolution.checkpoint),
+                              "model_cfg": resolution.model_cfg, "preprocess_cfg": resolution.preprocess_cfg}
+    _write_home_json(RESOLUTIONS_FILE, stored)
 
 
 def check_available(spec: str | ModelSpec) -> ModelSpec:
@@ -532,7 +695,7 @@ def check_available(spec: str | ModelSpec) -> ModelSpec:
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
     if parsed.kind == "local":
         _check_local_dir(Path(parsed.name), parsed.canonical)
-    if parsed.kind not in ("pretrained", "hf-hub") or not use_cache_only_if_offline():
+    if parsed.kind not in ("pretrained", "hf-hub") or _recorded_resolution(parsed) or not use_cache_only_if_offline():
         return parsed
     try:
         model_config(parsed)
@@ -549,6 +712,10 @@ def check_available(spec: str | ModelSpec) -> ModelSpec:
 
 
 def _load_open_clip(spec: ModelSpec, device: torch.device, image_only: bool = False) -> OpenClipEmbedder:
+    if image_only and (embedder := _load_vit(spec, device)):
+        return embedder
+    import open_clip
+
     check_available(spec)
     factory_args = name, pretrained, quick_gelu = _factory_args(spec)
     try:
@@ -687,40 +854,39 @@ def local_digest(spec: ModelSpec) -> str | None:
     """
     if spec.kind != "local":
         return None
-    from open_clip.factory import _find_checkpoint_in_dir  # create_model's own choice of weights file
-
     directory = Path(spec.name)
-    files = [directory / CONFIG_NAME, Path(_find_checkpoint_in_dir(directory))]
+    files = [directory / CONFIG_NAME, Path(_checkpoint_in_dir(directory))]
     key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     if key not in _DIGESTS:
-        stored = _read_digests()
+        stored = _read_home_json(DIGESTS_FILE)
         entry = stored.get(key[0][0])
         if isinstance(entry, dict) and entry.get("digest") and [tuple(f) for f in entry.get("files", [])] == list(key):
             _DIGESTS[key] = entry["digest"]
         else:
             _DIGESTS[key] = _hash_files(files)
             stored[key[0][0]] = {"files": [list(f) for f in key], "digest": _DIGESTS[key]}
-            _write_digests(stored)
+            _write_home_json(DIGESTS_FILE, stored)
     return _DIGESTS[key]
 
 
-def _digests_path() -> Path:
+def _home_path(name: str) -> Path:
     from ragcap.store import default_home  # embed is imported by the store's users, not the reverse
 
-    return default_home() / DIGESTS_FILE
+    return default_home() / name
 
 
-def _read_digests() -> dict:
+def _read_home_json(name: str) -> dict:
+    """One of the JSON files of what a start need not work out again (digests, resolutions)."""
     try:
-        stored = json.loads(_digests_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # absent, unreadable or damaged: hash again
+        stored = json.loads(_home_path(name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent, unreadable or damaged: work it out again
         return {}
     return stored if isinstance(stored, dict) else {}
 
 
-def _write_digests(stored: dict) -> None:
-    path = _digests_path()
-    try:  # an optimisation only: a read-only or full home just means hashing again next time
+def _write_home_json(name: str, stored: dict) -> None:
+    path = _home_path(name)
+    try:  # an optimisation only: a read-only or full home just means working it out again next time
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda tmp: tmp.write_text(json.dumps(stored, indent=1), encoding="utf-8"))
     except (OSError, DiskFullError):
@@ -752,6 +918,8 @@ def arch_config(arch: str | Path) -> dict:
         if not {"embed_dim", "vision_cfg", "text_cfg"} <= cfg.keys():
             raise ModelError(f"{path}: not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
         return cfg
+    import open_clip
+
     return open_clip.get_model_config(_check_arch(str(arch), str(arch)))
 
 
@@ -774,6 +942,8 @@ def save_random(arch: str | Path, out_dir: Path, seed: int = 0) -> Path:
     runs offline through the same loading path as real weights. The same arch and seed give
     the same weights. Returns the absolute directory.
     """
+    import open_clip
+
     model_cfg = arch_config(arch)
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)

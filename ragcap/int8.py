@@ -2,8 +2,8 @@
 dynamically quantized Linear (int8 weights, activations quantized per batch, fbgemm kernels).
 
 Dynamic quantization only knows nn.Linear, and two kinds of layer hold their weights otherwise:
-transformers' GPT-2 Conv1D (x @ W + b with W stored (in, out): every layer of a GPT-2 decoder
-or prompt LM) and nn.MultiheadAttention (its input projection is a bare parameter, its output
+GPT-2's Conv1D (x @ W + b with W stored (in, out): every layer of a GPT-2 decoder or prompt
+LM, transformers' class and ragcap.decoders.gpt's) and nn.MultiheadAttention (its input projection is a bare parameter, its output
 projection a Linear subclass quantization skips on purpose: open_clip's towers). Each is first
 rewritten as the nn.Linear layers that compute the same, so int8 covers every matrix product with
 a model's weights (attention over keys of another width aside). On a 2-core AVX2 CPU that made
@@ -67,10 +67,12 @@ def _replace(model: nn.Module, kind: type, build) -> None:
 
 def conv1d_as_linear(model: nn.Module) -> None:
     """Each GPT-2 Conv1D replaced in place by the nn.Linear computing the same (its weight is W
-    transposed). Nothing to do unless transformers is loaded: no model has them then."""
-    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-    if conv1d is not None:
-        _replace(model, conv1d, lambda layer: _linear(layer.weight.t(), layer.bias))
+    transposed). Only the modules already imported are looked for: no model has a class of one
+    that is not (and importing transformers would cost seconds)."""
+    for module in ("transformers.pytorch_utils", "ragcap.decoders.gpt"):
+        conv1d = getattr(sys.modules.get(module), "Conv1D", None)
+        if conv1d is not None:
+            _replace(model, conv1d, lambda layer: _linear(layer.weight.t(), layer.bias))
 
 
 def attention_as_linear(model: nn.Module) -> None:

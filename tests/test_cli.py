@@ -311,3 +311,33 @@ def test_caption_and_eval_batch_by_the_library_default():
 
     for command in (decode.caption, decode.evaluate):
         assert inspect.signature(command).parameters["batch_size"].default == CaptionSettings().batch_size
+
+
+def test_captioning_an_image_imports_none_of_the_libraries_that_cost_a_cold_start_seconds(filled, tmp_path, ragcap_home):
+    """`ragcap caption IMAGE --mode pd` as a new process: open_clip, torchvision, transformers and
+    torch._dynamo would each add seconds before the first caption (BENCHMARKS.md, cold start)."""
+    import os
+    import subprocess
+    import sys
+
+    from ragcap.decoders import DeCapConfig, DeCapDecoder
+    from ragcap.store import open_store
+
+    with open_store() as store:
+        info = store.embedder(filled)
+    DeCapDecoder(DeCapConfig(embed_dim=info.dim, n_layer=1, n_head=2, n_embd=32, max_tokens=6), info).save(tmp_path / "dec")
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(image)
+    heavy = ("open_clip", "torchvision", "timm", "transformers", "torch._dynamo", "sentence_transformers")
+    script = (
+        "import sys\nfrom ragcap.cli import main\n"
+        f"sys.argv = ['ragcap', 'caption', {str(image)!r}, '-c', {filled!r}, '--mode', 'pd,clipre', '--decoder', {str(tmp_path / 'dec')!r}, '--json']\n"
+        "try:\n    main()\nexcept SystemExit as done:\n    assert not done.code, done.code\n"
+        f"print('imported:', sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAGCAP_HOME": str(ragcap_home)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert [json.loads(line)["mode"] for line in lines[:-1]] == ["pd", "clipre"]
+    assert lines[-1] == "imported: []"

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from ragcap.decoders import DECODERS, DeCapConfig, DeCapDecoder, load_decoder
+from ragcap.decoders import DECODERS, ClipCapDecoder, DeCapConfig, DeCapDecoder, decoder_class, load_decoder
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
 from ragcap.generation import SearchOptions, search
@@ -144,7 +144,8 @@ def test_compatibility_message_names_both_embedders(model, tmp_path):
 
 
 def test_registry_names_every_kind_by_its_recorded_name():
-    assert all(cls.kind == name for name, cls in DECODERS.items())
+    assert all(decoder_class(name).kind == name for name in DECODERS)
+    assert decoder_class("clipcap") is ClipCapDecoder and decoder_class("decap") is DeCapDecoder
 
 
 def test_tokenizer_normalises_and_drops_specials(model):

@@ -278,11 +278,16 @@ def _photos() -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(70, 90), (64, 64)]]
 
 
-def test_image_only_load_equals_the_whole_model_without_its_text_tower(tmp_path):
-    directory = str(make_tiny_clip(tmp_path / "clip", seed=2))
+# A tower ragcap.vit builds, and one it leaves to open_clip (built there with its text tower meta).
+@pytest.mark.parametrize("vision_cfg,by_ragcap_vit", [({}, True), ({"no_ln_pre": True}, False)])
+def test_image_only_load_equals_the_whole_model_without_its_text_tower(tmp_path, vision_cfg, by_ragcap_vit):
+    from ragcap import vit
+
+    directory = str(make_tiny_clip(tmp_path / "clip", seed=2, vision_cfg=vision_cfg))
     image_only = load_embedder(directory, device="cpu", image_only=True)
+    assert isinstance(image_only.model, vit.ImageCLIP) == by_ragcap_vit
     text_side = [p for name, p in image_only.model.named_parameters() if not name.startswith("visual.")]
-    assert text_side and all(p.is_meta for p in text_side)  # never allocated
+    assert bool(text_side) != by_ragcap_vit and all(p.is_meta for p in text_side)  # never allocated
     assert not any(p.is_meta for p in image_only.model.visual.parameters())
     with pytest.raises(ModelError, match="loaded for images only"):
         image_only.encode_text(["a dog"])
@@ -322,7 +327,8 @@ def test_hub_and_pretrained_tag_specs_load_from_the_hub_cache(tmp_path, monkeypa
 def test_image_only_falls_back_to_the_whole_load_when_a_tensor_is_not_in_the_checkpoint(tmp_path, monkeypatch):
     from open_clip.transformer import VisionTransformer
 
-    directory = str(make_tiny_clip(tmp_path / "clip", seed=4))
+    # Without ln_pre, a tower ragcap.vit leaves to open_clip's image-only load.
+    directory = str(make_tiny_clip(tmp_path / "clip", seed=4, vision_cfg={"no_ln_pre": True}))
     expected = load_embedder(directory, device="cpu").encode_images(_photos())
     embed._CACHE.clear()
     build = VisionTransformer.__init__

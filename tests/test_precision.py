@@ -93,11 +93,13 @@ def quantized_layers(module: torch.nn.Module) -> int:
 
 def plain_linears(module: torch.nn.Module) -> int:
     """Layers int8 makes quantized Linears: nn.Linear (not MultiheadAttention's own out_proj),
-    GPT-2's Conv1D, and each MultiheadAttention's four projections."""
+    GPT-2's Conv1D (transformers' or ragcap's), and each MultiheadAttention's four projections."""
     from transformers.pytorch_utils import Conv1D
 
+    from ragcap.decoders.gpt import Conv1D as RagcapConv1D
+
     return sum(
-        1 if type(m) is torch.nn.Linear or isinstance(m, Conv1D) else 4 if isinstance(m, torch.nn.MultiheadAttention) else 0
+        1 if type(m) is torch.nn.Linear or isinstance(m, (Conv1D, RagcapConv1D)) else 4 if isinstance(m, torch.nn.MultiheadAttention) else 0
         for m in module.modules()
     )
 

@@ -1,14 +1,18 @@
 """Decoder kinds, found by the name a saved directory records (open_clip's factory, for captioners).
 
-    DECODERS = {"decap": DeCapDecoder, "clipcap": ClipCapDecoder, "smallcap": SmallCapDecoder}   kind name -> class
+    DECODERS = {"decap": "ragcap.decoders.decap", ...}   kind name -> the module defining it
+    decoder_class("decap")          imports that module, returns its Decoder subclass
     load_decoder(DIR)               reads DIR/config.json's "kind", builds that class
 
+A kind's module is imported when a decoder of that kind is first needed: ClipCap and SmallCap
+import transformers, which a start that loads DeCap's decoder would otherwise pay seconds for.
 Adding a kind means a module here with a Decoder subclass and a line in DECODERS; the modes,
 the CLI and the service reach it through load_decoder.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -17,18 +21,31 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ragcap.decoders.base import CONFIG_FILE, WEIGHTS_FILE, Caption, Decoder
-from ragcap.decoders.clipcap import ClipCapConfig, ClipCapDecoder
-from ragcap.decoders.decap import DeCapConfig, DeCapDecoder
-from ragcap.decoders.smallcap import SmallCapConfig, SmallCapDecoder
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
 from ragcap.precision import prepare, resolve_precision
 from ragcap.util import default_device
 
-DECODERS: dict[str, type[Decoder]] = {cls.kind: cls for cls in (DeCapDecoder, ClipCapDecoder, SmallCapDecoder)}
+DECODERS: dict[str, str] = {"decap": "ragcap.decoders.decap", "clipcap": "ragcap.decoders.clipcap", "smallcap": "ragcap.decoders.smallcap"}
+
+# The kinds' classes, importable from here as before; each imports its module on first use.
+_LAZY = {f"{name}{part}": module for name, module in (("DeCap", "decap"), ("ClipCap", "clipcap"), ("SmallCap", "smallcap"))
+         for part in ("Config", "Decoder")}
 
 __all__ = ["DECODERS", "Caption", "ClipCapConfig", "ClipCapDecoder", "DeCapConfig", "DeCapDecoder", "Decoder", "SmallCapConfig", "SmallCapDecoder",
-           "load_decoder"]
+           "decoder_class", "load_decoder"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(DECODERS[_LAZY[name]]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def decoder_class(kind: str) -> type[Decoder]:
+    """The Decoder subclass of a kind name (KeyError for an unknown one)."""
+    module = importlib.import_module(DECODERS[kind])
+    return next(cls for cls in vars(module).values() if isinstance(cls, type) and issubclass(cls, Decoder) and cls.__dict__.get("kind") == kind)
 
 
 def _read_config(src: Path, hint: str) -> tuple[type[Decoder], object, EmbedderInfo]:
@@ -41,7 +58,7 @@ def _read_config(src: Path, hint: str) -> tuple[type[Decoder], object, EmbedderI
         kind = meta["kind"]
         if kind not in DECODERS:
             raise ModelError(f"{src / CONFIG_FILE}: unknown decoder kind {kind!r}; known kinds: {', '.join(DECODERS)}")
-        cls = DECODERS[kind]
+        cls = decoder_class(kind)
         return cls, cls.config_from_dict(meta["config"]), EmbedderInfo.from_dict(meta["embedder"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         if isinstance(e, ModelError):
@@ -84,10 +101,11 @@ def load_decoder(directory: str | Path, device: str | torch.device | None = None
 
 
 def _tied_pairs(model: Decoder) -> list[tuple[str, str]]:
-    """(output layer, token embedding) names of every tied LM inside the decoder."""
+    """(output layer, token embedding) names of every tied LM inside the decoder (tied as built:
+    transformers' LMs and ragcap.decoders.gpt tie at construction, on the meta device too)."""
     pairs = []
     for name, module in model.named_modules():
-        if hasattr(module, "tie_weights") and hasattr(module, "lm_head") and module.config.tie_word_embeddings:
+        if hasattr(module, "tie_weights") and hasattr(module, "lm_head") and module.lm_head.weight is module.get_input_embeddings().weight:
             prefix = f"{name}." if name else ""
             embed_name = next(n for n, p in module.named_parameters() if p is module.get_input_embeddings().weight)
             pairs.append((f"{prefix}lm_head.weight", f"{prefix}{embed_name}"))

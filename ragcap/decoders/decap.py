@@ -27,10 +27,10 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from ragcap.decoders.base import IGNORE, Decoder, resolved
-from ragcap.decoders.lm import LMInput, LMStepper
+from ragcap.decoders.gpt import GPT, GPTConfig, GPTStepper
+from ragcap.decoders.lm import LMInput
 from ragcap.decoders.tokenizers import BPE_FILE, CaptionTokenizer
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
@@ -105,20 +105,7 @@ class DeCapDecoder(Decoder):
         if self.tokenizer.vocab_size != config.vocab_size and not wider:
             raise ModelError(f"tokenizer {self.tokenizer.bpe_path} has {self.tokenizer.vocab_size} ids, the decoder expects {config.vocab_size}")
         self.project = nn.Linear(config.embed_dim, config.n_embd)  # DeCap: one linear layer
-        self.gpt = GPT2LMHeadModel(
-            GPT2Config(
-                vocab_size=config.vocab_size,
-                n_positions=config.n_positions,
-                n_embd=config.n_embd,
-                n_layer=config.n_layer,
-                n_head=config.n_head,
-                resid_pdrop=config.dropout,
-                embd_pdrop=config.dropout,
-                attn_pdrop=config.dropout,
-                bos_token_id=config.sot_id,
-                eos_token_id=config.eot_id,
-            )
-        )
+        self.gpt = GPT(GPTConfig(config.vocab_size, config.n_positions, config.n_embd, config.n_layer, config.n_head, config.dropout))
 
     @classmethod
     def load_from(cls, config: DeCapConfig, embedder: EmbedderInfo, directory: Path) -> "DeCapDecoder":
@@ -137,7 +124,7 @@ class DeCapDecoder(Decoder):
         id; returns logits (b, t, vocab): row i predicts the token after inputs[:, i]. Causal
         attention means real tokens never see the right padding, so no attention mask is needed."""
         embeds = torch.cat([self.prefix_embeds(prefixes), self.gpt.transformer.wte(inputs.to(self.device))], dim=1)
-        hidden = self.gpt.transformer(inputs_embeds=embeds).last_hidden_state
+        hidden = self.gpt(embeds)
         return self.tokens_only(self.gpt.lm_head(hidden[:, 1:]))  # the prefix position predicts nothing we train
 
     def tokens_only(self, logits: torch.Tensor) -> torch.Tensor:
@@ -154,9 +141,9 @@ class DeCapDecoder(Decoder):
         sot = torch.full((prefixes.shape[0], 1), self.config.sot_id, dtype=torch.long, device=self.device)
         return LMInput(torch.cat([self.prefix_embeds(prefixes), self.gpt.transformer.wte(sot)], dim=1))
 
-    def stepper(self) -> LMStepper:
+    def stepper(self) -> GPTStepper:
         wider = self.config.vocab_size > self.tokenizer.vocab_size
-        return LMStepper(self.gpt, self.tokens_only if wider else None)
+        return GPTStepper(self.gpt, self.tokens_only if wider else None)
 
     def search_defaults(self, options: SearchOptions) -> SearchOptions:
         # DeCap and ClipCap rank beams by the mean log-prob per token (length_alpha 1). A decoder
