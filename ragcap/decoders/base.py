@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from ragcap.decoders.lm import LMInput, LMStepper
+from ragcap.decoders.lm import LMInput
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
-from ragcap.generation import SearchOptions, search
+from ragcap.generation import SearchOptions, Stepper, search
 from ragcap.precision import autocast
 from ragcap.util import write_atomic
 
@@ -64,7 +64,7 @@ class Decoder(nn.Module):
     def prepare(self, cond: Any) -> LMInput:
         raise NotImplementedError
 
-    def stepper(self) -> LMStepper:
+    def stepper(self) -> Stepper:
         raise NotImplementedError
 
     def search_defaults(self, options: SearchOptions) -> SearchOptions:

@@ -1,10 +1,11 @@
-"""Causal language models as ragcap drives them: loading, and the Stepper every kind decodes with.
+"""Causal language models as ragcap drives them: loading, and the Stepper the kinds decode with.
 
 Every decoder kind is a GPT-2-family LM fed a different conditioning: DeCap's decoder and
 ClipCap a few prefix embeddings, the prompt mode a text prompt, SmallCap a prompt plus image
-features it cross-attends to. LMStepper runs all of them for ragcap.generation: the
-conditioning once (left-padded, so every row's last input token sits at the end), then one
-token per row with the KV cache.
+features it cross-attends to. LMStepper runs transformers' LMs (all but DeCap's, whose GPT-2
+is ragcap.decoders.gpt with its own GPTStepper) for ragcap.generation: the conditioning once
+(left-padded, so every row's last input token sits at the end), then one token per row with
+the KV cache.
 """
 
 from __future__ import annotations
