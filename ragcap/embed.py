@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import importlib.metadata
 import itertools
@@ -645,6 +646,7 @@ def _visual_state(checkpoint: str) -> dict[str, torch.Tensor]:
 RESOLUTIONS_FILE = "model_resolutions.json"
 
 
+@functools.lru_cache(maxsize=1)  # reading the installed metadata takes milliseconds, and a start asks up to four times
 def _open_clip_version() -> str | None:
     try:
         return importlib.metadata.version("open_clip_torch")  # the installed package's, without importing it

@@ -1,6 +1,6 @@
 """CLIP's image tower, a vision transformer, and its inference preprocessing, without open_clip.
 
-Captioning only embeds images, and importing open_clip costs a new process 3-4 s on a CPU
+Captioning only embeds images, and importing open_clip costs a new process about 4 s on a 2-core CPU
 (torchvision, timm and transformers come with it) before a caption can start. This file is the
 part of open_clip a captioner runs: `open_clip.transformer.VisionTransformer` with its
 ResidualAttentionBlocks, written out for the configurations the common CLIP towers use (ViT-B-32,

@@ -152,3 +152,24 @@ def test_tokenizer_normalises_and_drops_specials(model):
     tok = model.tokenizer
     assert tok.normalise("A  Dog  RUNS. <end_of_text>") == "a dog runs ."
     assert tok.eot_id not in tok.encode("x <end_of_text> y")
+
+
+def test_caption_tokenizer_decodes_as_open_clips_simple_tokenizer():
+    """CaptionTokenizer reads CLIP's vocabulary from the BPE file itself (no open_clip import to
+    caption): the same id -> token table as SimpleTokenizer, and the same text for any ids."""
+    import random
+
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from ragcap.decoders.tokenizers import CaptionTokenizer
+
+    ours, theirs = CaptionTokenizer(), SimpleTokenizer()
+    assert ours.vocab_size == theirs.vocab_size and (ours.sot_id, ours.eot_id) == (theirs.sot_token_id, theirs.eot_token_id)
+    assert all(ours._tokens[i] == theirs.decoder[i] for i in range(theirs.vocab_size))
+    rng = random.Random(0)
+    for _ in range(500):  # arbitrary ids: partial UTF-8 sequences, specials anywhere
+        ids = [rng.randrange(theirs.vocab_size) for _ in range(rng.randrange(30))]
+        specials = (theirs.sot_token_id, theirs.eot_token_id)
+        assert ours.decode(ids) == " ".join(theirs.decode([i for i in ids if i not in specials]).split())
+    for caption in ("A café's crème brûlée, 2 × 3 🙂", "a dog runs"):
+        assert ours.decode(theirs.encode(caption)) == " ".join(theirs.decode(theirs.encode(caption)).split())

@@ -1,7 +1,7 @@
 """Decoder kinds, found by the name a saved directory records (open_clip's factory, for captioners).
 
-    DECODERS = {"decap": "ragcap.decoders.decap", ...}   kind name -> the module defining it
-    decoder_class("decap")          imports that module, returns its Decoder subclass
+    DECODERS = {"decap": "ragcap.decoders.decap:DeCapDecoder", ...}   kind name -> its class
+    decoder_class("decap")          imports the class's module, returns the class
     load_decoder(DIR)               reads DIR/config.json's "kind", builds that class
 
 A kind's module is imported when a decoder of that kind is first needed: ClipCap and SmallCap
@@ -26,11 +26,18 @@ from ragcap.errors import ModelError
 from ragcap.precision import prepare, resolve_precision
 from ragcap.util import default_device
 
-DECODERS: dict[str, str] = {"decap": "ragcap.decoders.decap", "clipcap": "ragcap.decoders.clipcap", "smallcap": "ragcap.decoders.smallcap"}
+DECODERS: dict[str, str] = {
+    "decap": "ragcap.decoders.decap:DeCapDecoder",
+    "clipcap": "ragcap.decoders.clipcap:ClipCapDecoder",
+    "smallcap": "ragcap.decoders.smallcap:SmallCapDecoder",
+}
 
 # The kinds' classes, importable from here as before; each imports its module on first use.
-_LAZY = {f"{name}{part}": module for name, module in (("DeCap", "decap"), ("ClipCap", "clipcap"), ("SmallCap", "smallcap"))
-         for part in ("Config", "Decoder")}
+_LAZY = {
+    "DeCapConfig": "ragcap.decoders.decap", "DeCapDecoder": "ragcap.decoders.decap",
+    "ClipCapConfig": "ragcap.decoders.clipcap", "ClipCapDecoder": "ragcap.decoders.clipcap",
+    "SmallCapConfig": "ragcap.decoders.smallcap", "SmallCapDecoder": "ragcap.decoders.smallcap",
+}
 
 __all__ = ["DECODERS", "Caption", "ClipCapConfig", "ClipCapDecoder", "DeCapConfig", "DeCapDecoder", "Decoder", "SmallCapConfig", "SmallCapDecoder",
            "decoder_class", "load_decoder"]
@@ -38,14 +45,14 @@ __all__ = ["DECODERS", "Caption", "ClipCapConfig", "ClipCapDecoder", "DeCapConfi
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(DECODERS[_LAZY[name]]), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def decoder_class(kind: str) -> type[Decoder]:
     """The Decoder subclass of a kind name (KeyError for an unknown one)."""
-    module = importlib.import_module(DECODERS[kind])
-    return next(cls for cls in vars(module).values() if isinstance(cls, type) and issubclass(cls, Decoder) and cls.__dict__.get("kind") == kind)
+    module, name = DECODERS[kind].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _read_config(src: Path, hint: str) -> tuple[type[Decoder], object, EmbedderInfo]:

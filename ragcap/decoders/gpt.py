@@ -63,11 +63,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
         n, t, width = x.shape
         q, k, v = (part.view(n, t, self.n_head, -1).transpose(1, 2) for part in self.c_attn(x).split(width, dim=2))
-        past = cache[layer] if cache is not None and layer < len(cache) else None
+        past = cache[layer] if cache and layer < len(cache) else None
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        if cache is not None:
-            cache[layer:layer + 1] = [(k, v)]
+            cache[layer] = (k, v)
+        elif cache is not None:  # the first call: each layer adds its entry in turn
+            cache.append((k, v))
         # Causal within the new positions; every new position sees all cached ones. Past the first
         # call only one position is new (one token per step), which may see everything.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=past is None and t > 1,
