@@ -62,7 +62,9 @@ def export_collection(store: Store, name: str, out: str | Path, on_progress: Cal
         raise RagcapError(f"cannot write {out}: it is a folder; give a file name such as {out / (name + '.parquet')}")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, export_schema(info)) as writer:
+    # Through a Python file, which keeps its own position where Arrow's would seek: so the
+    # export also streams into a pipe (-o /dev/stdout).
+    with atomic_path(out) as tmp, open(tmp, "wb") as file, pq.ParquetWriter(file, export_schema(info)) as writer:
         for ids, vectors, payloads in store.scroll(name, with_vectors=True):
             writer.write_table(export_table(ids, payloads, vectors, info))
             rows += len(ids)

@@ -3,12 +3,15 @@
 Caption output to a file goes to FILE.partial, renamed to FILE when the run completes: a
 failure before the first result leaves nothing (and an existing FILE untouched), a later one
 or Ctrl-C leaves FILE.partial, which `--resume` continues, skipping the inputs it holds.
+A FILE that is a device or a pipe (/dev/null, /dev/stdout, a FIFO) is written directly: a
+rename would replace the device itself, and a stream has nothing to resume.
 """
 
 from __future__ import annotations
 
 import csv
 import fcntl
+import io
 import json
 import os
 import sys
@@ -20,7 +23,7 @@ from typing import IO, TYPE_CHECKING, Iterable, Iterator, Sequence
 from tqdm import tqdm
 
 from ragcap.errors import Interrupted, RagcapError
-from ragcap.util import disk_full_error
+from ragcap.util import disk_full_error, not_a_file
 
 if TYPE_CHECKING:  # ragcap.caption imports torch, which listing collections does not need
     from ragcap.caption import CaptionResult
@@ -94,6 +97,14 @@ def duration(seconds: float) -> str:
         if seconds >= from_:
             return f"{seconds / size:.1f} {unit}"
     return f"{seconds:.0f} s"
+
+
+def is_stdout(path: Path) -> bool:
+    """Whether writing `path` writes this process's stdout (-o /dev/stdout, /proc/self/fd/1)."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, io.UnsupportedOperation):  # no such file; stdout replaced (tests)
+        return False
 
 
 def emit_json(data) -> None:
@@ -202,6 +213,12 @@ def caption_output(path: Path | None, fmt: str, modes: Sequence[str], key: str, 
     path = Path(path)
     if not path.parent.is_dir():
         raise RagcapError(f"cannot write {path}: the folder {path.parent} does not exist; create it first")
+    if not_a_file(path):
+        if resume:
+            raise RagcapError(f"--resume continues an output file, and {path} is a device or a pipe: pass -o FILE")
+        with open(path, "w", encoding="utf-8", newline="") as stream:
+            yield CaptionOutput(stream)
+        return
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
     stream = _open_locked(partial)
     try:

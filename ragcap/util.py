@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,9 +46,13 @@ def atomic_path(path: str | Path, need_bytes: int = 0) -> Iterator[Path]:
     processes writing the same file never trip over each other's temporary; the data is fsynced
     before the rename, so the rename cannot overtake the data after a power cut. need_bytes:
     refuse up front (DiskFullError) unless that much is free; a write that fills the disk anyway
-    also ends in DiskFullError, with the temporary removed.
+    also ends in DiskFullError, with the temporary removed. A device or a pipe (/dev/null, a
+    FIFO) is yielded itself: a rename would replace the device, and a stream cannot be half-written.
     """
     path = Path(path)
+    if not_a_file(path):
+        yield path
+        return
     if need_bytes:
         ensure_free_space(path.parent, need_bytes, str(path))
     try:
@@ -68,6 +73,16 @@ def atomic_path(path: str | Path, need_bytes: int = 0) -> Iterator[Path]:
         raise disk_full_error(e, path) or e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def not_a_file(path: str | Path) -> bool:
+    """Whether `path` exists as something other than a regular file or a folder: /dev/null,
+    /dev/stdout, a FIFO. Output goes into it as it is, never through a renamed temporary."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None], need_bytes: int = 0) -> None:

@@ -213,8 +213,9 @@ def test_trained_decoder_reproduces_real_coco_captions_from_their_embeddings(tin
 def test_killed_ingest_resumes_to_exactly_the_right_count(tiny_clip_dir, tmp_path, ragcap_home):
     """SIGKILL a real `ragcap ingest` mid-corpus; the rerun stores exactly the rest.
 
-    The ingest reads a pipe that stays open: once it has stored the first 48 lines (three batches)
-    it blocks reading the pipe, which /proc shows, and is killed there.
+    The ingest reads a pipe that stays open. It is killed once it blocks reading the pipe (which
+    /proc shows) and its collection's record counts the first 48 lines (three batches) stored:
+    batches are written by a background thread, so the read can block before the last write ends.
     """
     import os
     import signal
@@ -231,7 +232,7 @@ def test_killed_ingest_resumes_to_exactly_the_right_count(tiny_clip_dir, tmp_pat
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and child.poll() is None:
         waiting = "pipe" in Path(f"/proc/{child.pid}/wchan").read_text()
-        if waiting and sidecar.exists():
+        if waiting and sidecar.exists() and json.loads(sidecar.read_text())["points"] == 48:
             break
         time.sleep(0.1)
     assert child.poll() is None, "the ingest ended before it could be killed"

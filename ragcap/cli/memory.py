@@ -267,12 +267,14 @@ def export(
 ):
     """Write captions, payloads and vectors to Parquet (load elsewhere with `ingest parquet --vector-field vector`)."""
     from ragcap.export import export_collection
-    from ragcap.report import emit_json, progress
+    from ragcap.report import emit_json, is_stdout, progress
 
     with store(qdrant_url, qdrant_api_key, wait) as st, progress(st.count(name), f"export {name}", "points") as bar:
         rows = export_collection(st, name, out, bar.update)
         spec = st.embedder(name).spec
-    if json_out:
+    if is_stdout(out):  # the Parquet went to stdout: a summary after it would corrupt it
+        typer.echo(f"wrote {rows} points of {name} to stdout", err=True)
+    elif json_out:
         emit_json({"collection": name, "file": str(out), "points": rows, "embedder": spec})
     else:
         typer.echo(f"wrote {rows} points of {name} to {out}")

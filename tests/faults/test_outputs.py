@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import signal
+import stat
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.faults.conftest import cli, ingest, inline, messages, one_error_line, start, wait_for
+from tests.faults.conftest import REPO, cli, ingest, inline, messages, one_error_line, start, wait_for
 
 
 @pytest.fixture
@@ -127,6 +134,43 @@ def test_export_failure_leaves_an_existing_file_untouched(tmp_path):
     line = one_error_line(cli("export", "nothing", out))
     assert "no collection 'nothing'" in line
     assert out.read_bytes() == b"an earlier backup" and [p.name for p in tmp_path.iterdir()] == ["backup.parquet"]
+
+
+def read_fifo(path: Path) -> tuple[threading.Thread, list[bytes]]:
+    """A reader draining the FIFO at `path` in the background, as `cmd -o FIFO | ...` would."""
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(path.read_bytes()), daemon=True)
+    reader.start()
+    return reader, got
+
+
+def test_output_into_a_fifo_or_device_is_written_in_place_not_renamed_over(photos, tmp_path):
+    """Issue row: `caption -o /dev/null` (as root) renamed /dev/null.partial over /dev/null,
+    leaving a regular file where the device was. A FIFO stands in for the device here."""
+    fifo = tmp_path / "results"
+    os.mkfifo(fifo)
+    reader, got = read_fifo(fifo)
+    assert inline(*caption_args(photos[:2], fifo)).exit_code == 0
+    reader.join(60)
+    assert [json.loads(line)["file"] for line in got[0].decode().splitlines()] == [str(p) for p in photos[:2]]
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and [p.name for p in tmp_path.iterdir() if p.name.startswith("results")] == ["results"]
+
+    line = one_error_line(cli(*caption_args(photos[:2], fifo), "--resume"))
+    assert "is a device or a pipe" in line and stat.S_ISFIFO(fifo.stat().st_mode)
+
+    reader, got = read_fifo(fifo)
+    assert inline("export", "shapes", fifo).exit_code == 0
+    reader.join(60)
+    assert pq.read_table(io.BytesIO(got[0])).num_rows == 4 and stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_export_to_stdout_is_parquet_alone(photos):
+    """`ragcap export C /dev/stdout | ...`: the summary goes to stderr, after the Parquet it would break it."""
+    run = subprocess.run([sys.executable, "-m", "ragcap.cli", "export", "shapes", "/dev/stdout", "--json"],
+                         capture_output=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    assert pq.read_table(io.BytesIO(run.stdout)).num_rows == 4
+    assert "wrote 4 points of shapes to stdout" in run.stderr.decode()
 
 
 def test_no_resume_without_an_output_file(photos):
