@@ -18,8 +18,8 @@ class CaptionRecord:
     file: str | None = None  # image file name (basename) when the corpus gives one
     split: str | None = None
     location: str = ""  # "path:line" (or "path:row N"), for error messages
-    # Only for pre-embedded sources (parquet --vector-field, clip-retrieval): a list, or a row of a
-    # memory-mapped array, copied only when its batch is stored.
+    # Only for pre-embedded sources (parquet --vector-field, clip-retrieval): float32, checked
+    # by the reader (pipelines.files.vector_or_bad), so a bad one is reported at its row.
     vector: Sequence[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the --id-field value as "source_id"
 

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from pipelines.base import BadRecord, CaptionRecord, ReadOptions
-from pipelines.files import bad_line
+from pipelines.files import bad_line, vector_or_bad
 from ragcap.errors import SourceError
 
 DEFAULT_TEXT_FIELD = "caption"  # clip-retrieval's metadata column
@@ -96,7 +96,11 @@ def read_clip_retrieval(paths: Sequence[str], options: ReadOptions) -> Iterator[
                         if caption is not None:
                             yield bad_line(location, f"{field!r} holds {type(caption).__name__}, not text", options)
                         continue
+                    vector = vector_or_bad(vectors[row + i], f"{npy.name} row {row + i + 1}", location, options)
+                    if isinstance(vector, BadRecord):
+                        yield vector
+                        continue
                     image_id = data[options.id_field][i] if options.id_field else None
-                    yield CaptionRecord(caption=caption, corpus="clip-retrieval", location=location, vector=vectors[row + i],
+                    yield CaptionRecord(caption=caption, corpus="clip-retrieval", location=location, vector=vector,
                                         image_id=None if image_id is None else str(image_id))
                 row += batch.num_rows

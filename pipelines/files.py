@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import socket
 import sys
 from pathlib import Path
 from typing import IO, Any, Iterator
 from urllib.parse import urlparse
 from urllib.request import getproxies
+
+import numpy as np
 
 from pipelines.base import BadRecord, ReadOptions
 from ragcap.errors import SourceError
@@ -50,6 +53,23 @@ def bad_line(location: str, reason: str, options: ReadOptions) -> BadRecord:
     return BadRecord(location, reason)
 
 
+def vector_or_bad(value: Any, what: str, location: str, options: ReadOptions) -> np.ndarray | BadRecord:
+    """A pre-computed caption vector as float32, or bad_line's answer for one that cannot be
+    stored: not a flat list of numbers, NaN or infinity, or all zeros (the store normalises
+    vectors, and a zero one has no direction to normalise). `what` names it: "field 'vector'"."""
+    try:
+        vector = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        vector = None
+    if vector is None or vector.ndim != 1 or vector.size == 0:
+        return bad_line(location, f"{what} holds {type(value).__name__}, not a list of numbers", options)
+    if not np.isfinite(vector).all():
+        return bad_line(location, f"{what} holds NaN or infinity", options)
+    if not vector.any():
+        return bad_line(location, f"{what} is all zeros, a vector without a direction", options)
+    return vector
+
+
 class LineSource:
     """The decoded lines of a text file (endings kept, for csv's multi-line fields).
 
@@ -76,7 +96,8 @@ class LineSource:
     def __iter__(self) -> Iterator[str]:
         with self._file as raw:
             try:
-                for self.line_no, data in enumerate(raw, start=1):
+                for data in _lines(raw):
+                    self.line_no += 1
                     try:
                         # utf-8-sig on line 1 drops the BOM that Windows tools write.
                         line = data.decode("utf-8-sig" if self.line_no == 1 else "utf-8")
@@ -87,6 +108,20 @@ class LineSource:
                     yield line
             except (OSError, EOFError) as exc:  # truncated or corrupt .gz
                 raise SourceError(f"{self.location}: cannot read past this line ({exc})") from exc
+
+
+# A carriage return that ends a line by itself (classic Mac OS, some spreadsheet exports): not
+# the \r of a \r\n, which the \n ends.
+_LONE_CR = re.compile(rb"(?<=\r)(?!\n)")
+
+
+def _lines(raw: IO[bytes]) -> Iterator[bytes]:
+    """The lines of a binary file ending in \n, \r\n or a lone \r (endings kept)."""
+    for data in raw:
+        if b"\r" in data:
+            yield from (piece for piece in _LONE_CR.split(data) if piece)
+        else:
+            yield data
 
 
 def load_json(path: str | Path) -> Any:

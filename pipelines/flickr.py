@@ -68,7 +68,11 @@ def _token_file(text: Iterator[str], lines: LineSource, options: ReadOptions) ->
 
 def _csv_file(text: Iterator[str], lines: LineSource, options: ReadOptions) -> Iterator[CaptionRecord | BadRecord]:
     rows = csv_rows(text, lines, options)
-    header = [f.strip().lower() for f in next(rows)]  # type: ignore[union-attr]  # the header is never bad
+    header = next(rows)  # the line read_flickr recognised as the header: it exists
+    while isinstance(header, BadRecord):  # undecodable lines before it, skipped with --skip-bad
+        yield header
+        header = next(rows)
+    header = [f.strip().lower() for f in header]
     image, caption = header.index("image"), header.index("caption")
     split = header.index("split") if "split" in header else None
     if split is None:

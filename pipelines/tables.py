@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from pipelines.base import BadRecord, CaptionRecord, ReadOptions
-from pipelines.files import LineSource, bad_line, require_file
+from pipelines.files import LineSource, bad_line, require_file, vector_or_bad
 from ragcap.errors import SourceError
 from ragcap.export import EMBEDDER_METADATA_KEY
 
@@ -95,6 +95,8 @@ def read_csv(paths: Sequence[str], options: ReadOptions) -> Iterator[CaptionReco
         header = next(rows, None)
         if header is None:
             continue
+        if isinstance(header, BadRecord):  # --skip-bad cannot skip it: it names the columns
+            raise SourceError(f"{header.location}: cannot read the header row ({header.reason}); fix the file's first line")
         check_fields(header, options, f"{path}:1")
         for row in rows:
             if isinstance(row, BadRecord):
@@ -168,9 +170,9 @@ def _vector_rows(column) -> list | np.ndarray:
     """A vector column as float32 numpy rows without a Python float per value.
 
     to_pydict() makes 512 Python floats per caption: 165 µs a row and ~1 GB per 64k-row batch
-    (measured on a 512-d export). A list column of equal lengths and no nulls (what `ragcap
-    export` writes) becomes one 2-d view; anything else falls back to per-row lists, so that the
-    bad rows are still reported one by one.
+    (measured on a 512-d export). A list column of numbers of equal lengths and no nulls (what
+    `ragcap export` writes) becomes one 2-d view; anything else falls back to per-row lists, so
+    that the bad rows are still reported one by one.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -179,7 +181,8 @@ def _vector_rows(column) -> list | np.ndarray:
                                                    or pa.types.is_large_list(column.type)):
         lengths = pc.list_value_length(column).to_numpy()
         flat = column.flatten()  # respects the batch's offset into the column, unlike .values
-        if lengths[0] > 0 and (lengths == lengths[0]).all() and flat.null_count == 0:
+        numeric = pa.types.is_floating(flat.type) or pa.types.is_integer(flat.type)
+        if numeric and lengths[0] > 0 and (lengths == lengths[0]).all() and flat.null_count == 0:
             return flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(column), int(lengths[0]))
     return column.to_pylist()
 
@@ -195,10 +198,15 @@ def _parquet_row(row: dict[str, Any], options: ReadOptions, location: str) -> It
         except RecursionError:
             yield bad_line(location, "payload is JSON nested too deeply to parse", options)
             return
-    vector = row.get(options.vector_field) if options.vector_field else None
-    if options.vector_field and (vector is None or len(vector) == 0):
-        yield bad_line(location, f"no vector in field {options.vector_field!r}", options)
-        return
+    vector = None
+    if options.vector_field:
+        if row.get(options.vector_field) is None:
+            yield bad_line(location, f"no vector in field {options.vector_field!r}", options)
+            return
+        vector = vector_or_bad(row[options.vector_field], f"field {options.vector_field!r}", location, options)
+        if isinstance(vector, BadRecord):
+            yield vector
+            return
     for record in row_records(row, options, payload.get("corpus", "parquet"), location):
         if isinstance(record, CaptionRecord):
             # --id-field, when given, wins over the exported image_id.

@@ -23,11 +23,11 @@ import numpy as np
 from ragcap.config import ENV_OF, setting
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.distributed import RayOptions
-from ragcap.errors import ImageError, ModelError, OptionError, RagcapError
+from ragcap.errors import EmbedderMismatch, ImageError, ModelError, OptionError, RagcapError, SourceError
 from ragcap.export import export_collection, parquet_embedder
 from ragcap.images import ImageInput, image_name, load_images
 from ragcap.ingest import IngestOptions, IngestSummary
-from ragcap.store import CheckReport, CollectionLayout, Hit, Store, open_store
+from ragcap.store import CheckReport, CollectionLayout, Hit, Store, check_vector_dtype, open_store
 
 if TYPE_CHECKING:  # imported where used: ingesting pre-computed vectors needs no torch (~3 s to import)
     from ragcap.caption import CaptionSettings, Captioner
@@ -90,30 +90,46 @@ def ingest_embedder(
     collection: str,
     model: str | None = None,
     device: str | None = None,
-    vectors_from: str | Path | None = None,
+    vectors_from: Sequence[str | Path] | None = None,
     pre_embedded: bool = False,
     load: bool = True,
     precision: str | None = None,
 ) -> tuple[EmbedderInfo, Callable[[], object]]:
     """The embedder identity for an ingest, and a loader called only if something needs embedding.
 
-    The model is, in order: the one asked for, the collection's own, the one a pre-embedded
-    Parquet file (`vectors_from`) records, default_model(). A source whose records all carry
+    Pre-embedded Parquet files that record their embedder (`vectors_from`, ragcap's exports)
+    fix the identity, and a collection or --model of another embedder is refused. Otherwise the
+    model is, in order: the one asked for, the collection's own, default_model(). A source whose records all carry
     vectors (`pre_embedded`) needs no model at all, only its identity: loading a Parquet export
     or clip-retrieval's embeddings into a server loads no weights. load=False: the identity
     alone, read from the model's config (Ray's actors load the weights, not the driver).
     """
     from ragcap.embed import check_available, describe_embedder, load_embedder, parse_spec
 
-    if model is None and store.exists(collection):
+    asked = model
+    exists = store.exists(collection)
+    if model is None and exists:
         model = collection_model(store, collection)
-    if vectors_from is not None:
-        recorded = parquet_embedder(vectors_from)
-        if recorded is not None and (model is None or model == recorded.spec):
-            return recorded, lambda: load_embedder(recorded.spec, device, precision=precision)
+    recorded = files_embedder(vectors_from) if vectors_from else None
+    if recorded is not None:
+        where, info = recorded
+        # The file's vectors are what they are: a collection or --model of another embedder
+        # would file them under the wrong model, where every search of them comes out wrong.
+        expected = [(store.embedder(collection), f"collection '{collection}' was filled by")] if exists else []
+        if asked is not None:
+            expected.append((describe_embedder(asked), "--model is"))
+        for other, whose in expected:
+            if not info.matches(other):
+                raise EmbedderMismatch(
+                    f"{where} holds vectors of embedder '{info.spec}' (dim {info.dim}), but {whose} '{other.spec}' "
+                    f"(dim {other.dim}); ingest it into a collection of '{info.spec}', or re-embed its captions "
+                    "(ingest it without --vector-field)"
+                )
+        spec = model or info.spec
+        return info, lambda: load_embedder(spec, device, precision=precision)
     if pre_embedded:
         if model is None:
-            where = vectors_from or "the source"
+            where = ", ".join(map(str, vectors_from)) if vectors_from else "the source"
             raise ModelError(f"{where} records no embedder; pass --model with the spec its vectors were made with (e.g. ViT-L-14:openai)")
         info = describe_embedder(model)
         return info, lambda: load_embedder(model, device, precision=precision)
@@ -125,6 +141,23 @@ def ingest_embedder(
     # something needs embedding: an empty corpus or a resumed ingest loads no weights.
     check_available(spec)
     return describe_embedder(spec), lambda: load_embedder(spec, device, precision=precision)
+
+
+def files_embedder(paths: Sequence[str | Path]) -> tuple[str, EmbedderInfo] | None:
+    """(a file, the embedder it records) of pre-embedded Parquet files, or None if none records
+    one; SourceError when two record different embedders (their vectors cannot share a collection)."""
+    found = None
+    for path in paths:
+        info = parquet_embedder(path)
+        if info is None:
+            continue
+        if found is not None and not found[1].matches(info):
+            raise SourceError(
+                f"{found[0]} and {path} hold vectors of different embedders ('{found[1].spec}', '{info.spec}'): "
+                "ingest them into separate collections"
+            )
+        found = found or (str(path), info)
+    return found
 
 
 def ingest_corpus(
@@ -142,18 +175,19 @@ def ingest_corpus(
 ) -> tuple[EmbedderInfo, IngestSummary]:
     """Read a corpus with the `source` pipeline and fill `collection` (see ragcap.ingest); with
     `engine`, on a Ray cluster (see ragcap.distributed), optionally into Parquet parts instead."""
-    from pipelines import PRE_EMBEDDED, ReadOptions, get_reader
+    from pipelines import PRE_EMBEDDED, ReadOptions, check_read_options, get_reader
     from ragcap.ingest import ingest
 
     reader = get_reader(source)
     read_options = read_options or ReadOptions()
+    check_read_options(source, read_options)
     options = options or IngestOptions()
     if parquet_out is not None and engine is None:
         raise OptionError("--parquet-out writes from Ray's tasks: add --engine ray")
     if parquet_out is None:
-        check_layout(store, collection, options.layout)
+        check_layout(store, collection, options.layout, options.vector_dtype)
     given_vectors = source == "parquet" and read_options.vector_field is not None
-    vectors_from = paths[0] if given_vectors and paths else None
+    vectors_from = list(paths) if given_vectors else None
     pre_embedded = given_vectors or source in PRE_EMBEDDED
     info, load = ingest_embedder(store, collection, model, device, vectors_from, pre_embedded, load=engine is None,
                                  precision=options.precision)
@@ -167,18 +201,22 @@ def ingest_corpus(
     return info, ingest_on_ray(job, list(paths), store, engine, out, device, on_progress)
 
 
-def check_layout(store: Store, collection: str, layout: CollectionLayout) -> None:
+def check_layout(store: Store, collection: str, layout: CollectionLayout, vector_dtype: str | None = None) -> None:
     """Before any work: OptionError unless `store` can lay out a new collection so, or the
-    existing one already is (--shards and the rest apply when a collection is created)."""
+    existing one already is (--shards, --vector-dtype and the rest apply when a collection is created)."""
     store.check_layout(layout)
+    if vector_dtype is not None:
+        check_vector_dtype(vector_dtype)
     if not store.exists(collection):
         return
-    have = store.layout(collection)
+    have = {f.name: getattr(store.layout(collection), f.name) for f in fields(layout)}
     asked = {f.name: getattr(layout, f.name) for f in fields(layout) if getattr(layout, f.name) not in (None, False)}
-    differ = {k: v for k, v in asked.items() if getattr(have, k) != v}
+    if vector_dtype is not None:
+        have["vector_dtype"], asked["vector_dtype"] = store.vector_dtype(collection), vector_dtype
+    differ = {k: v for k, v in asked.items() if have[k] != v}
     if differ:
         wanted = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in differ.items())
-        held = ", ".join(f"{k.replace('_', '-')} {getattr(have, k)}" for k in differ)
+        held = ", ".join(f"{k.replace('_', '-')} {have[k]}" for k in differ)
         raise OptionError(
             f"collection '{collection}' exists with {held}, not {wanted}; these apply when a collection is "
             "created: drop it (or ingest into another name) to change them"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from ragcap.embedder_info import EmbedderInfo
-from ragcap.errors import RagcapError
+from ragcap.errors import RagcapError, SourceError
 from ragcap.store import Store
 from ragcap.util import atomic_path
 
@@ -22,9 +22,15 @@ EMBEDDER_METADATA_KEY = b"ragcap.embedder"
 
 def parquet_embedder(path: str | Path) -> EmbedderInfo | None:
     """The embedder a Parquet file records, or None for a file ragcap did not write."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    metadata = pq.read_schema(path).metadata or {}
+    from pipelines.files import require_file
+
+    try:
+        metadata = pq.read_schema(require_file(path)).metadata or {}
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(f"{path}: not a readable Parquet file ({e})") from None
     raw = metadata.get(EMBEDDER_METADATA_KEY)
     return EmbedderInfo.from_dict(json.loads(raw)) if raw else None
 
@@ -60,7 +66,10 @@ def export_collection(store: Store, name: str, out: str | Path, on_progress: Cal
     info = store.embedder(name)  # a missing collection fails before any folder is made
     if out.is_dir():
         raise RagcapError(f"cannot write {out}: it is a folder; give a file name such as {out / (name + '.parquet')}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise RagcapError(f"cannot write {out}: part of {out.parent} is a file, not a folder; give another path") from None
     rows = 0
     # Through a Python file, which keeps its own position where Arrow's would seek: so the
     # export also streams into a pipe (-o /dev/stdout).

@@ -20,7 +20,7 @@ import numpy as np
 from pipelines import filters
 from pipelines.base import BadRecord, CaptionRecord
 from ragcap.embedder_info import CLIP_CONTEXT, LONG_CONTEXT, EmbedderInfo
-from ragcap.errors import SourceError, StoreError
+from ragcap.errors import ModelError, OptionError, SourceError, StoreError
 from ragcap.store import CollectionLayout, Store, point_id
 
 
@@ -34,11 +34,19 @@ class IngestOptions:
     # Records embedded and upserted together, also the resume granularity. Large, because the
     # embedder sorts each call's captions by length: at 4096 padding costs ~5%, at 1000 ~30%.
     batch_size: int = 4096
-    vector_dtype: str = "float16"  # storage of a collection this run creates (see ragcap.store)
+    # Storage of a collection this run creates (see ragcap.store); None: float16. An existing
+    # collection keeps its own, and one asked for that differs is refused (api.check_layout).
+    vector_dtype: str | None = None
     layout: CollectionLayout = CollectionLayout()  # shards, replicas, on-disk vectors, quantization of one it creates
     # The text encoder's precision (ragcap.precision; None: $RAGCAP_PRECISION, else fp32). bf16
     # is several times faster on a GPU; its vectors drift from fp32's by what benchmarks/gpu.py states.
     precision: str | None = None
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise OptionError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise OptionError(f"--limit must be at least 1, not {self.limit}")
 
 
 @dataclass
@@ -181,10 +189,10 @@ def _write(store: Store, collection: str, todo, vectors: np.ndarray, summary: In
     summary.stored += len(todo)
 
 
-def _create(store: Store, collection: str, info: EmbedderInfo, vector_dtype: str, layout: CollectionLayout) -> None:
+def _create(store: Store, collection: str, info: EmbedderInfo, vector_dtype: str | None, layout: CollectionLayout) -> None:
     """Create the collection, or join it when a parallel worker (--shard) created it first."""
     try:
-        store.create(collection, info, vector_dtype, layout)
+        store.create(collection, info, vector_dtype or "float16", layout)
     except StoreError:
         if not store.exists(collection):
             raise
@@ -205,6 +213,12 @@ def _vectors_for(todo, embedder, info: EmbedderInfo, summary: IngestSummary, tic
             vectors[i] = rec.vector
     if to_embed:
         encoded = embedder.encode_text([todo[i][1].caption for i in to_embed], on_batch=tick)
+        broken = np.flatnonzero(~np.isfinite(encoded.vectors).all(axis=1))
+        if len(broken):  # before anything is created or written: a damaged model, or an overflow at its precision
+            raise ModelError(
+                f"{todo[to_embed[broken[0]]][1].location}: the embedder gave NaN or infinity for {len(broken)} caption(s) of "
+                "this batch; check the model's weights, or run it at --precision fp32"
+            )
         vectors[to_embed] = encoded.vectors
         summary.truncated += int(np.count_nonzero(encoded.truncated))
         summary.over_77_tokens += int(np.count_nonzero(encoded.lengths > CLIP_CONTEXT))

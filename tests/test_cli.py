@@ -105,6 +105,30 @@ def test_unknown_source_lists_the_sources(corpus):
         assert name in result.output
 
 
+@pytest.mark.parametrize("args,message", [
+    (["text", "{corpus}", "--split", "test"], "--split does not apply to text sources (it is read by coco-captions, flickr, hf)"),
+    (["jsonl", "{corpus}", "--text-field", "t", "--vector-field", "v"], "--vector-field does not apply to jsonl sources (it is read by parquet)"),
+    (["cc3m", "{corpus}", "--text-field", "t"], "--text-field does not apply to cc3m sources"),
+    (["text"], "no PATH: give the text files to read, or - to read stdin"),
+    (["text", "-", "-"], "stdin (-) is given more than once"),
+    (["coco-captions", "-"], "coco-captions does not read stdin (-)"),
+    (["text", "{corpus}", "--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    (["text", "{corpus}", "--limit", "-3"], "--limit must be at least 1, not -3"),
+])
+def test_options_a_source_would_ignore_or_cannot_use_are_refused(corpus, tiny_clip_dir, args, message):
+    """Each would have run and done something else than asked: ignored the option, or read nothing."""
+    args = [str(corpus) if a == "{corpus}" else a for a in args]
+    result = ragcap("ingest", *args, "-c", "refused", "-m", tiny_clip_dir, ok=False)
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert last_json(ragcap("collections", "--json")) == []
+
+
+def test_vector_dtype_of_an_existing_collection_cannot_change(filled, corpus):
+    result = ragcap("ingest", "text", corpus, "-c", filled, "--vector-dtype", "float32", ok=False)
+    assert result.exit_code == 1 and f"collection '{filled}' exists with vector-dtype float16, not vector-dtype float32" in result.output
+    assert last_json(ragcap("ingest", "text", corpus, "-c", filled, "--vector-dtype", "float16", "--json"))["already_stored"] == 20
+
+
 def test_missing_file_is_a_clear_error(tmp_path, tiny_clip_dir):
     result = ragcap("ingest", "text", tmp_path / "nope.txt", "-m", tiny_clip_dir, ok=False)
     assert result.exit_code == 1 and "nope.txt" in result.output and "Traceback" not in result.output
@@ -138,6 +162,30 @@ def test_collection_of_another_embedder_is_refused(filled, corpus, tmp_path):
     ragcap("models", "save-random", tiny_config(tmp_path), other, "--seed", "3")
     result = ragcap("ingest", "text", corpus, "-c", filled, "-m", other, ok=False)
     assert result.exit_code == 1 and str(other.resolve()) in result.output
+
+
+def test_exported_vectors_of_another_embedder_are_refused(filled, corpus, tmp_path):
+    """An export's vectors belong to the model that made them: into a collection, or under a
+    --model, of another embedder of the same dimension they would be stored as that model's."""
+    other = tmp_path / "other"
+    ragcap("models", "save-random", tiny_config(tmp_path), other, "--seed", "3")
+    ragcap("ingest", "text", corpus, "-c", "theirs", "-m", other)
+    ours, theirs = tmp_path / "ours.parquet", tmp_path / "theirs.parquet"
+    ragcap("export", filled, ours)
+    ragcap("export", "theirs", theirs)
+    vectors = ["--text-field", "caption", "--vector-field", "vector"]
+
+    result = ragcap("ingest", "parquet", ours, "-c", "theirs", *vectors, ok=False)
+    assert result.exit_code == 1 and f"{ours} holds vectors of embedder 'local:" in result.output
+    assert "but collection 'theirs' was filled by" in result.output
+    result = ragcap("ingest", "parquet", ours, "-c", "new", "-m", other, *vectors, ok=False)
+    assert result.exit_code == 1 and "but --model is" in result.output
+    result = ragcap("ingest", "parquet", ours, theirs, "-c", "new", *vectors, ok=False)
+    assert result.exit_code == 1 and f"{ours} and {theirs} hold vectors of different embedders" in result.output
+    assert [c["name"] for c in last_json(ragcap("collections", "--json"))] == sorted([filled, "theirs"])
+    assert last_json(ragcap("ingest", "parquet", theirs, "-c", "theirs", *vectors, "--json"))["already_stored"] == 20
+    result = ragcap("ingest", "parquet", tmp_path, "-c", "new", *vectors, ok=False)
+    assert result.exit_code == 1 and f"{tmp_path}: is a directory, expected a file" in result.output
 
 
 def tiny_config(tmp_path):

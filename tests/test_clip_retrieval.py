@@ -100,6 +100,24 @@ def test_damaged_outputs_are_refused_naming_the_file(tmp_path, tiny_clip_dir, da
         assert not store.exists("bad")  # nothing half-written
 
 
+def test_zero_and_nan_embeddings_are_bad_rows(tmp_path, tiny_clip_dir):
+    """Stored, a zero vector has no direction to normalise and a NaN one breaks every search:
+    each is refused at its row, or skipped and counted with --skip-bad."""
+    out = tmp_path / "out"
+    write_output(out, [["a", "b", "c", "d"]], dtype=np.float32)
+    npy = out / "text_emb" / "text_emb_0.npy"
+    vectors = np.load(npy)
+    vectors[1], vectors[3, 5] = 0, np.nan
+    np.save(npy, vectors)
+    result = ingest(out, "-c", "bad", "-m", tiny_clip_dir, ok=False)
+    assert result.exit_code == 1 and "metadata_0.parquet:row 2: text_emb_0.npy row 2 is all zeros" in result.output
+    with open_store() as store:
+        assert not store.exists("bad")
+    summary = json.loads(ingest(out, "-c", "good", "-m", tiny_clip_dir, "--skip-bad").stdout)
+    assert (summary["stored"], summary["skipped_bad"]) == (2, 2)
+    assert any("row 4: text_emb_0.npy row 4 holds NaN or infinity" in bad for bad in summary["bad"])
+
+
 def test_the_embedder_must_be_named(tmp_path):
     write_output(tmp_path / "out", [["a"]])
     with open_store() as store, pytest.raises(Exception, match="pass --model"):

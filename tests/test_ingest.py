@@ -9,7 +9,7 @@ import pytest
 
 from pipelines.base import BadRecord, CaptionRecord
 from ragcap.embed import load_embedder
-from ragcap.errors import EmbedderMismatch, SourceError, StoreError
+from ragcap.errors import EmbedderMismatch, ModelError, SourceError, StoreError
 from ragcap.ingest import IngestOptions, ingest
 from ragcap.store import open_store, point_id
 
@@ -89,6 +89,20 @@ def test_interrupted_ingest_resumes_without_reembedding(store, embedder):
     assert summary.already_stored == stored_before
     assert len(calls) == summary.stored == 60 - stored_before
     assert store.count("c") == 60
+
+
+def test_an_embedder_that_gives_nan_stops_the_run_before_anything_is_created(store, embedder):
+    class Overflowing:
+        info = embedder.info
+
+        def encode_text(self, texts, batch_size=256, on_batch=None):
+            encoded = embedder.encode_text(texts, on_batch=on_batch)
+            encoded.vectors[3] = np.nan
+            return encoded
+
+    with pytest.raises(ModelError, match=r"mem:4: the embedder gave NaN or infinity for 1 caption\(s\)"):
+        ingest(records(CAPTIONS), store, "c", embedder.info, lambda: Overflowing(), IngestOptions(batch_size=16))
+    assert not store.exists("c")
 
 
 def test_excluded_images_stay_out(store, embedder):

@@ -6,6 +6,7 @@ import gzip
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipelines import SOURCES, BadRecord, CaptionRecord, ReadOptions, get_reader
@@ -166,6 +167,18 @@ def test_flickr_malformed_lines(tmp_path):
     assert [r.location.rsplit(":", 1)[1] for r in records if isinstance(r, BadRecord)] == ["3", "4"]
 
 
+def test_csv_headers_that_are_not_utf8(tmp_path):
+    """A header cannot be skipped: it names the columns. Lines before a Flickr header can."""
+    csv_path = write(tmp_path / "h.csv", b"caf\xe9,caption\nx,hello there\n")
+    for skip_bad in (False, True):
+        with pytest.raises(SourceError, match=r"h\.csv:1: (cannot read the header row \()?not UTF-8"):
+            read("csv", csv_path, text_field="caption", skip_bad=skip_bad)
+    flickr = write(tmp_path / "f.csv", b"\xe9\nimage,caption\n1.jpg,hello there\n")
+    records = read("flickr", flickr, skip_bad=True)
+    assert [r.location.rsplit(":", 1)[1] for r in records if isinstance(r, BadRecord)] == ["1"]
+    assert [(r.file, r.caption) for r in records if isinstance(r, CaptionRecord)] == [("1.jpg", "hello there")]
+
+
 def test_flickr_unknown_format(tmp_path):
     with pytest.raises(SourceError, match="not a Flickr caption file"):
         read("flickr", write(tmp_path / "x.txt", "just a caption\n"))
@@ -200,6 +213,17 @@ def test_text_gz_blank_lines_and_bom(tmp_path):
         f.write("\ufeffA dog.\r\n\n   \nA cat.\n".encode("utf-8"))
     records = read("text", path)
     assert [(r.caption, r.location.rsplit(":", 1)[1]) for r in records] == [("A dog.", "1"), ("A cat.", "4")]
+
+
+def test_lone_carriage_returns_end_lines(tmp_path):
+    """Classic Mac OS and some spreadsheet exports end lines with \r alone: each is a caption
+    (a CSV row), numbered as such, not one caption of the whole file."""
+    text = write(tmp_path / "cr.txt", b"first caption\rsecond caption\r\rthird caption\r")
+    assert [(r.caption, r.location.rsplit(":", 1)[1]) for r in read("text", text)] == [
+        ("first caption", "1"), ("second caption", "2"), ("third caption", "4")]
+    table = write(tmp_path / "cr.csv", b'id,caption\r1,"two\r\nlines"\r2,plain\r')
+    assert [(r.image_id, r.caption) for r in read("csv", table, text_field="caption", id_field="id")] == [
+        ("1", "two\r\nlines"), ("2", "plain")]
 
 
 def test_text_not_utf8(tmp_path):
@@ -266,6 +290,31 @@ def test_parquet_vectors_of_uneven_or_missing_rows_are_reported_row_by_row(tmp_p
     assert [(r.caption, list(r.vector)) for r in good] == [("a", [1.0, 2.0]), ("c", [3.0]), ("d", [4.0, 5.0])]
     bad = [r for r in records if not isinstance(r, CaptionRecord)]
     assert len(bad) == 1 and "ragged.parquet:row 2" in bad[0].location and "no vector in field 'vector'" in bad[0].reason
+
+
+def test_parquet_vectors_that_cannot_be_stored_are_bad_rows(tmp_path):
+    """Not numbers, NaN, infinity, all zeros: each its row's error (or a skipped row), never a
+    crash, a stored point that breaks search, or an empty collection left behind."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {
+        "int": (pa.array([7, 8]), "field 'vector' holds int, not a list of numbers"),
+        "text": (pa.array([["a", "b"], ["c", "d"]]), "field 'vector' holds list, not a list of numbers"),
+        "nested": (pa.array([[[1.0]], [[2.0]]]), "field 'vector' holds list, not a list of numbers"),
+        "nan": (pa.array([[1.0, float("nan")], [0.6, 0.8]]), "field 'vector' holds NaN or infinity"),
+        "inf": (pa.array([[float("inf"), 1.0], [0.6, 0.8]]), "field 'vector' holds NaN or infinity"),
+        "zero": (pa.array([[0.0, 0.0], [0.6, 0.8]]), "field 'vector' is all zeros, a vector without a direction"),
+    }
+    for kind, (vectors, reason) in columns.items():
+        path = tmp_path / f"{kind}.parquet"
+        pq.write_table(pa.table({"caption": ["first", "second"], "vector": vectors}), path)
+        records = read("parquet", path, text_field="caption", vector_field="vector", skip_bad=True)
+        assert (records[0].location, records[0].reason) == (f"{path}:row 1", reason), kind
+        if kind in ("nan", "inf", "zero"):
+            assert records[1].vector.dtype == np.float32 and records[1].vector.tolist() == pytest.approx([0.6, 0.8])
+    with pytest.raises(SourceError, match=r"zero.parquet:row 1: field 'vector' is all zeros.*--skip-bad"):
+        read("parquet", tmp_path / "zero.parquet", text_field="caption", vector_field="vector")
 
 
 def test_parquet_not_parquet(tmp_path):

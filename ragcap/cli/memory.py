@@ -24,7 +24,7 @@ def ingest(
     text_field: Annotated[Optional[str], typer.Option(help="jsonl/csv/parquet/hf: the caption field (clip-retrieval: default caption).")] = None,
     id_field: Annotated[Optional[str], typer.Option(help="jsonl/csv/parquet/hf: the image id field.")] = None,
     vector_field: Annotated[Optional[str], typer.Option(help="parquet: pre-computed vectors (from `ragcap export`); no re-embedding.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Karpathy or Hugging Face split.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="coco-captions (Karpathy), flickr, hf: the split to read.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Read at most N captions from the source.")] = None,
     exclude_images: Annotated[Optional[Path], typer.Option(help="File of image ids (one per line or a JSON list) whose captions stay out.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Skip captions longer than N GPT-2 tokens (SmallCap uses 25).")] = None,
@@ -32,7 +32,7 @@ def ingest(
     skip_bad: Annotated[bool, typer.Option(help="Skip and count malformed lines instead of stopping.")] = False,
     shard: Annotated[Optional[str], typer.Option(help="I/N: ingest only the I-th of N disjoint slices (parallel workers).")] = None,
     batch_size: Annotated[int, typer.Option(help="Captions embedded and upserted together (the resume granularity).")] = 4096,
-    vector_dtype: Annotated[str, typer.Option(metavar=one_of("float16", "float32"), help="Storage of a new collection: float16 (half the memory) or float32.")] = "float16",
+    vector_dtype: Annotated[Optional[str], typer.Option(metavar=one_of("float16", "float32"), help="Storage of a new collection: float16 (half the memory) or float32 [default: float16].")] = None,
     shards: Annotated[Optional[int], typer.Option(help="Qdrant server: shards of a new collection, spread over the cluster's nodes.")] = None,
     replicas: Annotated[Optional[int], typer.Option(help="Qdrant server: copies of each shard of a new collection (2 survives losing a node).")] = None,
     write_consistency: Annotated[Optional[int], typer.Option(help="Qdrant server: replicas that must confirm each write.")] = None,
@@ -56,7 +56,7 @@ def ingest(
     Workers (--shard) and readers may use the collection at the same time: on the embedded
     store they take turns, and an ingest waits for its turn as long as it takes (--wait).
     With --engine ray the corpus is read, embedded and written by a Ray cluster's tasks."""
-    from pipelines import PRE_EMBEDDED, ReadOptions, check_paths, filters, get_reader
+    from pipelines import PRE_EMBEDDED, ReadOptions, check_paths, check_read_options, filters, get_reader
     from ragcap import api
     from ragcap.embed import check_available
     from ragcap.ingest import IngestOptions
@@ -70,7 +70,9 @@ def ingest(
     if model is not None and source not in PRE_EMBEDDED:
         check_available(model)  # a bad or (offline) missing model fails before the corpus is read
     read_options = ReadOptions(text_field=text_field, id_field=id_field, vector_field=vector_field, split=split, skip_bad=skip_bad)
-    check_vector_dtype(vector_dtype)
+    check_read_options(source, read_options)
+    if vector_dtype is not None:
+        check_vector_dtype(vector_dtype)
     engine_options = ray_options(engine, ray_address, actors, gpus_per_actor, cpus_per_actor)
     layout = CollectionLayout(shards, replicas, write_consistency, on_disk, quantization)
     layout.check()

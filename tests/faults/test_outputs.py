@@ -173,6 +173,12 @@ def test_export_to_stdout_is_parquet_alone(photos):
     assert "wrote 4 points of shapes to stdout" in run.stderr.decode()
 
 
+def test_export_under_a_file_names_it(photos, tmp_path):
+    (tmp_path / "a.txt").write_text("a file")
+    line = one_error_line(cli("export", "shapes", tmp_path / "a.txt" / "x.parquet"))
+    assert f"part of {tmp_path / 'a.txt'} is a file, not a folder" in line
+
+
 def test_no_resume_without_an_output_file(photos):
     assert "--resume continues an output file" in one_error_line(cli("caption", *photos, "-c", "shapes", "--mode", "clipre", "--resume"))
 
