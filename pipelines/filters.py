@@ -46,6 +46,8 @@ def load_image_ids(path: str | Path) -> set[str]:
             raise SourceError(f"{path}: expected a JSON list of image ids (numbers or strings)")
     else:
         ids = [line for line in LineSource(path, ReadOptions()) if line.strip()]
+    if not ids:  # a wrong or empty split file would let the evaluated images' captions in unseen
+        raise SourceError(f"{path}: lists no image ids; --exclude-images needs the ids (or file names) of the images to keep out")
     return {normalise_image_id(i) for i in ids}
 
 

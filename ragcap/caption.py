@@ -11,6 +11,7 @@ Qdrant for each query's top k. An image is a path, encoded bytes or a PIL image
 from __future__ import annotations
 
 import glob
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ragcap.errors import RagcapError
+from ragcap.errors import OptionError, RagcapError
 from ragcap.generation import SearchOptions
 from ragcap.images import IMAGE_EXTENSIONS, ImageInput, image_name, load_batches
 from ragcap.modes import MODES, modes_needing, parse_modes
@@ -76,6 +77,18 @@ class CaptionSettings:
     # (benchmarks/caption.py states the pixel and embedding differences).
     draft: bool = True
 
+    def __post_init__(self):
+        """Checked here, where the CLI, the API and the service all pass: a batch of 0 captions
+        nothing, a k of 0 retrieves nothing, and a tau of 0 or less weighs neighbours as NaN or
+        upside down, each without an error of its own."""
+        at_least = {"--batch-size": (self.batch_size, 1), "--k": (self.k, 1), "--prompt-k": (self.prompt_k, 1),
+                    "--neighbours": (self.neighbours, 0), "--max-pixels": (self.max_pixels, 1)}
+        for flag, (value, least) in at_least.items():
+            if value is not None and value < least:
+                raise OptionError(f"{flag} must be at least {least}, not {value}")
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise OptionError(f"--tau must be a number above 0, not {self.tau} (DeCap's is {DEFAULT_TAU})")
+
 
 @dataclass
 class CaptionResult:
@@ -101,10 +114,13 @@ class Batch:
 
 
 def iter_inputs(inputs: Sequence[str]) -> Iterator[str]:
-    """Image files, directories (recursive, by extension), globs, @list files and '-' (stdin)."""
+    """Image files, directories (recursive, by extension), globs, @list files and '-' (stdin).
+    A file that exists is itself, whatever its name: photo[1].jpg is no pattern, @home.jpg no list."""
     for item in inputs:
         if item == "-":
             yield from (line.strip() for line in sys.stdin if line.strip())
+        elif os.path.isfile(item):
+            yield item
         elif item.startswith("@"):
             with open(item[1:], encoding="utf-8") as lines:
                 yield from (line.strip() for line in lines if line.strip())

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ragcap.embedder_info import EmbedderInfo
-from ragcap.errors import ImageError, RagcapError
+from ragcap.errors import ImageError, RagcapError, SourceError
 from ragcap.evaluate import References
 from ragcap.export import EMBEDDER_METADATA_KEY, parquet_embedder
 from ragcap.images import load_image
@@ -106,7 +106,7 @@ def read_features(path: str | Path, expected: EmbedderInfo | None = None, patche
     try:
         embedder = parquet_embedder(path)
         table = pq.read_table(path, columns=FEATURE_COLUMNS) if embedder is not None else None
-    except (pa.ArrowException, OSError, KeyError, ValueError) as e:
+    except (pa.ArrowException, OSError, KeyError, ValueError, SourceError) as e:
         raise RagcapError(f"{path} is not a features file written by `ragcap embed-images` ({e})") from e
     if embedder is None or table is None:
         raise RagcapError(f"{path} records no embedder; make it with `ragcap embed-images`")

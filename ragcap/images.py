@@ -163,6 +163,14 @@ def _split(results: list) -> tuple[list, dict[int, ImageError]]:
     return loaded, {i: r for i, r in enumerate(results) if isinstance(r, ImageError)}
 
 
+def allow_pixels(max_pixels: int) -> None:
+    """Let Pillow open images of up to `max_pixels` in this process (a command's --max-pixels):
+    its decompression-bomb limit is process-wide, and a 100-megapixel camera's photo is over it.
+    The settings' max_pixels still refuses anything larger."""
+    if Image.MAX_IMAGE_PIXELS is not None:  # None: the check is off already
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, max_pixels)
+
+
 def _decode(open_image: Callable[[], Image.Image], name: str, max_pixels: int | None, owned: bool = True,
             draft: int | None = None) -> Image.Image:
     try:
@@ -193,8 +201,8 @@ def _decode(open_image: Callable[[], Image.Image], name: str, max_pixels: int | 
                     im.close()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLarge(
-            f"{name}: refused as a possible decompression bomb ({e}); raise PIL.Image.MAX_IMAGE_PIXELS "
-            "if the image is genuine"
+            f"{name}: refused as a possible decompression bomb ({e}); if the image is genuine, allow it "
+            "with --max-pixels N (PIL.Image.MAX_IMAGE_PIXELS in Python)"
         ) from e
     except UnidentifiedImageError as e:
         raise ImageError(f"{name}: not an image (or a format Pillow cannot read)") from e

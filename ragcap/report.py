@@ -213,6 +213,8 @@ def caption_output(path: Path | None, fmt: str, modes: Sequence[str], key: str, 
     path = Path(path)
     if not path.parent.is_dir():
         raise RagcapError(f"cannot write {path}: the folder {path.parent} does not exist; create it first")
+    if path.is_dir():
+        raise RagcapError(f"cannot write {path}: it is a folder; give a file name such as {path / ('captions.' + fmt)}")
     if not_a_file(path):
         if resume:
             raise RagcapError(f"--resume continues an output file, and {path} is a device or a pipe: pass -o FILE")
@@ -298,9 +300,7 @@ def _completed(data: bytes, fmt: str, modes: Sequence[str], key: str, source: Pa
             failed += "error" in seen
             kept = end
 
-    for number, line in enumerate(data.splitlines(keepends=True), 1):
-        if not line.endswith(b"\n"):
-            break  # cut short by a kill
+    for number, line in _records(data, fmt):
         start, offset = offset, offset + len(line)
         try:
             parsed = _parse_result_line(line.decode("utf-8"), fmt, key, number)
@@ -327,6 +327,21 @@ def _completed(data: bytes, fmt: str, modes: Sequence[str], key: str, source: Pa
     return kept, done, failed
 
 
+def _records(data: bytes, fmt: str) -> Iterator[tuple[int, bytes]]:
+    """(first line number, bytes) of each whole record of an output: a line, or in CSV the
+    lines of a row whose quoted fields hold line breaks (a file name may). A record without its
+    line end, cut short by a kill, is left out."""
+    pending, first = b"", 0
+    for number, line in enumerate(io.BytesIO(data), 1):
+        if not line.endswith(b"\n"):
+            return
+        pending, first = pending + line, first or number
+        if fmt == "csv" and pending.count(b'"') % 2:
+            continue  # inside a quoted field: its row goes on
+        yield first, pending
+        pending, first = b"", 0
+
+
 def _parse_result_line(text: str, fmt: str, key: str, number: int) -> tuple[str, str] | None:
     """(input, mode or "error"; or, in text output, the input's own line: (input, "source")),
     None for the CSV header and neighbour lines."""
@@ -334,7 +349,7 @@ def _parse_result_line(text: str, fmt: str, key: str, number: int) -> tuple[str,
         record = json.loads(text)
         return str(record[key]), "error" if "error" in record else str(record["mode"])
     if fmt == "csv":
-        row = next(csv.reader([text]))
+        row = next(csv.reader(io.StringIO(text)))
         if number == 1:
             if row != _csv_header(key):
                 raise ValueError(f"the header is {row}, not {_csv_header(key)}")
@@ -343,7 +358,7 @@ def _parse_result_line(text: str, fmt: str, key: str, number: int) -> tuple[str,
     if text.startswith("    "):
         return None  # a neighbour
     if text.startswith("  "):
-        mode = text[2:9].strip()
+        mode = text[2:].split(" ", 1)[0]  # padded to 7 characters, and "smallcap" has 8
         if not mode:
             raise ValueError("no mode")
         return "", mode

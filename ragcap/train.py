@@ -39,11 +39,35 @@ from ragcap.decoders.clipcap import MAPPINGS, ClipCapConfig, ClipCapDecoder
 from ragcap.decoders.decap import DeCapConfig, DeCapDecoder
 from ragcap.decoders.smallcap import TRAINED, SmallCapConfig, SmallCapDecoder
 from ragcap.embedder_info import EmbedderInfo
-from ragcap.errors import ModelError
+from ragcap.errors import ModelError, OptionError
 from ragcap.util import checkpoint_bytes, default_device, ensure_free_space, write_atomic
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
+
+
+# The flags of settings whose flag is not their name (--noise is a variance: see the CLI).
+FLAGS = {"n_layer": "--layers", "n_head": "--heads", "n_embd": "--width", "noise_std": "--noise (as a standard deviation)"}
+
+
+def _flag(name: str) -> str:
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _at_least(settings, **least: int) -> None:
+    for name, low in least.items():
+        value = getattr(settings, name)
+        if value < low:
+            raise OptionError(f"{_flag(name)} must be at least {low}, not {value}")
+
+
+def _within(settings, **bounds: tuple[float, float | None, bool]) -> None:
+    """Each named setting finite, above its low bound (or equal to it, where allowed) and below its high one."""
+    for name, (low, high, low_allowed) in bounds.items():
+        value = getattr(settings, name)
+        if not (math.isfinite(value) and (value >= low if low_allowed else value > low) and (high is None or value < high)):
+            above = f"{'at least' if low_allowed else 'above'} {low}" + (f" and below {high}" if high is not None else "")
+            raise OptionError(f"{_flag(name)} must be {above}, not {value}")
 
 
 @dataclass(frozen=True)
@@ -72,6 +96,13 @@ class TrainSettings:
     seed: int = 0
     device: str | None = None  # None: CUDA when present, else CPU
 
+    def __post_init__(self):
+        """Out-of-range settings fail here, before any data loads, not as a division by zero or
+        an optimiser's error minutes later (or, for epochs 0, as an untrained decoder written)."""
+        _at_least(self, epochs=1, batch_size=1, warmup_steps=0)
+        _within(self, lr=(0, None, False), weight_decay=(0, None, True), label_smoothing=(0, 1, True), noise_std=(0, None, True),
+                val_fraction=(0, 1, True))
+
     def build(self, embedder: EmbedderInfo, captions: list[str]) -> Decoder:
         """The kind's untrained model, with requires_grad set on what trains."""
         raise NotImplementedError
@@ -89,6 +120,13 @@ class TrainConfig(TrainSettings):
     # Output only the CLIP ids the training captions use (DeCapConfig.pruned_to): same
     # captions, several times less arithmetic. Off = all 49408 ids, exactly DeCap's decoder.
     prune_vocab: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        _at_least(self, n_layer=1, n_head=1, n_embd=1, max_tokens=1)
+        _within(self, dropout=(0, 1, True))
+        if self.n_embd % self.n_head:
+            raise OptionError(f"--width {self.n_embd} is not divisible by --heads {self.n_head}: each head takes an equal share")
 
     def decoder_config(self, embed_dim: int, captions: list[str]) -> DeCapConfig:
         config = DeCapConfig(embed_dim=embed_dim, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, max_tokens=self.max_tokens, dropout=self.dropout)
@@ -141,6 +179,7 @@ class ClipCapTrainConfig(TrainSettings):
     max_tokens: int = 67  # ClipCapConfig.max_tokens
 
     def __post_init__(self):
+        super().__post_init__()
         if self.mapping not in MAPPINGS:  # before minutes of loading data and the LM
             raise ModelError(f"unknown ClipCap mapping {self.mapping!r}; choose from {', '.join(MAPPINGS)}")
 

@@ -371,6 +371,9 @@ def test_load_image_ids_and_exclusion(tmp_path):
     assert not is_excluded(CaptionRecord("c", "x", image_id="43", file="43.jpg"), as_json)
     with pytest.raises(SourceError, match="JSON list of image ids"):
         load_image_ids(write(tmp_path / "bad.json", '[{"id": 1}]'))
+    for empty in (write(tmp_path / "empty.txt", "\n \n"), write(tmp_path / "empty.json", "[]")):
+        with pytest.raises(SourceError, match=f"{empty.name}: lists no image ids"):
+            load_image_ids(empty)
 
 
 @needs_shared

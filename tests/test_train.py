@@ -11,7 +11,7 @@ import torch
 from ragcap.decoders import load_decoder
 from ragcap.decoders.tokenizers import CaptionTokenizer
 from ragcap.embedder_info import EmbedderInfo
-from ragcap.errors import ModelError
+from ragcap.errors import ModelError, OptionError
 from ragcap.train import TrainConfig, train_decoder
 
 CAPTIONS = [
@@ -106,6 +106,28 @@ def test_a_completed_run_removes_its_checkpoint_and_reports_each_epoch(tmp_path)
     assert (tmp_path / "dec" / "model.safetensors").exists() and not (tmp_path / "dec" / "checkpoint.pt").exists()
     with pytest.raises(ModelError, match="completed decoder and no checkpoint"):
         train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "dec", TINY, resume=True)
+
+
+@pytest.mark.parametrize("given,message", [
+    ({"batch_size": 0}, "--batch-size must be at least 1, not 0"),
+    ({"epochs": 0}, "--epochs must be at least 1, not 0"),
+    ({"n_head": 3, "n_embd": 64}, "--width 64 is not divisible by --heads 3"),
+    ({"lr": -1.0}, "--lr must be above 0, not -1.0"),
+    ({"lr": float("nan")}, "--lr must be above 0, not nan"),
+    ({"dropout": 1.5}, "--dropout must be at least 0 and below 1, not 1.5"),
+    ({"max_tokens": 0}, "--max-tokens must be at least 1, not 0"),
+    ({"n_layer": 0}, "--layers must be at least 1, not 0"),
+    ({"label_smoothing": -1.0}, "--label-smoothing must be at least 0 and below 1, not -1.0"),
+    ({"warmup_steps": -5}, "--warmup-steps must be at least 0, not -5"),
+    ({"val_fraction": 1.0}, "--val-fraction must be at least 0 and below 1, not 1.0"),
+])
+def test_settings_out_of_range_are_refused_before_training(given, message):
+    """Issue rows: --batch-size 0 died dividing by zero, --heads 3 of width 64 in a reshape, and
+    --epochs 0 wrote an untrained decoder as if trained."""
+    from ragcap.train import preset, with_overrides
+
+    with pytest.raises(OptionError, match=message.replace("(", r"\(")):
+        with_overrides(preset("small"), **given)
 
 
 def test_rejects_vectors_that_do_not_match(tmp_path):

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ragcap.cli.common import (
-    DEFAULT_WAIT_S, Actors, Beam, CausalLM, Collection, CpusPerActor, Decoders, Device, Engine, GpusPerActor, Json, MaxTokens, Model, NumCaptions,
+    DEFAULT_WAIT_S, Actors, Beam, CausalLM, Collection, CpusPerActor, Decoders, Device, Engine, GpusPerActor, Json, MaxPixels, MaxTokens, Model, NumCaptions,
     Precision, PromptK, QdrantKey, QdrantUrl, RayAddress, Seed, Tau, Temperature, TopK, TopP, Wait, app, command, one_of, ray_options, search_options,
     store,
 )
@@ -232,6 +232,7 @@ def caption(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results here instead of stdout (via FILE.partial, renamed when complete).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted -o FILE: skip the inputs it already holds.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per batch (with --engine ray: per actor call).")] = 128,  # CaptionSettings.batch_size
+    max_pixels: MaxPixels = None,
     model: Model = None,
     device: Device = None,
     precision: Precision = None,
@@ -260,14 +261,22 @@ def caption(
         raise RagcapError(f"unknown --format {fmt!r}; choose from {', '.join(CAPTION_FORMATS)}")
     if not inputs and not text:
         raise RagcapError("nothing to caption: give image paths, a directory, - for stdin, or --text")
+    if inputs and text:  # each output line names a file or a text: one run writes one kind
+        raise OptionError("--text captions texts, not images: caption the images and the texts in separate runs")
     search = search_options(beam, num_captions, max_tokens, top_p, top_k, temperature, seed)
     settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, search=search, prompt_k=prompt_k,
-                               memory=memory, batch_size=batch_size, neighbours=neighbours)
+                               memory=memory, batch_size=batch_size, neighbours=neighbours, max_pixels=max_pixels)
     engine_options = ray_options(engine, ray_address, actors, gpus_per_actor, cpus_per_actor)
     precision = resolve_precision(precision)
     if engine_options is not None and text:
         raise OptionError("--engine ray captions images; caption --text in this process (leave --engine out)")
+    if max_pixels is not None:
+        from ragcap.images import allow_pixels
+
+        allow_pixels(max_pixels)
     paths = list(iter_inputs(inputs or []))
+    if inputs and not paths:  # a folder or glob with none says so itself; stdin and @lists may be empty
+        raise RagcapError(f"nothing to caption: {' '.join(inputs)} listed no images")
     key = "text" if text else "file"
     with store(qdrant_url, qdrant_api_key, wait) as st, caption_output(output, fmt, settings.modes, key, resume) as out:
         text, paths = [t for t in text or [] if t not in out.done], [p for p in paths if p not in out.done]
@@ -328,6 +337,7 @@ def evaluate(
     allow_leakage: Annotated[bool, typer.Option(help="Score even if the memory holds the evaluated images' own captions.")] = False,
     allow_missing: Annotated[bool, typer.Option(help="Score the referenced images that --images holds and exit 0 when others are missing (a subset is intended).")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,  # CaptionSettings.batch_size
+    max_pixels: MaxPixels = None,
     model: Model = None,
     device: Device = None,
     precision: Precision = None,
@@ -352,7 +362,11 @@ def evaluate(
     if not matched.pairs:
         raise RagcapError(f"none of the {len(refs)} images in {references} is in {images}; check --images and --split")
     search = search_options(beam, 1, max_tokens, top_p, top_k, temperature, seed)
-    settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, search=search, batch_size=batch_size)
+    settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, search=search, batch_size=batch_size, max_pixels=max_pixels)
+    if max_pixels is not None:
+        from ragcap.images import allow_pixels
+
+        allow_pixels(max_pixels)
     with store(qdrant_url, qdrant_api_key, wait) as st:
         if not allow_leakage:
             leaked = api.find_leakage(st, collection, matched.pairs)

@@ -127,9 +127,9 @@ def collections(qdrant_url: QdrantUrl = None, qdrant_api_key: QdrantKey = None, 
         rows = [
             {
                 "name": c.name,
-                "points": "?" if c.points is None else c.points,
-                "embedder": c.embedder.spec if c.embedder else "?",
-                "dim": c.embedder.dim if c.embedder else "?",
+                "points": c.points,  # None (JSON null; "?" in the table): unknown, the collection is damaged or busy
+                "embedder": c.embedder.spec if c.embedder else None,
+                "dim": c.embedder.dim if c.embedder else None,
                 "vectors": c.vector_dtype,
                 **_layout_columns(c.layout),
                 "status": c.status,
@@ -140,7 +140,8 @@ def collections(qdrant_url: QdrantUrl = None, qdrant_api_key: QdrantKey = None, 
     if json_out:
         emit_json(rows)
     elif rows:
-        shown = [{k: "-" if v is None else v for k, v in row.items()} for row in rows]
+        unknown = {"points", "embedder", "dim"}
+        shown = [{k: ("?" if k in unknown else "-") if v is None else v for k, v in row.items()} for row in rows]
         print_table(shown, ["name", "points", "embedder", "dim", "vectors", "on_disk", "quantization", "shards", "replicas", "write_consistency", "status"])
         for row in rows:
             if row["problem"]:

@@ -105,6 +105,8 @@ def test_damaged_collection(case, home, pristine):
     assert rows["other"]["status"] == "ok" and rows["other"]["points"] == 2  # the rest is listed
     assert (rows["mem"]["status"] == "damaged") == listed_as_damaged
     assert listed.exit_code == (1 if listed_as_damaged else 0)
+    # What is unknown is null, not a string where scripts expect a number.
+    assert all(rows["mem"][k] is None or isinstance(rows["mem"][k], t) for k, t in (("points", int), ("dim", int), ("embedder", str)))
 
     checked = inline("check", "mem")
     assert checked.exit_code == 1 and "Traceback" not in checked.stderr
