@@ -321,12 +321,13 @@ def embed_images(
     return features.embed_images(refs, pairs, embedder.info, encode, out, batch_size, on_progress, patches)
 
 
-def find_leakage(store: Store, collection: str, image_keys: Iterable[str]) -> int:
-    """How many stored captions describe one of the images (normalised ids) under evaluation."""
+def find_leakage(store: Store, collection: str, image_keys: Iterable[str], references: Iterable[str] = ()) -> int:
+    """How many stored captions describe one of the images (normalised ids) under evaluation, or
+    are one of their reference captions (ragcap.evaluate.find_leakage)."""
     from ragcap.evaluate import find_leakage as count_leaked
 
     payloads = (p for _, _, batch in store.scroll(collection, with_vectors=False) for p in batch)
-    return count_leaked(set(image_keys), payloads)
+    return count_leaked(set(image_keys), payloads, references)
 
 
 def load_captioner(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
-from pipelines.filters import normalise_image_id
+from pipelines.filters import normalise_caption, normalise_image_id
 from ragcap.errors import RagcapError
 from ragcap.images import IMAGE_EXTENSIONS
 
@@ -107,6 +107,8 @@ def load_references(path: str | Path, fmt: str | None = None, split: str | None 
 
 def _detect(source: _Source) -> str:
     data = source.data
+    if not source.text.strip() or data in ({}, []):
+        raise RagcapError(f"{source.path}: holds no references (the file is empty); give the human captions of the images to score")
     if isinstance(data, dict):
         images = data.get("images")
         if isinstance(images, list) and "annotations" in data:
@@ -271,16 +273,21 @@ def match_images(refs: References, images: str | Path | Sequence[str | Path]) ->
     return ImageMatch(pairs, missing)
 
 
-def find_leakage(eval_image_keys: set[str], stored_payloads: Iterable[Mapping[str, Any]]) -> int:
-    """How many stored captions describe an image under evaluation (by payload image_id or file).
+def find_leakage(eval_image_keys: set[str], stored_payloads: Iterable[Mapping[str, Any]],
+                 references: Iterable[str] = ()) -> int:
+    """How many stored captions describe an image under evaluation: by payload image_id or file,
+    or, for memories that record no ids (a text or CSV corpus), by being one of the `references`
+    (the evaluated images' human captions) word for word, case and spacing aside.
 
     Retrieving an evaluated image's own human captions inflates every score, so the CLI refuses
     such a collection unless told otherwise.
     """
+    texts = {normalise_caption(r).lower() for r in references}
     leaked = 0
     for payload in stored_payloads:
         ids = (payload.get("image_id"), payload.get("file"))
-        leaked += any(v is not None and normalise_image_id(v) in eval_image_keys for v in ids)
+        leaked += (any(v is not None and normalise_image_id(v) in eval_image_keys for v in ids)
+                   or normalise_caption(str(payload.get("caption", ""))).lower() in texts)
     return leaked
 
 

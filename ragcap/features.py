@@ -174,6 +174,8 @@ def embed_images(
     out = Path(out)
     if not out.parent.is_dir():
         raise RagcapError(f"cannot write {out}: the folder {out.parent} does not exist; create it first")
+    if out.is_dir():
+        raise RagcapError(f"cannot write {out}: it is a folder; give a file name such as {out / 'features.parquet'}")
     summary = FeatureSummary(out=str(out), embedder=info.spec, missing=sorted(set(refs) - set(pairs)))
     done = _done_so_far(out, info, patches)
     batches = list(chunks([key for key in pairs if key not in done], batch_size))

@@ -13,10 +13,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ragcap.errors import RagcapError
 
@@ -158,12 +160,23 @@ class Lock:
 LOCK_FILE = ".ragcap.lock"
 
 
-def hold_directory(directory: str | Path, what: str | None = None) -> Lock:
+@contextmanager
+def hold_directory(directory: str | Path, what: str | None = None) -> Iterator[Lock]:
     """Hold DIRECTORY (created if missing) against other ragcap processes writing into it, e.g.
     two `train-decoder` runs with one --out: the second is refused at once, naming the first.
-    Returned held; release it, or use it in a `with` (the process's end releases it too)."""
+    A directory made here that the run leaves empty (it failed before writing: a wrong
+    collection, a bad option) is removed again, so a mistake leaves nothing behind."""
     directory = Path(directory)
+    what = what or f"output directory {directory}"
+    if directory.exists() and not directory.is_dir():
+        raise RagcapError(f"{what}: {directory} is a file; give a folder to write into (a new or a resumable one)")
+    made = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    lock = Lock(directory / LOCK_FILE, what or f"output directory {directory}")
+    lock = Lock(directory / LOCK_FILE, what)
     lock.acquire(0, hint="; wait for it to finish, or write to another directory")
-    return lock
+    try:
+        yield lock
+    finally:
+        lock.release()
+        if made and all(p.name == LOCK_FILE for p in directory.iterdir()):
+            shutil.rmtree(directory, ignore_errors=True)

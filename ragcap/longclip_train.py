@@ -42,7 +42,7 @@ from ragcap.embed import (
     write_checkpoint,
 )
 from ragcap.embedder_info import CLIP_CONTEXT
-from ragcap.errors import ModelError, SourceError
+from ragcap.errors import ModelError, OptionError, SourceError
 from ragcap.images import load_image
 from ragcap.longclip import KEEP
 from ragcap.train import CHECKPOINT_FILE, LOG_FILE, _checkpoint, _restore, _split
@@ -68,6 +68,13 @@ class FinetuneConfig:
     val_fraction: float = 0.01  # held out for the per-epoch validation loss; split fixed by seed
     seed: int = 0
     device: str | None = None  # None: CUDA when present, else CPU
+
+    def __post_init__(self):
+        # A contrastive loss over one triple has no negatives: it is 0 whatever the model.
+        if self.batch_size < 2:
+            raise OptionError(f"--batch-size must be at least 2 (each triple's negatives are the batch's others), not {self.batch_size}")
+        if self.epochs < 1:
+            raise OptionError(f"--epochs must be at least 1, not {self.epochs}")
 
 
 @dataclass(frozen=True)
@@ -199,9 +206,12 @@ def finetune_longclip(
     config: FinetuneConfig = FinetuneConfig(),
     resume: bool = False,
     progress: Progress | None = None,
+    keep_checkpoint: bool = False,
 ) -> dict:
     """Fine-tune a long-context model on triples; returns {"epochs": [log rows], "train_loss",
-    "val_loss", "steps", "out_dir"}. progress(step, total_steps, loss) is told after every step."""
+    "val_loss", "steps", "out_dir"}. progress(step, total_steps, loss) is told after every step.
+    The checkpoint (weights and AdamW's state, ~3x the model) goes once the model is written,
+    unless keep_checkpoint."""
     out = Path(out_dir)
     progress = progress or (lambda step, total, loss: None)
     torch.manual_seed(config.seed)
@@ -254,6 +264,8 @@ def finetune_longclip(
     _save_model(out, embedder, {**made, "finetune": {
         "method": "Long-CLIP primary component matching", "base": embedder.info.spec, "triples": len(triples), "keep": keep,
         "epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr, "lock_image": config.lock_image}})
+    if not keep_checkpoint:
+        (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     last = log[-1] if log else {"train_loss": None, "val_loss": None}
     return {"epochs": log, "train_loss": last["train_loss"], "val_loss": last["val_loss"], "steps": total_steps, "out_dir": str(out)}
 
@@ -280,13 +292,14 @@ def _train_epoch(objective: PrimaryComponentMatching, optimizer, scheduler, batc
 
 @torch.no_grad()
 def _evaluate(objective: PrimaryComponentMatching, idx: np.ndarray, batch_of, batch_size: int) -> float | None:
-    """Held-out loss (fine + coarse), the training criterion in eval mode."""
-    if len(idx) == 0:
+    """Held-out loss (fine + coarse), the training criterion in eval mode; None for fewer than two
+    held-out triples, whose contrastive loss would be 0 for want of negatives. Batches are
+    evened out, so none is left with one triple."""
+    if len(idx) < 2:
         return None
     objective.eval()
     total = 0.0
-    for start in range(0, len(idx), batch_size):
-        batch = idx[start : start + batch_size]
+    for batch in np.array_split(idx, math.ceil(len(idx) / batch_size)):
         total += sum(loss.item() for loss in objective(*batch_of(batch))) * len(batch)
     return total / len(idx)
 
@@ -313,4 +326,6 @@ def _fingerprint(triples: list[Triple], spec: str, config: FinetuneConfig) -> di
 def _prepare_out_dir(out: Path, resume: bool) -> None:
     if not resume and ((out / CHECKPOINT_FILE).exists() or (out / CONFIG_NAME).exists()):
         raise ModelError(f"{out} already holds a model or a training run; resume it with --resume, or choose another output directory")
+    if resume and not (out / CHECKPOINT_FILE).exists() and (out / CONFIG_NAME).exists():
+        raise ModelError(f"{out} holds a completed model and no checkpoint: nothing to resume; choose another output directory")
     out.mkdir(parents=True, exist_ok=True)

@@ -476,6 +476,13 @@ def _prepare_out_dir(out: Path, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _differences(theirs: dict, ours: dict) -> str:
+    """What a checkpoint's fingerprint has that this run's does not: the settings by flag, else the data."""
+    before, now = theirs.get("config", {}), ours.get("config", {})
+    changed = [f"{_flag(k)} {before.get(k)}, now {v}" for k, v in now.items() if before.get(k) != v]
+    return "; ".join(changed) if changed else "the same settings, other data"
+
+
 def _checkpoint(path: Path, epoch: int, log: list[dict], fingerprint: dict, model, optimizer, scheduler) -> None:
     state = {
         "epoch": epoch,
@@ -501,7 +508,8 @@ def _restore(path: Path, fingerprint: dict, model, optimizer, scheduler) -> tupl
         raise ModelError(f"{path} was trained on vectors of {(theirs.get('embedder') or {}).get('spec')}, not {embedder['spec']}; "
                          "resume with the same data, or choose another output directory")
     if theirs != fingerprint:
-        raise ModelError(f"{path} was made with other captions or settings; resume with the same ones, or choose another output directory")
+        raise ModelError(f"{path} was made with other captions or settings ({_differences(theirs, fingerprint)}); "
+                         "resume with the same ones, or choose another output directory")
     model.load_state_dict(state["model"], strict=False)  # the frozen rest is rebuilt identically
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

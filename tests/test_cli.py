@@ -129,6 +129,19 @@ def test_vector_dtype_of_an_existing_collection_cannot_change(filled, corpus):
     assert last_json(ragcap("ingest", "text", corpus, "-c", filled, "--vector-dtype", "float16", "--json"))["already_stored"] == 20
 
 
+def test_a_training_run_that_fails_before_writing_leaves_no_out_folder(filled, tmp_path):
+    """Issue rows: a wrong collection left an empty --out holding only the lock file; an --out
+    that is a file gave a bare 'File exists'."""
+    out = tmp_path / "decoder"
+    result = ragcap("train-decoder", "-c", "nosuch", "--out", out, ok=False)
+    assert result.exit_code == 1 and "no collection 'nosuch'" in result.output and not out.exists()
+    afile = tmp_path / "afile"
+    afile.write_text("notes")
+    result = ragcap("train-decoder", "-c", filled, "--out", afile, ok=False)
+    assert result.exit_code == 1 and f"--out {afile}: {afile} is a file; give a folder" in result.output
+    assert afile.read_text() == "notes"
+
+
 def test_missing_file_is_a_clear_error(tmp_path, tiny_clip_dir):
     result = ragcap("ingest", "text", tmp_path / "nope.txt", "-m", tiny_clip_dir, ok=False)
     assert result.exit_code == 1 and "nope.txt" in result.output and "Traceback" not in result.output

@@ -68,6 +68,16 @@ def test_leakage_guard_trips_then_passes_after_exclusion(eval_set):
     assert report["images_scored"] == N_IMAGES and report["images_missing"] == []
 
 
+def test_leakage_guard_finds_the_references_in_a_memory_without_ids(eval_set, tmp_path):
+    """Issue row: the same captions ingested as plain text (no image ids) were scored unseen."""
+    rows = [json.loads(line) for line in eval_set["refs"].read_text().splitlines()]
+    corpus = tmp_path / "refs.txt"
+    corpus.write_text("".join(c.upper() + "\n" for c in rows[0]["references"]) + "a caption of no evaluated image\n")
+    assert ragcap("ingest", "text", corpus, "-c", "textual", "-m", eval_set["clip"]).exit_code == 0
+    refused = ragcap("eval", eval_set["refs"], "--images", eval_set["images"], "-c", "textual", "--mode", "clipre")
+    assert refused.exit_code == 1 and f"holds {len(rows[0]['references'])} captions of the {N_IMAGES} images" in refused.output
+
+
 def test_modes_in_one_run_score_as_separate_runs(eval_set):
     ingest(eval_set, "clean", "--exclude-images", eval_set["exclude"])
     common = ["--images", eval_set["images"], "-c", "clean", "--decoder", eval_set["decoder"], "--k", "10", "--no-spice", "--json"]

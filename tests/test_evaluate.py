@@ -252,6 +252,14 @@ def test_real_reference_files_agree(tmp_path):
     assert all(by_image[k].captions == r.captions for k, r in manifest.items())
 
 
+@pytest.mark.parametrize("content", ["", "\n  \n", "{}", "[]"])
+def test_an_empty_reference_file_says_so(tmp_path, content):
+    path = tmp_path / "refs.json"
+    path.write_text(content)
+    with pytest.raises(RagcapError, match=r"refs\.json: holds no references \(the file is empty\)"):
+        load_references(path)
+
+
 def test_unknown_format_lists_the_known_ones(tmp_path):
     path = tmp_path / "refs.txt"
     path.write_text("just some text\nand more\n")
@@ -299,3 +307,6 @@ def test_leakage_counts_stored_captions_of_evaluated_images():
     ]
     assert find_leakage({"73", "74"}, payloads) == 3
     assert find_leakage(set(), payloads) == 0
+    # A memory without ids (a text corpus) leaks by holding the references themselves.
+    texts = [{"caption": "A man  riding a wave"}, {"caption": "a dog"}, {"caption": "a man riding a wave on a board"}]
+    assert find_leakage({"73"}, texts, ["a man riding a wave", "two cats"]) == 1

@@ -125,6 +125,9 @@ def test_no_matching_image_and_not_a_features_file_are_clear_errors(photos, tiny
         read_features(tmp_path / "notes.parquet")
     with pytest.raises(RagcapError, match="no such features file"):
         read_features(tmp_path / "absent.parquet")
+    (tmp_path / "d.parquet").mkdir()
+    result = ragcap("embed-images", photos["refs"], "--images", photos["dir"], "-o", tmp_path / "d.parquet", "-m", tiny_clip_dir)
+    assert result.exit_code == 1 and f"cannot write {tmp_path / 'd.parquet'}: it is a folder" in result.output
 
 
 def test_a_later_column_leaves_the_reader_working(photos, tiny_clip_dir, tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from ragcap import embed
 from ragcap.embed import load_embedder
-from ragcap.errors import ModelError, SourceError
+from ragcap.errors import ModelError, OptionError, SourceError
 from ragcap.importers import import_model
 from ragcap.importers.longclip import match_architecture
 from ragcap.longclip import stretch_model, stretch_positions
@@ -354,8 +354,9 @@ def test_finetuning_lowers_the_loss_and_trains_all_but_the_kept_positions(tiny_p
 
 def test_locked_image_tower_stays_as_it_was(tiny_pair, triples_dir, tmp_path):
     triples, _ = read_triples(triples_dir / "manifest.jsonl", triples_dir)
-    config = FinetuneConfig(**{**FAST.__dict__, "epochs": 1, "lock_image": True})
-    finetune_longclip(triples, str(tiny_pair[1]), tmp_path / "ft", config)
+    # 5% of 12 holds out one triple, whose contrastive loss would be 0 for want of negatives.
+    config = FinetuneConfig(**{**FAST.__dict__, "epochs": 1, "lock_image": True, "val_fraction": 0.05})
+    assert finetune_longclip(triples, str(tiny_pair[1]), tmp_path / "ft", config)["val_loss"] is None
     before, after = _weights(tiny_pair[1]), _weights(tmp_path / "ft")
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
     assert not torch.equal(before["text_projection"], after["text_projection"])
@@ -381,6 +382,11 @@ def test_an_interrupted_finetuning_resumes_to_the_same_weights(tiny_pair, triple
     assert [r["epoch"] for r in result["epochs"]] == [1, 2]
     whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()  # 3x the model: gone once the model is written
+    with pytest.raises(ModelError, match="holds a completed model and no checkpoint"):
+        finetune_longclip(triples, str(tiny_pair[1]), tmp_path / "cut", config, resume=True)
+    with pytest.raises(OptionError, match="--batch-size must be at least 2"):
+        FinetuneConfig(batch_size=1)
 
 
 def test_bad_manifests_and_models_are_refused(tiny_pair, triples_dir, tmp_path):

@@ -95,8 +95,10 @@ def test_refuses_to_overwrite_or_resume_a_different_run(tmp_path):
     train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "dec", one_epoch, keep_checkpoint=True)
     with pytest.raises(ModelError, match="already holds"):
         train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "dec", TINY)
-    with pytest.raises(ModelError, match="other captions or settings"):
+    with pytest.raises(ModelError, match=r"other captions or settings \(--epochs 1, now 2\)"):
         train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "dec", TINY, resume=True)
+    with pytest.raises(ModelError, match=r"other captions or settings \(the same settings, other data\)"):
+        train_decoder(CAPTIONS[:-1], VECTORS[:-1], EMBEDDER, tmp_path / "dec", one_epoch, resume=True)
 
 
 def test_a_completed_run_removes_its_checkpoint_and_reports_each_epoch(tmp_path):

@@ -226,6 +226,7 @@ Decoders = Annotated[Optional[list[Path]], typer.Option("--decoder", help="Train
 CausalLM = Annotated[str, typer.Option("--lm", help="Causal LM for prompt mode: hub name or directory.")]
 Tau = Annotated[float, typer.Option("--tau", help="Softmax temperature of the projection (DeCap: 0.01).")]
 PromptK = Annotated[int, typer.Option("--prompt-k", help="Retrieved captions in the prompt (SmallCap: 4).")]
+KeepCheckpoint = Annotated[bool, typer.Option("--keep-checkpoint", help="Keep checkpoint.pt (weights and optimiser state, only needed to resume) after a completed run.")]
 MaxPixels = Annotated[Optional[int], typer.Option(
     "--max-pixels", help="Largest image in pixels; more than Pillow's decompression-bomb limit (89,478,485) admits large genuine photos [default: that limit].")]
 

@@ -9,13 +9,12 @@ from typing import Annotated, Optional
 import typer
 
 from ragcap.cli.common import (
-    DEFAULT_WAIT_S, Actors, Beam, CausalLM, Collection, CpusPerActor, Decoders, Device, Engine, GpusPerActor, Json, MaxPixels, MaxTokens, Model, NumCaptions,
+    DEFAULT_WAIT_S, Actors, Beam, CausalLM, KeepCheckpoint, Collection, CpusPerActor, Decoders, Device, Engine, GpusPerActor, Json, MaxPixels, MaxTokens, Model, NumCaptions,
     Precision, PromptK, QdrantKey, QdrantUrl, RayAddress, Seed, Tau, Temperature, TopK, TopP, Wait, app, command, one_of, ray_options, search_options,
     store,
 )
 from ragcap.errors import OptionError, RagcapError
 
-KeepCheckpoint = Annotated[bool, typer.Option("--keep-checkpoint", help="Keep checkpoint.pt (weights and optimiser state, only needed to resume) after a completed run.")]
 
 
 def _on_cpu(device: str | None) -> bool:
@@ -61,16 +60,16 @@ def train_decoder(
     from ragcap import api
     from ragcap.locks import hold_directory
 
-    base = preset_config(preset)  # an unknown preset fails before the collection is read
+    # An unknown preset or a setting out of range fails before the collection is read.
+    config = with_overrides(preset_config(preset), n_layer=layers, n_head=heads, n_embd=width, max_tokens=max_tokens, epochs=epochs,
+                            batch_size=batch_size, lr=lr, noise_std=_noise_std(noise), val_fraction=val_fraction, seed=seed,
+                            label_smoothing=label_smoothing, dropout=dropout, warmup_steps=warmup_steps, prune_vocab=prune_vocab,
+                            device=device)
     with hold_directory(out, f"--out {out}"):  # a second run into --out is refused before any work
         with store(qdrant_url, qdrant_api_key, wait) as st:
             captions, vectors, info = api.training_data(st, collection, parquet)
         if max_tokens is not None:  # up to the encoder's context (248 for a Long-CLIP model), not beyond
             check_decoder_length(info.spec, max_tokens)
-        config = with_overrides(base, n_layer=layers, n_head=heads, n_embd=width, max_tokens=max_tokens, epochs=epochs,
-                                batch_size=batch_size, lr=lr, noise_std=_noise_std(noise), val_fraction=val_fraction, seed=seed,
-                                label_smoothing=label_smoothing, dropout=dropout, warmup_steps=warmup_steps, prune_vocab=prune_vocab,
-                                device=device)
         hint = "; on a CPU, --preset small does 14x less work per token" if preset == "decap" and _on_cpu(device) else ""
         result = _train("train-decoder", captions, vectors, info, out, config, resume, keep_checkpoint, hint)
     if json_out:
@@ -79,7 +78,7 @@ def train_decoder(
         typer.echo(f"decoder for {info.spec} written to {out} ({len(captions)} captions)")
 
 
-@command(app, "train-clipcap")
+@command(app, "train-clipcap", interrupted="interrupted; rerun with --resume to continue from the last complete epoch")
 def train_clipcap(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the trained ClipCap model (and its checkpoints).")],
     features: Annotated[Optional[Path], typer.Option(help="Paired training: an `embed-images` features file (every reference of every image).")] = None,
@@ -117,16 +116,16 @@ def train_clipcap(
 
     if collection is not None and parquet is not None:
         raise RagcapError("pass at most one of --collection NAME or --parquet FILE")
+    config = with_overrides(ClipCapTrainConfig(), mapping=mapping, lm=lm, train_lm=train_lm, noise_std=_noise_std(noise),
+                            prefix_length=prefix_length, clip_length=clip_length, mapping_layers=mapping_layers,
+                            max_tokens=max_tokens, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                            val_fraction=val_fraction, seed=seed, device=device)
     with hold_directory(out, f"--out {out}"):  # a second run into --out is refused before any work
         if collection is not None:
             with store(qdrant_url, qdrant_api_key, wait) as st:
                 data = api.training_examples(st, collection, parquet, features)
         else:
             data = api.training_examples(None, None, parquet, features)
-        config = with_overrides(ClipCapTrainConfig(), mapping=mapping, lm=lm, train_lm=train_lm, noise_std=_noise_std(noise),
-                                prefix_length=prefix_length, clip_length=clip_length, mapping_layers=mapping_layers,
-                                max_tokens=max_tokens, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                                val_fraction=val_fraction, seed=seed, device=device)
         result = _train("train-clipcap", data.captions, data.vectors, data.embedder, out, config, resume, keep_checkpoint, groups=data.groups, noisy=data.noisy)
     if json_out:
         emit_json({"out": str(out), "captions": len(data.captions), "paired": data.paired, "embedder": data.embedder.spec, **result})
@@ -369,12 +368,13 @@ def evaluate(
         allow_pixels(max_pixels)
     with store(qdrant_url, qdrant_api_key, wait) as st:
         if not allow_leakage:
-            leaked = api.find_leakage(st, collection, matched.pairs)
+            leaked = api.find_leakage(st, collection, matched.pairs, (c for key in matched.pairs for c in refs[key].captions))
             if leaked:
                 raise RagcapError(
-                    f"collection '{collection}' holds {leaked} captions of the {len(matched.pairs)} images under evaluation, "
-                    "which inflates every score; rebuild it with `ragcap ingest ... --exclude-images FILE` "
-                    "(a file of the evaluated image ids) or pass --allow-leakage"
+                    f"collection '{collection}' holds {leaked} captions of the {len(matched.pairs)} images under evaluation "
+                    "(by image id, or their reference captions word for word), which inflates every score; rebuild it with "
+                    "`ragcap ingest ... --exclude-images FILE` (a file of the evaluated image ids; a corpus without ids must "
+                    "leave their references out) or pass --allow-leakage"
                 )
         captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device, precision=precision)
         key_of = {str(path): key for key, path in matched.pairs.items()}

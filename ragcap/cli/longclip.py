@@ -7,10 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ragcap.cli.common import Device, Json, app, command
+from ragcap.cli.common import Device, Json, KeepCheckpoint, app, command
 
 
-@command(app, "finetune-longclip")
+@command(app, "finetune-longclip", interrupted="interrupted; rerun with --resume to continue from the last complete epoch")
 def finetune_longclip(
     manifest: Annotated[Path, typer.Argument(help='JSONL, one {"file", "long", "short"?} per image; short defaults to long\'s first sentence.')],
     images: Annotated[Path, typer.Option("--images", help="Folder the manifest's files are relative to.")],
@@ -27,6 +27,7 @@ def finetune_longclip(
     seed: Annotated[Optional[int], typer.Option(help="Seed for the split and the batches.")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip and count bad manifest lines instead of stopping.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from the last complete epoch in --out.")] = False,
+    keep_checkpoint: KeepCheckpoint = False,
     device: Device = None,
     json_out: Json = False,
 ):
@@ -39,7 +40,7 @@ def finetune_longclip(
                  pca_dim=pca_dim, val_fraction=val_fraction, seed=seed, device=device)
     config = FinetuneConfig(lock_image=lock_image, **{k: v for k, v in given.items() if v is not None})
     with StepProgress("finetune-longclip") as report:
-        result = train(triples, model, out, config, resume=resume, progress=report)
+        result = train(triples, model, out, config, resume=resume, progress=report, keep_checkpoint=keep_checkpoint)
     if json_out:
         emit_json({"out": str(out), "model": model, "triples": len(triples), "skipped_bad": len(bad), **result})
     else:
