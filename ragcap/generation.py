@@ -64,7 +64,10 @@ class SearchOptions:
             (beam >= 1, f"beam must be >= 1, got {self.beam}"),
             (self.num_return >= 1, f"the number of captions must be >= 1, got {self.num_return}"),
             (not (self.sample and beam > 1), "sampling and beam search exclude each other: use a beam of 1 to sample"),
-            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            # Below 1e-6 the scaled log-probabilities overflow float32 (NaN draws); it is greedy by then anyway.
+            (math.isfinite(self.temperature) and self.temperature >= 1e-6,
+             f"temperature must be a finite number of at least 1e-6, got {self.temperature}"),
+            (self.seed is None or 0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got {self.seed}"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
         ]

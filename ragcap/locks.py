@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import shutil
 import sys
 import time
@@ -35,8 +36,27 @@ def describe_process() -> str:
     program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
     if program in ("__main__.py", "-m", "-c"):
         program = "ragcap" if "ragcap" in sys.argv[0] else "python"
-    words = " ".join([program, *sys.argv[1:]])
+    words = " ".join([program, *_redacted(sys.argv[1:])])
     return f"pid {os.getpid()}: {words[:200]}"
+
+
+# Options whose values are secrets: a waiter, `collections` and the server's listing show the
+# holder's command line, and must not show its --api-key or --qdrant-api-key.
+_SECRET_OPTION = re.compile(r"--[\w-]*(key|token|password|secret)[\w-]*", re.IGNORECASE)
+
+
+def _redacted(args: list[str]) -> list[str]:
+    out, hide_next = [], False
+    for arg in args:
+        name, eq, _ = arg.partition("=")
+        if hide_next:
+            out.append("***")
+        elif _SECRET_OPTION.fullmatch(name) and eq:
+            out.append(f"{name}=***")
+        else:
+            out.append(arg)
+        hide_next = not hide_next and not eq and bool(_SECRET_OPTION.fullmatch(arg))
+    return out
 
 
 def _try_lock(fd: int, mode: int = fcntl.LOCK_EX) -> bool:

@@ -94,6 +94,10 @@ def test_vector_dtype_float16_by_default_float32_on_request(filled, corpus, tiny
 
 
 def test_drop(filled):
+    unanswered = runner.invoke(app, ["drop", filled], input="")  # stdin closed: no answer is no
+    assert unanswered.exit_code == 1 and "not confirmed (nothing answered on stdin); pass --yes" in unanswered.output
+    declined = runner.invoke(app, ["drop", filled], input="n\n")
+    assert declined.exit_code == 1 and [c["name"] for c in last_json(ragcap("collections", "--json"))] == [filled]
     ragcap("drop", filled, "--yes")
     assert last_json(ragcap("collections", "--json")) == []
 

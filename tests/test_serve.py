@@ -316,7 +316,7 @@ def blocked(running) -> threading.Event:
 
 
 def test_full_queue_is_503_and_not_ready(captioner):
-    running = serve(captioner, max_batch=1, max_wait_ms=0, max_queue=2)
+    running = serve(captioner, max_batch=1, max_wait_ms=0, max_queue=2, max_images=2, max_texts=2)
     gate = blocked(running)
     try:
         out: dict = {}
@@ -345,7 +345,8 @@ def test_timeout_is_504_and_unstarted_work_is_dropped(captioner):
         for thread in threads:
             thread.join()
         for i in range(2):
-            assert_error(out[i], 504, "timeout")
+            assert_error(out[i], 504, "timeout", "within the server's timeout of 0.5 s", "retry later")
+        assert_error(httpx.get(f"{running.url}/v1/collections"), 504, "timeout")  # the model thread is busy: no hanging
         # The first was taken into a batch (stuck behind the gate); the second never started.
         assert running.service.batcher.pending == 1
         gate.set()
@@ -440,8 +441,14 @@ def test_cli_refuses_a_busy_port_and_a_missing_collection_in_one_line(tiny_clip_
 
 
 def test_cli_refuses_impossible_limits_before_loading_anything():
-    for args, words in ((["--max-batch", "0"], "max-batch must be positive"), (["--max-wait-ms", "-1"], "max-wait-ms must be >= 0"),
-                        (["--port", "70000"], "port must be in 0..65535")):
+    for args, words in ((["--max-batch", "0"], "max-batch must be a positive number"), (["--max-wait-ms", "-1"], "max-wait-ms must be >= 0"),
+                        (["--port", "70000"], "port must be in 0..65535"),
+                        # Issue rows: each started, then timed out every request, crashed, or told
+                        # a 5-image request to retry forever, or no client could send the key.
+                        (["--timeout", "nan"], "timeout-s must be a positive number, got nan"),
+                        (["--max-upload-mb", "inf"], "--max-upload-mb must be a positive number, got inf"),
+                        (["--max-queue", "4"], "max-queue 4 is below what one request may send"),
+                        (["--api-key", "KEY\r"], "the API key starts or ends with whitespace")):
         result = ragcap("serve", "-c", "nope", *args, ok=False)
         assert result.exit_code == 1 and words in result.output and "no collection" not in result.output, result.output
 
@@ -454,3 +461,10 @@ def ragcap(*args, ok: bool = True):
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0 or not ok, result.output
     return result
+
+
+def test_allowed_image_hosts_compare_without_case():
+    """Issue row: --allow-image-host LocalHost refused http://localhost/... (URLs' hosts are read lower-cased)."""
+    from ragcap.serve.config import ServeConfig
+
+    assert ServeConfig(image_url_hosts=("LocalHost", " Example.ORG ")).image_url_hosts == ("localhost", "example.org")

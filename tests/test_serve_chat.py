@@ -165,6 +165,12 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_answering(client, se
         client.chat.completions.create(model="pd", messages=ask(data_url(b"GIF89a broken")))
     with pytest.raises(openai.UnprocessableEntityError, match="number of captions must be in 1..4, got 9"):
         client.chat.completions.create(model="pd", messages=ask(data_url(png(1))), n=9)
+    # Issue rows: each drew NaN probabilities or overflowed torch's seed, and answered 500.
+    with pytest.raises(openai.UnprocessableEntityError, match="temperature must be a finite number of at least 1e-6, got 1e-300"):
+        client.chat.completions.create(model="pd", messages=ask(data_url(png(1))), temperature=1e-300)
+    for seed in (2**64, -1):
+        with pytest.raises(openai.UnprocessableEntityError, match="seed"):
+            client.chat.completions.create(model="pd", messages=ask(data_url(png(1))), temperature=0.8, seed=seed)
     assert client.chat.completions.create(model="clipre", messages=ask(data_url(png(1)))).choices[0].message.content
 
 

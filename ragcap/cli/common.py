@@ -106,7 +106,7 @@ def command(app_: typer.Typer, name: str | None = None, interrupted: str = "inte
         def run(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except (typer.Exit, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
                 raise  # the command's own exit status, and usage errors
             except KeyboardInterrupt as err:
                 _fail(err, f"ragcap: {interrupted}", 130)

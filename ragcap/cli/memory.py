@@ -205,7 +205,7 @@ def drop(
         info = listed.get(name)
         what = "?" if info is None or info.points is None else info.points
         state = f", {info.status}" if info is not None and info.status != "ok" else ""
-        if not yes and not typer.confirm(f"delete collection '{name}' ({what} points{state})?"):
+        if not yes and not _confirmed(f"delete collection '{name}' ({what} points{state})?"):
             raise typer.Exit(1)
         st.drop(name)
     typer.echo(f"dropped {name} ({what} points)")
@@ -257,6 +257,13 @@ def check(
                 f"`ragcap ingest parquet FILE --vector-field vector -c {name}`), or drop it and re-ingest")
     typer.echo(f"ragcap: {hint}", err=True)
     raise typer.Exit(1)
+
+
+def _confirmed(question: str) -> bool:
+    try:
+        return typer.confirm(question)
+    except typer.Abort:  # no answer: stdin closed or not a terminal
+        raise RagcapError("not confirmed (nothing answered on stdin); pass --yes to drop without asking") from None
 
 
 @command(app)

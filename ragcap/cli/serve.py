@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Optional
 
 import typer
@@ -11,6 +12,7 @@ from ragcap.cli.common import (
     TopP, app,
     command, search_options, store,
 )
+from ragcap.errors import OptionError
 from ragcap.serve.config import ServeConfig
 
 DEFAULTS = ServeConfig()
@@ -61,6 +63,8 @@ def serve(
     from ragcap.report import announce_runtime
     from ragcap.serve import serve as run
 
+    if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
+        raise OptionError(f"--max-upload-mb must be a positive number, got {max_upload_mb}")
     config = ServeConfig(
         host=host, port=port, api_key=api_key, cors_origins=tuple(cors_origin or ()), max_batch=max_batch,
         max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout, max_upload_bytes=int(max_upload_mb * 2**20),

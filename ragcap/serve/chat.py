@@ -62,9 +62,9 @@ class ChatRequest(BaseModel):
     n: int = Field(1, ge=1, description="Captions to return, one choice each: the n best beams, or n samples.")
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="The newer name of max_tokens.")
-    temperature: float | None = Field(None, ge=0, description="> 0 samples at this temperature; 0 or absent: the server's decoding.")
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False, description="> 0 samples at this temperature; 0 or absent: the server's decoding.")
     top_p: float | None = Field(None, gt=0, le=1, description="< 1 samples from the nucleus.")
-    seed: int | None = Field(None, description="Sampling only: the same seed gives the same captions.")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Sampling only: the same seed gives the same captions.")
     stream: bool = False
 
 

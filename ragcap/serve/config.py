@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ragcap.errors import OptionError
@@ -51,6 +52,8 @@ class ServeConfig:
         return self.max_wait_ms / 1000
 
     def __post_init__(self):
+        # Host names compare without case (a URL's host is read lower-cased).
+        object.__setattr__(self, "image_url_hosts", tuple(h.strip().lower() for h in self.image_url_hosts))
         positive = {
             "max_batch": self.max_batch, "max_queue": self.max_queue, "timeout_s": self.timeout_s,
             "max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels, "max_images": self.max_images,
@@ -58,13 +61,21 @@ class ServeConfig:
             "max_captions": self.max_captions, "image_url_timeout_s": self.image_url_timeout_s,
         }
         for name, value in positive.items():
-            if value <= 0:
-                raise OptionError(f"{name.replace('_', '-')} must be positive, got {value}")
-        if self.max_wait_ms < 0:
+            if not (math.isfinite(value) and value > 0):  # NaN compares false with everything
+                raise OptionError(f"{name.replace('_', '-')} must be a positive number, got {value}")
+        if not (math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0):
             raise OptionError(f"max-wait-ms must be >= 0, got {self.max_wait_ms}")
+        largest = max(self.max_images, self.max_texts)
+        if self.max_queue < largest:  # a request larger than the queue would be told to retry forever
+            raise OptionError(f"max-queue {self.max_queue} is below what one request may send (max-images {self.max_images}, "
+                              f"max-texts {self.max_texts}); raise it to at least {largest}")
         if self.max_neighbours < 0:
             raise OptionError(f"max-neighbours must be >= 0, got {self.max_neighbours}")
         if not 0 <= self.port <= 65535:
             raise OptionError(f"port must be in 0..65535, got {self.port}")
         if self.api_key is not None and not self.api_key.strip():
             raise OptionError("the API key is empty: pass a non-empty --api-key (or RAGCAP_API_KEY), or none")
+        if self.api_key is not None and self.api_key != self.api_key.strip():
+            # HTTP strips a header value's surrounding whitespace: no client could send this key.
+            raise OptionError("the API key starts or ends with whitespace (a CRLF .env file?), which no HTTP client can send; "
+                              "remove it from --api-key (or RAGCAP_API_KEY)")

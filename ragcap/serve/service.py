@@ -94,10 +94,19 @@ class Service:
         return result, timing
 
     async def collections(self) -> list[CollectionInfo]:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self.captioner.store.collections)
+        listing = asyncio.get_running_loop().run_in_executor(self.executor, self.captioner.store.collections)
+        return await self._within_timeout(listing)
 
     async def _submit(self, key: Hashable, items: list) -> tuple[list, JobTiming]:
-        return await asyncio.wait_for(self.batcher.submit(key, items), self.config.timeout_s)
+        return await self._within_timeout(self.batcher.submit(key, items))
+
+    async def _within_timeout(self, work):
+        """The answer, or TimeoutError saying what to do: 504 rather than a request left hanging."""
+        try:
+            return await asyncio.wait_for(work, self.config.timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"not answered within the server's timeout of {self.config.timeout_s:g} s (the server "
+                               "is busy, or its collection is held by another process); retry later") from None
 
     # -- on the model thread
 

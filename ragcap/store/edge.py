@@ -38,7 +38,7 @@ import numpy as np
 import qdrant_edge as qe
 
 from ragcap.embedder_info import EmbedderInfo
-from ragcap.errors import CollectionBusy, DamagedCollection, OptionError, RagcapError, StoreError
+from ragcap.errors import CollectionBusy, DamagedCollection, EmbedderMismatch, OptionError, RagcapError, StoreError
 from ragcap.locks import Lock, LockBusy
 from ragcap.store import (
     DEFAULT_WAIT_S,
@@ -208,6 +208,20 @@ class EdgeStore(Store):
             self._vector_dtypes[name] = record.get("vector_dtype", "float32")
         return self._embedders[name]
 
+    def _check_same_embedder(self, name: str, record: dict) -> None:
+        """EmbedderMismatch if another process dropped the collection and made it again with
+        another embedder since this one read it: a long-running process (the server) would go
+        on embedding queries for the old model and get answers that mean nothing. Refused on
+        every reopen until it restarts, since its loaded model is the old one."""
+        now = EmbedderInfo.from_dict(record["embedder"])
+        before = self._embedders.get(name)
+        if before is not None and not before.matches(now):
+            raise EmbedderMismatch(
+                f"collection '{name}' was made again by another process with embedder '{now.spec}' (dim {now.dim}); "
+                f"this process uses '{before.spec}' (dim {before.dim}): restart it to use the new collection"
+            )
+        self._vector_dtypes[name] = record.get("vector_dtype", "float32")
+
     def vector_dtype(self, name: str) -> str:
         self.embedder(name)  # reads the record, which holds both
         return self._vector_dtypes[name]
@@ -273,6 +287,7 @@ class EdgeStore(Store):
             if not d.is_dir():
                 raise missing_collection(name)
             record = files.read_record(d, name)  # again: another process may have changed it
+            self._check_same_embedder(name, record)
             for stale in d.glob(f".{RECORD}.*.tmp"):  # a record being rewritten by a killed process
                 stale.unlink(missing_ok=True)
             shard_dir = d / "shard"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import numpy as np
 import pytest
 
 from tests.faults.conftest import blocked_reading_stdin, cli, ingest, messages, one_error_line, start, wait_for
@@ -176,3 +177,31 @@ def test_train_decoder_locks_its_out(tmp_path, training_collection):
 
     load_decoder(out)
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_collection_made_again_with_another_embedder_is_refused_to_whoever_had_it_open(tmp_path, tiny_clip_dir):
+    """Issue row: a server kept answering after its collection was dropped and filled again by
+    another model: its queries, embedded for the old model, matched the new model's vectors."""
+    from ragcap.errors import EmbedderMismatch
+    from ragcap.store import open_store
+    from tests.helpers import make_tiny_clip
+
+    ingest("mem", ["a cat on a mat", "a dog in a park"], tiny_clip_dir)
+    other = make_tiny_clip(tmp_path / "other", seed=1)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a bird on a wire\n")
+    with open_store() as store:
+        query = np.ones((1, store.embedder("mem").dim), np.float32)
+        assert len(store.search("mem", query, 1)[0]) == 1  # open, as a server keeps it
+        assert cli("drop", "mem", "--yes").returncode == 0  # handed over, dropped
+        made = cli("ingest", "text", corpus, "-c", "mem", "-m", other)
+        assert made.returncode == 0, made.stderr
+        with pytest.raises(EmbedderMismatch, match="'mem' was made again by another process with embedder 'local:"):
+            store.search("mem", query, 1)
+
+
+def test_a_holders_secrets_are_not_shown_to_those_who_wait():
+    from ragcap.locks import _redacted
+
+    args = ["serve", "-c", "x", "--api-key", "K1", "--qdrant-api-key=K2", "--port", "8000", "--hf-token", "T"]
+    assert _redacted(args) == ["serve", "-c", "x", "--api-key", "***", "--qdrant-api-key=***", "--port", "8000", "--hf-token", "***"]
