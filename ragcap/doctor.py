@@ -72,8 +72,12 @@ def _torch() -> dict:
         precision = resolve_precision()
     except OptionError as e:  # a bad RAGCAP_PRECISION or config value: reported, the rest still checked
         precision = f"unusable ({e})"
+    try:
+        device = str(default_device())
+    except OptionError as e:  # a bad or absent RAGCAP_DEVICE: the same
+        device = f"unusable ({e})"
     return {"cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(), "devices": devices,
-            "default_device": str(default_device()), "default_precision": precision, "cpu_threads": torch.get_num_threads()}
+            "default_device": device, "default_precision": precision, "cpu_threads": torch.get_num_threads()}
 
 
 def _java() -> dict:

@@ -24,10 +24,23 @@ def default_device(device: "str | torch.device | None" = None) -> "torch.device"
 
     from ragcap.config import setting
 
-    device = device if device is not None else setting("device")[0]
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    where = "--device"
+    if device is None:
+        device, where = setting("device")
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from ragcap.errors import OptionError
+
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise OptionError(f"{where}: {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    # Said here, not later as a model that "cannot load" or a driver error.
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"{where}: {device} asked for, but torch sees no CUDA GPU here; use cpu")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise OptionError(f"{where}: {device} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return chosen
 
 
 def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:

@@ -93,3 +93,15 @@ def test_doctor_shows_the_file_in_effect_and_its_values(config_file, monkeypatch
     monkeypatch.setenv("RAGCAP_PRECISION", "half")  # reported, and the rest of the checks still run
     text = ragcap("doctor")
     assert text.exit_code == 0 and "precision unusable (RAGCAP_PRECISION: unknown precision 'half'" in text.stdout
+    # Issue row: a bad RAGCAP_DEVICE crashed doctor, and other commands blamed the model.
+    monkeypatch.setenv("RAGCAP_DEVICE", "bogus")
+    report = json.loads(ragcap("doctor", "--json").stdout)
+    assert report["torch"]["default_device"] == "unusable (RAGCAP_DEVICE: 'bogus' is not a torch device; use cpu, cuda or cuda:N)"
+    from ragcap.errors import OptionError
+    from ragcap.util import default_device
+
+    with pytest.raises(OptionError, match="RAGCAP_DEVICE: 'bogus' is not a torch device"):
+        default_device()
+    if not torch.cuda.is_available():
+        with pytest.raises(OptionError, match="--device: cuda:3 asked for, but torch sees no CUDA GPU here"):
+            default_device("cuda:3")
