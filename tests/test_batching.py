@@ -71,6 +71,21 @@ def test_a_full_batch_does_not_wait_and_later_jobs_form_the_next():
     assert [items for _, items in rec.batches] == [[0, 1, 2], [3, 4, 5], [6]]
 
 
+def test_a_job_alone_runs_at_once_in_its_own_batch_and_the_others_still_gather():
+    rec = Recorder()
+
+    async def body(batcher):
+        jobs = [batcher.submit("k", [1]), batcher.submit("k", [2], alone=True), batcher.submit("k", [3]),
+                batcher.submit("k", [4], alone=True)]
+        return await asyncio.wait_for(asyncio.gather(*jobs), 30)
+
+    # max_wait is an hour: a batch that waited for company would time the test out, and only the
+    # two jobs not alone can fill a batch of 2.
+    answers = run(body, rec, max_batch=2, max_wait_s=3600, max_queue=100)
+    assert [r for r, _ in answers] == [[("k", 10)], [("k", 20)], [("k", 30)], [("k", 40)]]
+    assert [items for _, items in rec.batches] == [[1, 3], [2], [4]]
+
+
 def test_different_keys_never_share_a_batch_and_keep_their_order():
     rec = Recorder()
 

@@ -336,6 +336,20 @@ def test_full_queue_is_503_and_not_ready(captioner):
         running.stop()
 
 
+def test_not_ready_while_the_served_collection_is_gone(tiny_clip_dir, tmp_path):
+    # Issue row: /v1/ready said ready after the collection was dropped, and every caption failed.
+    with tiny_captioner(tiny_clip_dir, tmp_path) as fresh:
+        running = serve(fresh)
+        try:
+            assert httpx.get(f"{running.url}/v1/ready").status_code == 200
+            fresh.store.drop("mem")  # as `ragcap drop` from another process does
+            assert_error(httpx.get(f"{running.url}/v1/ready"), 503, "collection_unavailable", "'mem' no longer exists")
+            fill(fresh.store, fresh.embedder)
+            assert httpx.get(f"{running.url}/v1/ready").status_code == 200
+        finally:
+            running.stop()
+
+
 def test_timeout_is_504_and_unstarted_work_is_dropped(captioner):
     running = serve(captioner, max_batch=1, max_wait_ms=0, timeout_s=0.5)
     gate = blocked(running)

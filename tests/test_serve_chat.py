@@ -4,9 +4,11 @@ huggingface_hub's InferenceClient; and several captions per input on the service
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import http.server
 import socket
 import threading
+import time
 from dataclasses import replace
 
 import httpx
@@ -32,6 +34,18 @@ def image_host():
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if self.path == "/slow.png":  # a byte every 0.3 s: each read is quick, the whole is not
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(photo)))
+                self.end_headers()
+                try:
+                    for byte in photo[:40]:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(0.3)
+                except OSError:  # the server gave up and closed the connection
+                    pass
+                return
             found = self.path == "/photo.png"
             self.send_response(200 if found else 404)
             self.send_header("Content-Length", str(len(photo) if found else 0))
@@ -107,6 +121,22 @@ def test_sampling_with_a_seed_repeats_and_bare_base64_is_read(client, captioner)
     assert short.choices[0].message.content == expected(captioner, image, "pd", max_tokens=2)[0]
 
 
+def test_a_seed_repeats_even_when_other_requests_arrive_with_it(captioner):
+    # Issue row: concurrent requests share a batch and its one generator, so the second request's
+    # draws depended on the first; a seeded request now runs alone.
+    image = png(3)
+    wanted = expected(captioner, image, "pd", 2, sample=True, temperature=1.5, seed=11, beam=None)
+    running = serve(captioner, max_wait_ms=2000, max_captions=4)
+    try:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="-", max_retries=0, timeout=60)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda _: client.chat.completions.create(
+                model="pd", messages=ask(data_url(image)), n=2, temperature=1.5, seed=11), range(2)))
+    finally:
+        running.stop()
+    assert [[c.message.content for c in answer.choices] for answer in answers] == [wanted, wanted]
+
+
 def test_streaming_delivers_the_same_captions(client):
     image = png(4)
     whole = client.chat.completions.create(model="pd", messages=ask(data_url(image)), n=2)
@@ -150,6 +180,19 @@ def test_allowed_image_host_is_fetched_others_are_refused(client, captioner, ima
         port = closed.getsockname()[1]
     with pytest.raises(openai.UnprocessableEntityError, match=r"messages\[1\].content\[1\].image_url: .* could not be fetched"):
         client.chat.completions.create(model="pd", messages=ask(f"http://127.0.0.1:{port}/photo.png"))
+
+
+def test_an_image_host_that_drips_is_cut_off_at_the_fetch_timeout(captioner, image_host):
+    # Issue row: httpx's timeout bounds each read, so a byte every 0.3 s held the request for as
+    # long as the host liked (12 s here, or for ever), then failed on the truncated image, and a shutdown waited for it.
+    base, _ = image_host
+    running = serve(captioner, image_url_hosts=("127.0.0.1",), image_url_timeout_s=1)
+    try:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="-", max_retries=0, timeout=60)
+        with pytest.raises(openai.UnprocessableEntityError, match="slow.png did not send the image within 1 s"):
+            client.chat.completions.create(model="pd", messages=ask(f"{base}/slow.png"))
+    finally:
+        running.stop()
 
 
 def test_bad_requests_get_clear_errors_and_the_server_keeps_answering(client, server):

@@ -42,6 +42,7 @@ class _Job:
     key: Hashable
     items: list
     future: asyncio.Future
+    alone: bool  # runs in a batch of its own, at once
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -79,13 +80,14 @@ class Batcher:
         if self._worker is not None:
             await self._worker
 
-    async def submit(self, key: Hashable, items: list) -> tuple[list, JobTiming]:
-        """The results for `items` (in order) and how the job was timed; raises what run raised."""
+    async def submit(self, key: Hashable, items: list, alone: bool = False) -> tuple[list, JobTiming]:
+        """The results for `items` (in order) and how the job was timed; raises what run raised.
+        alone: no other job joins this one's batch (its results would depend on the company)."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         if self._pending + len(items) > self.max_queue:
             raise QueueFull(f"{self._pending} items are waiting (the queue holds {self.max_queue}); retry shortly")
-        job = _Job(key, items, asyncio.get_running_loop().create_future())
+        job = _Job(key, items, asyncio.get_running_loop().create_future(), alone)
         self._jobs.append(job)
         self._pending += len(items)
         self._arrived.set()
@@ -105,15 +107,16 @@ class Batcher:
                     return
                 self._arrived.clear()
                 await self._arrived.wait()
-            key = self._jobs[0].key
-            deadline = self._jobs[0].submitted + self.max_wait_s
-            while not self._draining and self._count(key) < self.max_batch and (left := deadline - time.perf_counter()) > 0:
+            first = self._jobs[0]
+            key, deadline = first.key, first.submitted + self.max_wait_s
+            while (not first.alone and not self._draining and self._count(key) < self.max_batch
+                   and (left := deadline - time.perf_counter()) > 0):
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), left)
                 except asyncio.TimeoutError:
                     break
-            batch = self._take(key)
+            batch = [self._jobs.popleft()] if first.alone else self._take(key)
             items = [item for job in batch for item in job.items]
             started = time.perf_counter()
             try:
@@ -136,17 +139,17 @@ class Batcher:
                 start += len(job.items)
 
     def _count(self, key: Hashable) -> int:
-        return sum(len(job.items) for job in self._jobs if job.key == key)
+        return sum(len(job.items) for job in self._jobs if job.key == key and not job.alone)
 
     def _take(self, key: Hashable) -> list[_Job]:
         """The oldest jobs with `key`, in order, up to max_batch items (at least one job, however large)."""
         taken, kept, size, full = [], collections.deque(), 0, False
         for job in self._jobs:
-            if job.key == key and not full and (not taken or size + len(job.items) <= self.max_batch):
+            if job.key == key and not job.alone and not full and (not taken or size + len(job.items) <= self.max_batch):
                 taken.append(job)
                 size += len(job.items)
             else:
-                full = full or job.key == key  # later jobs with the key wait their turn
+                full = full or (job.key == key and not job.alone)  # later jobs with the key wait their turn
                 kept.append(job)
         self._jobs = kept
         return taken

@@ -14,6 +14,7 @@ Text parts are read by no mode, so they are ignored. Errors are the service's ow
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -181,18 +182,28 @@ async def _image(svc: Service, messages: list[ChatMessage]) -> bytes:
 
 
 async def _fetch(svc: Service, url: str, field: str) -> bytes:
-    """An image from an allowed host, at most the upload limit, without following redirects
-    (a redirect could lead to a host that is not allowed)."""
-    import httpx
-
+    """An image from an allowed host, at most the upload limit, within image_url_timeout_s in all,
+    without following redirects (a redirect could lead to a host that is not allowed)."""
     host = urlsplit(url).hostname or ""
     if host not in svc.config.image_url_hosts:
         allowed = ", ".join(svc.config.image_url_hosts) or "none"
         raise ApiError(422, "image_url_not_allowed", f"{field}: this server does not fetch images from {host or url!r} "
                        f"(hosts allowed: {allowed}); send the image inline as a data: URL")
-    limit = svc.config.max_upload_bytes
+    seconds = svc.config.image_url_timeout_s
     try:
-        async with httpx.AsyncClient(timeout=svc.config.image_url_timeout_s, follow_redirects=False) as client:
+        # httpx's timeout bounds each read, so a host sending a byte at a time would hold the
+        # request (and a shutdown) indefinitely; the whole download gets the limit instead.
+        return await asyncio.wait_for(_download(url, field, svc.config.max_upload_bytes, seconds), seconds)
+    except asyncio.TimeoutError:
+        raise ApiError(422, "image_url_unreachable", f"{field}: {url} did not send the image within {seconds:g} s; "
+                       "send it inline as a data: URL") from None
+
+
+async def _download(url: str, field: str, limit: int, seconds: float) -> bytes:
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(timeout=seconds, follow_redirects=False) as client:
             async with client.stream("GET", url) as response:
                 if response.status_code != 200:
                     raise ApiError(422, "image_url_unreachable", f"{field}: {url} answered HTTP {response.status_code}")

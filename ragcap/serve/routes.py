@@ -170,9 +170,11 @@ async def health() -> Status:
 
 @probes.get("/ready", response_model=Status, responses={503: {"model": ErrorBody}})
 async def ready(request: Request, svc: Svc):
-    """Readiness: models loaded, not shutting down, and room in the queue."""
+    """Readiness: models loaded, the collection there, not shutting down, and room in the queue."""
     if not svc.ready:
         return error_response(request, 503, "not_ready", "starting or shutting down")
+    if (missing := await svc.collection_problem()) is not None:
+        return error_response(request, 503, "collection_unavailable", missing)
     if svc.batcher.pending >= svc.config.max_queue:
         return error_response(request, 503, "overloaded", f"the queue is full ({svc.batcher.pending} items)", {"Retry-After": "1"})
     return JSONResponse(Status(status="ready", pending=svc.batcher.pending, max_queue=svc.config.max_queue).model_dump())

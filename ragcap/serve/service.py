@@ -22,6 +22,8 @@ from ragcap.serve.metrics import Metrics
 from ragcap.store import CollectionInfo
 from ragcap.util import chunks
 
+PROBE_TIMEOUT_S = 2.0  # readiness probes time out in seconds (Kubernetes' default is 1 s per try)
+
 
 class Service:
     def __init__(self, captioner: Captioner, config: ServeConfig):
@@ -81,10 +83,10 @@ class Service:
 
     async def caption_images(self, uploads: list[tuple[bytes, str]], settings: CaptionSettings) -> tuple[list[list[CaptionResult]], JobTiming]:
         """Per upload (data, file name): its result for each mode, or one error result."""
-        return await self._submit(("images", settings), uploads)
+        return await self._submit(("images", settings), uploads, alone=_seeded(settings))
 
     async def caption_texts(self, texts: list[str], settings: CaptionSettings) -> tuple[list[list[CaptionResult]], JobTiming]:
-        return await self._submit(("texts", settings), texts)
+        return await self._submit(("texts", settings), texts, alone=_seeded(settings))
 
     async def search(self, query: str | tuple[bytes, str], k: int) -> tuple[api.SearchResult, JobTiming]:
         """The k nearest captions to a text, or to an uploaded image given as (data, file name)."""
@@ -97,8 +99,21 @@ class Service:
         listing = asyncio.get_running_loop().run_in_executor(self.executor, self.captioner.store.collections)
         return await self._within_timeout(listing)
 
-    async def _submit(self, key: Hashable, items: list) -> tuple[list, JobTiming]:
-        return await self._within_timeout(self.batcher.submit(key, items))
+    async def collection_problem(self) -> str | None:
+        """Why the served collection cannot answer now (dropped by another process, its server
+        unreachable), or None. Asked off the model thread so a busy server still answers the probe."""
+        try:
+            work = asyncio.get_running_loop().run_in_executor(None, self.captioner.store.exists, self.collection)
+            if await asyncio.wait_for(work, PROBE_TIMEOUT_S):
+                return None
+            return f"collection '{self.collection}' no longer exists; ingest it again, or restart with another --collection"
+        except asyncio.TimeoutError:
+            return f"the store did not say within {PROBE_TIMEOUT_S:g} s whether collection '{self.collection}' exists"
+        except Exception as err:  # noqa: BLE001 - an unreachable server says only "not ready"
+            return f"the store cannot be asked about collection '{self.collection}' ({type(err).__name__}: {err})"
+
+    async def _submit(self, key: Hashable, items: list, alone: bool = False) -> tuple[list, JobTiming]:
+        return await self._within_timeout(self.batcher.submit(key, items, alone))
 
     async def _within_timeout(self, work):
         """The answer, or TimeoutError saying what to do: 504 rather than a request left hanging."""
@@ -125,3 +140,9 @@ class Service:
     def _observe(self, key: tuple, items: int, seconds: float) -> None:
         self.metrics.batch_items.labels(key[0]).observe(items)
         self.metrics.batch_seconds.labels(key[0]).observe(seconds)
+
+
+def _seeded(settings: CaptionSettings) -> bool:
+    """A seeded sampling request runs in a batch of its own: its draws come from one generator per
+    batch, so other requests in the batch would change them and the same seed would not repeat."""
+    return settings.search.sample and settings.search.seed is not None
