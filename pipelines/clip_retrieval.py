@@ -90,13 +90,16 @@ def read_clip_retrieval(paths: Sequence[str], options: ReadOptions) -> Iterator[
             row = 0
             for batch in table.iter_batches(batch_size=BATCH_ROWS, columns=columns):
                 data = batch.to_pydict()
+                # One check per batch; only a row that fails it goes through vector_or_bad for its message.
+                block = np.asarray(vectors[row : row + batch.num_rows], dtype=np.float32)
+                usable = np.isfinite(block).all(axis=1) & block.any(axis=1)
                 for i, caption in enumerate(data[field]):
                     location = f"{meta}:row {row + i + 1}"
                     if not isinstance(caption, str):
                         if caption is not None:
                             yield bad_line(location, f"{field!r} holds {type(caption).__name__}, not text", options)
                         continue
-                    vector = vector_or_bad(vectors[row + i], f"{npy.name} row {row + i + 1}", location, options)
+                    vector = block[i] if usable[i] else vector_or_bad(block[i], f"{npy.name} row {row + i + 1}", location, options)
                     if isinstance(vector, BadRecord):
                         yield vector
                         continue

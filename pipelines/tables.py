@@ -23,6 +23,9 @@ from ragcap.export import EMBEDDER_METADATA_KEY
 # Payload keys of `ragcap export` that map back onto CaptionRecord fields.
 RECORD_FIELDS = ("image_id", "file", "split", "corpus")
 BATCH_ROWS = 8192  # Parquet rows decoded at a time: 16 MB of 512-d float32 vectors
+# Python's csv refuses fields over 128 KiB, which a long payload column can exceed; the limit
+# still bounds memory when an unclosed quote would make one field of the rest of the file.
+CSV_FIELD_LIMIT = 16 << 20
 
 
 def check_fields(available: Sequence[str], options: ReadOptions, where: str) -> None:
@@ -113,6 +116,7 @@ def csv_rows(text: Iterable[str], lines: LineSource, options: ReadOptions,
     `lines` supplies locations and the queue of undecodable lines.
     """
     # strict: a stray quote is an error instead of silently merging fields.
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))  # process-wide, only ever raised
     reader = csv.reader(text, delimiter=delimiter, strict=True)
     width = None
     while True:

@@ -167,6 +167,14 @@ def test_flickr_malformed_lines(tmp_path):
     assert [r.location.rsplit(":", 1)[1] for r in records if isinstance(r, BadRecord)] == ["3", "4"]
 
 
+def test_csv_fields_over_pythons_128_kib_default_are_read(tmp_path):
+    # Issue row: a 200,000-character notes column made the row "malformed CSV (field larger than field limit)".
+    notes = "x" * 200_000
+    path = write(tmp_path / "long.csv", f'caption,notes\na dog on a sofa,"{notes}"\n')
+    (record,) = read("csv", path, text_field="caption")
+    assert record.caption == "a dog on a sofa"
+
+
 def test_csv_headers_that_are_not_utf8(tmp_path):
     """A header cannot be skipped: it names the columns. Lines before a Flickr header can."""
     csv_path = write(tmp_path / "h.csv", b"caf\xe9,caption\nx,hello there\n")
