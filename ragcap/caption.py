@@ -80,7 +80,11 @@ class CaptionSettings:
     def __post_init__(self):
         """Checked here, where the CLI, the API and the service all pass: a batch of 0 captions
         nothing, a k of 0 retrieves nothing, and a tau of 0 or less weighs neighbours as NaN or
-        upside down, each without an error of its own."""
+        upside down, each without an error of its own. Modes are checked and made a tuple here
+        too: "pd,clipre" or a list is taken as the CLI takes --mode, where a str iterated as modes
+        would be a KeyError of its first letter, and an empty tuple would caption nothing."""
+        modes = self.modes if isinstance(self.modes, str) else ",".join(self.modes)
+        object.__setattr__(self, "modes", parse_modes(modes))  # frozen: hashable for the server's batching
         at_least = {"--batch-size": (self.batch_size, 1), "--k": (self.k, 1), "--prompt-k": (self.prompt_k, 1),
                     "--neighbours": (self.neighbours, 0), "--max-pixels": (self.max_pixels, 1)}
         for flag, (value, least) in at_least.items():

@@ -90,3 +90,17 @@ def test_importing_ragcap_stays_light():
     # Nor the api layer itself: storing pre-computed vectors (ingest parquet, clip-retrieval) needs no torch.
     code = "import sys, ragcap.api; assert 'torch' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_caption_settings_take_modes_as_the_cli_does():
+    """modes="pd,clipre" was iterated letter by letter (KeyError 'p' when loading), an unknown
+    mode was a bare KeyError, and modes=() loaded a captioner that captioned nothing."""
+    from ragcap import CaptionSettings, RagcapError
+
+    assert CaptionSettings(modes="pd, clipre").modes == ("pd", "clipre")
+    assert CaptionSettings(modes=["clipre", "pd"]).modes == ("clipre", "pd")
+    assert hash(CaptionSettings(modes=["clipre"])) == hash(CaptionSettings(modes=("clipre",)))
+    for wrong in (("xx",), (), "pd,xx"):
+        with pytest.raises(RagcapError, match="unknown mode .*choose from pd, nnd, clipre"):
+            CaptionSettings(modes=wrong)
+
