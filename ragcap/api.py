@@ -28,6 +28,7 @@ from ragcap.export import export_collection, parquet_embedder
 from ragcap.images import ImageInput, image_name, load_images
 from ragcap.ingest import IngestOptions, IngestSummary
 from ragcap.store import CheckReport, CollectionLayout, Hit, Store, check_vector_dtype, open_store
+from ragcap.util import many
 
 if TYPE_CHECKING:  # imported where used: ingesting pre-computed vectors needs no torch (~3 s to import)
     from ragcap.caption import CaptionSettings, Captioner
@@ -175,10 +176,12 @@ def ingest_corpus(
 ) -> tuple[EmbedderInfo, IngestSummary]:
     """Read a corpus with the `source` pipeline and fill `collection` (see ragcap.ingest); with
     `engine`, on a Ray cluster (see ragcap.distributed), optionally into Parquet parts instead."""
-    from pipelines import PRE_EMBEDDED, ReadOptions, check_read_options, get_reader
+    from pipelines import PRE_EMBEDDED, ReadOptions, check_paths, check_read_options, get_reader
     from ragcap.ingest import ingest
 
     reader = get_reader(source)
+    paths = [str(path) for path in many(paths, "paths", "ingest_corpus")]
+    check_paths(source, paths)  # as the CLI does: no paths, or a missing one, is said before any model loads
     read_options = read_options or ReadOptions()
     check_read_options(source, read_options)
     options = options or IngestOptions()
@@ -416,6 +419,9 @@ def search(
 
     if k < 1:
         raise RagcapError(f"k must be at least 1, got {k}")
+    many(queries, "queries", "search")
+    if names is not None and len(names) != len(queries):
+        raise OptionError(f"{len(names)} names for {len(queries)} queries: pass one name per query, in the same order")
     texts = [i for i, q in enumerate(queries) if isinstance(q, str)]
     pictures = [i for i, q in enumerate(queries) if not isinstance(q, str)]
     if embedder is None:

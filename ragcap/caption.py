@@ -29,7 +29,7 @@ from ragcap.precision import dtype_name
 from ragcap.retrieve import DEFAULT_TAU, ExactMemory
 from ragcap.store import Hit, Store
 from ragcap.store.cache import cache_bytes
-from ragcap.util import chunks
+from ragcap.util import chunks, many
 
 __all__ = ["Batch", "CaptionResult", "CaptionSettings", "Captioner", "DEFAULT_K", "ImageInput", "iter_inputs", "parse_modes"]
 
@@ -115,6 +115,16 @@ class Batch:
     hits: list[list[Hit]]  # neighbours per query (empty lists when no mode retrieves)
     images: list = field(default_factory=list)  # the decoded images (PIL), for modes that read them; empty for texts
     projections: np.ndarray | None = None  # (b, dim) DeCap's exact projections, when the memory is searched exactly
+
+
+def _named(images: Iterable[ImageInput], names: Iterable[str] | None) -> Iterable[tuple[ImageInput, str]]:
+    """(image, name) pairs. Names of another count than the images are an error: zip alone
+    would drop the images past the last name without a word, or misname them all."""
+    if names is None:
+        return ((im, image_name(im, i)) for i, im in enumerate(images))
+    if hasattr(images, "__len__") and hasattr(names, "__len__") and len(images) != len(names):
+        raise OptionError(f"{len(names)} names for {len(images)} images: pass one name per image, in the same order")
+    return zip(images, names, strict=True)  # streams of unknown length: a ValueError where one runs out
 
 
 def iter_inputs(inputs: Sequence[str]) -> Iterator[str]:
@@ -232,7 +242,7 @@ class Captioner:
         """caption_images grouped by input: per input, its result for each mode or one error result."""
         settings, embedder = self.settings, self.embedder
         per_input = len(settings.modes)
-        named = zip(images, names) if names is not None else ((im, image_name(im, i)) for i, im in enumerate(images))
+        named = _named(many(images, "images", "caption_images"), names)
         workers = min(os.cpu_count() or 1, 8) if settings.load_workers is None else settings.load_workers
         keep_images = bool(modes_needing("smallcap", settings.modes))
         prepare = (lambda im: (embedder.prepare_image(im), im)) if keep_images else embedder.prepare_image
@@ -252,7 +262,7 @@ class Captioner:
                     yield [next(results) for _ in range(per_input)]
 
     def caption_texts(self, texts: Sequence[str]) -> Iterator[CaptionResult]:
-        for chunk in chunks(texts, self.settings.batch_size):
+        for chunk in chunks(many(texts, "texts", "caption_texts"), self.settings.batch_size):
             yield from self._caption(chunk, self.embedder.encode_text(chunk).vectors)
 
     def _search(self, queries: np.ndarray) -> tuple[list[list[Hit]], np.ndarray | None]:

@@ -43,6 +43,15 @@ def default_device(device: "str | torch.device | None" = None) -> "torch.device"
     return chosen
 
 
+def many(items, what: str, call: str):
+    """`items`, or TypeError when it is one input where a list of them belongs: a str (or bytes)
+    would be iterated quietly, every character an input of its own (a caption of 'e', 'x', ...)."""
+    if isinstance(items, (str, bytes, bytearray, os.PathLike)) or type(items).__module__.startswith("PIL."):
+        shown = repr(items) if len(repr(items)) <= 60 else f"{repr(items)[:40]}..."
+        raise TypeError(f"{call} takes a list of {what}, not one {type(items).__name__}: put it in a list, [{shown}]")
+    return items
+
+
 def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
     """Consecutive lists of at most `size` items (the last may be shorter); streams its input."""
     it = iter(items)

@@ -92,6 +92,44 @@ def test_importing_ragcap_stays_light():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
+def test_one_input_where_a_list_belongs_is_refused_not_iterated(memory, tmp_path):
+    """A str is iterable: caption_images("photo.jpg") used to caption 'p', 'h', ... as missing
+    files, search(store, c, "a dog") to search for each letter, ingest_corpus one path per letter."""
+    from ragcap import CaptionSettings, ingest_corpus, load_captioner, open_store, search
+
+    path = tmp_path / "photo.png"
+    path.write_bytes(png(3))
+    with open_store() as store:
+        captioner = load_captioner(store, "mem", CaptionSettings(modes=("clipre",)), decoder=memory, image_only=False)
+        for one in (str(path), path.read_bytes(), Image.open(path)):
+            with pytest.raises(TypeError, match="caption_images takes a list of images, not one"):
+                list(captioner.caption_images(one))
+        with pytest.raises(TypeError, match=r"caption_texts takes a list of texts, not one str: put it in a list, \['a dog'\]"):
+            list(captioner.caption_texts("a dog"))
+        with pytest.raises(TypeError, match="search takes a list of queries"):
+            search(store, "mem", "a dog", k=2)
+        with pytest.raises(TypeError, match="ingest_corpus takes a list of paths"):
+            ingest_corpus(store, "text", str(path), "other")
+        assert [r.source for r in search(store, "mem", ["a dog"], k=2)] == ["a dog"]
+        assert not store.exists("other")
+
+
+def test_names_of_another_count_than_the_inputs_are_refused(memory):
+    """zip() used to drop the images past the last name without a word (and search to raise
+    IndexError): a result per input, or an error."""
+    from ragcap import CaptionSettings, load_captioner, open_store, search
+
+    with open_store() as store:
+        captioner = load_captioner(store, "mem", CaptionSettings(modes=("clipre",)), decoder=memory)
+        with pytest.raises(ValueError, match="1 names for 3 images"):
+            list(captioner.caption_images([png(1), png(2), png(3)], names=["a.png"]))
+        with pytest.raises(ValueError):  # streams: found where the names run out, not after them
+            list(captioner.caption_images(iter([png(1), png(2)]), names=iter(["a.png"])))
+        assert [r.source for r in captioner.caption_images(iter([png(1)]), names=iter(["a.png"]))] == ["a.png"]
+        with pytest.raises(ValueError, match="1 names for 2 queries"):
+            search(store, "mem", [CAPTIONS[0], CAPTIONS[1]], k=2, names=["x"])
+
+
 def test_caption_settings_take_modes_as_the_cli_does():
     """modes="pd,clipre" was iterated letter by letter (KeyError 'p' when loading), an unknown
     mode was a bare KeyError, and modes=() loaded a captioner that captioned nothing."""
@@ -104,3 +142,14 @@ def test_caption_settings_take_modes_as_the_cli_does():
         with pytest.raises(RagcapError, match="unknown mode .*choose from pd, nnd, clipre"):
             CaptionSettings(modes=wrong)
 
+
+def test_ingest_corpus_checks_its_paths_as_the_cli_does(tiny_clip_dir, tmp_path):
+    """No paths used to be 'the source yielded no captions: check the file (is it empty?)'."""
+    from ragcap import RagcapError, ingest_corpus, open_store
+
+    with open_store() as store:
+        with pytest.raises(RagcapError, match="no PATH: give the text files to read"):
+            ingest_corpus(store, "text", [], "c", model=str(tiny_clip_dir))
+        (tmp_path / "c.txt").write_text("a dog on a beach\n")
+        _, summary = ingest_corpus(store, "text", [tmp_path / "c.txt"], "c", model=str(tiny_clip_dir))
+        assert summary.stored == 1
