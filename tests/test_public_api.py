@@ -153,3 +153,28 @@ def test_ingest_corpus_checks_its_paths_as_the_cli_does(tiny_clip_dir, tmp_path)
         (tmp_path / "c.txt").write_text("a dog on a beach\n")
         _, summary = ingest_corpus(store, "text", [tmp_path / "c.txt"], "c", model=str(tiny_clip_dir))
         assert summary.stored == 1
+
+
+def test_readme_python_example_runs_as_written_after_the_quick_start(tiny_clip_dir, tmp_path, monkeypatch, capsys):
+    """The README's Python API block, run as written where the quick start left its collection
+    and decoder (here a tiny CLIP and decoder under the same names)."""
+    import re
+
+    from ragcap.embed import load_embedder
+    from ragcap.store import open_store
+
+    root = Path(__file__).resolve().parents[1]
+    block = re.search(r"## Python API\n.*?```python\n(.*?)```", (root / "README.md").read_text(encoding="utf-8"), re.S).group(1)
+    embedder = load_embedder(str(tiny_clip_dir))
+    captions = (root / "examples" / "quickstart" / "captions.txt").read_text().splitlines()
+    with open_store() as store:
+        fill(store, embedder, captions, collection="quickstart")
+    tiny_decoder(tmp_path / "decoders" / "quickstart", embedder)
+    (tmp_path / "examples").symlink_to(root / "examples")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    sources = ["examples/quickstart/images/red-circle.png", "image 1", "examples/quickstart/images/brown-box.png"]
+    expected = [f"{source} {mode} " for source in sources for mode in ("pd", "clipre")]
+    assert [line[: len(start)] for line, start in zip(lines, expected)] == expected
+    assert len(lines) == 9 and all(re.match(r"\d\.\d{4} ", line) and line[7:] in captions for line in lines[6:])
