@@ -220,7 +220,7 @@ MaxTokens = Annotated[Optional[int], typer.Option(help="Length cap in tokens [de
 TopP = Annotated[Optional[float], typer.Option("--top-p", help="Sample from the smallest token set holding this probability (nucleus).")]
 TopK = Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k likeliest tokens.")]
 Temperature = Annotated[Optional[float], typer.Option(help="Sample at this temperature (< 1 sharper, > 1 more varied).")]
-Seed = Annotated[Optional[int], typer.Option(help="Seed for sampling: the same seed and inputs give the same captions.")]
+Seed = Annotated[Optional[int], typer.Option(help="Seed for sampling: the same seed and the same batch of inputs give the same captions (batched otherwise, they draw others).")]
 # The captioning options `caption`, `eval` and `serve` share.
 Decoders = Annotated[Optional[list[Path]], typer.Option("--decoder", help="Trained decoder directory: pd, nnd, vd read an embedding decoder, smallcap a SmallCap model (repeat to give both).")]
 CausalLM = Annotated[str, typer.Option("--lm", help="Causal LM for prompt mode: hub name or directory.")]
