@@ -415,11 +415,13 @@ def search(
     encoded bytes or a PIL image is an image, and one that cannot be read gets an error result
     in its place. embedder: one already loaded (else the collection's is loaded); names: what
     results call the queries (default: the text, the path, else "image N")."""
+    from ragcap.caption import check_texts
     from ragcap.embed import load_embedder
 
     if k < 1:
         raise RagcapError(f"k must be at least 1, got {k}")
     many(queries, "queries", "search")
+    check_texts(queries, "query")
     if names is not None and len(names) != len(queries):
         raise OptionError(f"{len(names)} names for {len(queries)} queries: pass one name per query, in the same order")
     texts = [i for i, q in enumerate(queries) if isinstance(q, str)]

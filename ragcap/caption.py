@@ -127,6 +127,15 @@ def _named(images: Iterable[ImageInput], names: Iterable[str] | None) -> Iterabl
     return zip(images, names, strict=True)  # streams of unknown length: a ValueError where one runs out
 
 
+def check_texts(texts: Sequence[str], what: str) -> None:
+    """OptionError for a blank text: it embeds to a vector like any other and comes back with a
+    caption (or neighbours) that means nothing, with nothing to say the input was empty."""
+    blank = [i + 1 for i, text in enumerate(texts) if isinstance(text, str) and not text.strip()]  # others: images
+    if blank:
+        which = "" if len(texts) == 1 else " " + ", ".join(map(str, blank[:5])) + (", ..." if len(blank) > 5 else "") + f" of {len(texts)}"
+        raise OptionError(f"{what}{which} is empty (or only spaces): give words to search or caption from")
+
+
 def iter_inputs(inputs: Sequence[str]) -> Iterator[str]:
     """Image files, directories (recursive, by extension), globs, @list files and '-' (stdin).
     A file that exists is itself, whatever its name: photo[1].jpg is no pattern, @home.jpg no list."""
@@ -262,7 +271,10 @@ class Captioner:
                     yield [next(results) for _ in range(per_input)]
 
     def caption_texts(self, texts: Sequence[str]) -> Iterator[CaptionResult]:
-        for chunk in chunks(many(texts, "texts", "caption_texts"), self.settings.batch_size):
+        """Results per text and mode, as caption_images gives them per image."""
+        texts = list(many(texts, "texts", "caption_texts"))
+        check_texts(texts, "text")
+        for chunk in chunks(texts, self.settings.batch_size):
             yield from self._caption(chunk, self.embedder.encode_text(chunk).vectors)
 
     def _search(self, queries: np.ndarray) -> tuple[list[list[Hit]], np.ndarray | None]:

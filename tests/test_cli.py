@@ -65,6 +65,27 @@ def test_search_text_and_image(filled, tmp_path):
     assert result["kind"] == "image" and len(result["neighbours"]) == 2
 
 
+
+def test_search_refuses_a_missing_image_and_an_empty_query(filled, tmp_path, monkeypatch):
+    """`search photo.jpg` with a typo used to search for the words 'photo.jpg' and exit 0, and
+    an empty or blank query answered neighbours of nothing; a file without an image extension
+    was searched as its path's words."""
+    monkeypatch.chdir(tmp_path)
+    for query, message in (("photoo.jpg", "photoo.jpg: no such image file"), ("", "query is empty"), ("  ", "query is empty")):
+        result = ragcap("search", query, "-c", filled, ok=False)
+        assert result.exit_code == 1 and message in result.output, result.output
+    assert last_json(ragcap("search", " photoo.jpg", "-c", filled, "--json"))["kind"] == "text"  # as words, on request
+    Image.new("RGB", (64, 48), "blue").save(tmp_path / "scan", format="PNG")
+    assert last_json(ragcap("search", "scan", "-c", filled, "--k", "2", "--json"))["kind"] == "image"
+    (tmp_path / "notes.txt").write_text("a red car")
+    result = ragcap("search", "notes.txt", "-c", filled, ok=False)
+    assert result.exit_code == 1 and "notes.txt: not an image" in result.output
+
+
+def test_caption_refuses_a_blank_text_before_loading(filled):
+    result = ragcap("caption", "--text", CAPTIONS[0], "--text", " ", "-c", filled, "--mode", "clipre", ok=False)
+    assert result.exit_code == 1 and "--text 2 of 2 is empty" in result.output and "running on" not in result.output
+
 def test_export_then_import_round_trip_is_exact(filled, tmp_path):
     out = tmp_path / "things.parquet"
     ragcap("export", filled, out)

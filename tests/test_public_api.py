@@ -178,3 +178,15 @@ def test_readme_python_example_runs_as_written_after_the_quick_start(tiny_clip_d
     expected = [f"{source} {mode} " for source in sources for mode in ("pd", "clipre")]
     assert [line[: len(start)] for line, start in zip(lines, expected)] == expected
     assert len(lines) == 9 and all(re.match(r"\d\.\d{4} ", line) and line[7:] in captions for line in lines[6:])
+
+
+def test_blank_texts_are_refused_not_captioned(memory):
+    """A blank text embedded like any other, answering captions and neighbours of nothing."""
+    from ragcap import CaptionSettings, RagcapError, load_captioner, open_store, search
+
+    with open_store() as store:
+        captioner = load_captioner(store, "mem", CaptionSettings(modes=("clipre",)), decoder=memory, image_only=False)
+        with pytest.raises(RagcapError, match="text 2 of 3 is empty"):
+            list(captioner.caption_texts([CAPTIONS[0], "\t ", CAPTIONS[1]]))
+        with pytest.raises(RagcapError, match="query 2 of 2 is empty"):
+            search(store, "mem", [png(1), ""], k=2)

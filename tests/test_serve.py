@@ -179,6 +179,8 @@ def test_caption_from_text(client):
     assert first["neighbours"][0]["caption"] == CAPTIONS[4]
     assert_error(client.post("/v1/caption/text", json={"texts": []}), 422, "invalid_request", "texts")
     assert_error(client.post("/v1/caption/text", json={"texts": ["x" * 2001]}), 422, "invalid_request", "2001 characters")
+    # Refused per request: in the batch it would fail the requests batched with it.
+    assert_error(client.post("/v1/caption/text", json={"texts": ["a dog", " "]}), 422, "invalid_request", "text 1 is empty")
     assert_error(client.post("/v1/caption/text", content=b"{not json", headers={"content-type": "application/json"}),
                  422, "invalid_request", "JSON")
 
@@ -196,6 +198,7 @@ def test_search_by_text_and_by_image(client, captioner):
     assert [(n["caption"], pytest.approx(n["score"], abs=1e-5)) for n in by_image["neighbours"]] == direct
     assert_error(client.post("/v1/search/image", files={"image": ("bad.png", b"nope")}), 422, "invalid_image", "bad.png")
     assert_error(client.post("/v1/search", json={"text": "a", "k": 0}), 422, "invalid_request", "k")
+    assert_error(client.post("/v1/search", json={"text": "  "}), 422, "invalid_request", "only spaces")
 
 
 def test_collections_info_health_ready(client):

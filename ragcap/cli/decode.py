@@ -250,7 +250,7 @@ def caption(
     With --engine ray the images are captioned by a Ray cluster's actors, each with the models
     loaded once; results are written in input order, as without it."""
     from ragcap import api
-    from ragcap.caption import CaptionSettings, iter_inputs
+    from ragcap.caption import CaptionSettings, check_texts, iter_inputs
     from ragcap.modes import parse_modes
     from ragcap.precision import resolve_precision
     from ragcap.report import CAPTION_FORMATS, CaptionWriter, announce_runtime, caption_output, progress, write_all
@@ -262,6 +262,7 @@ def caption(
         raise RagcapError("nothing to caption: give image paths, a directory, - for stdin, or --text")
     if inputs and text:  # each output line names a file or a text: one run writes one kind
         raise OptionError("--text captions texts, not images: caption the images and the texts in separate runs")
+    check_texts(text or [], "--text")
     search = search_options(beam, num_captions, max_tokens, top_p, top_k, temperature, seed)
     settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, search=search, prompt_k=prompt_k,
                                memory=memory, batch_size=batch_size, neighbours=neighbours, max_pixels=max_pixels)

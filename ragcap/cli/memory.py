@@ -12,7 +12,7 @@ from ragcap.cli.common import (
     DEFAULT_WAIT_S, Actors, Collection, CpusPerActor, Device, Engine, GpusPerActor, Json, Model, Precision, QdrantKey, QdrantUrl, RayAddress,
     Wait, app, command, one_of, ray_options, store,
 )
-from ragcap.errors import RagcapError
+from ragcap.errors import RagcapError, SourceError
 
 
 @command(app, interrupted="interrupted; the batches stored so far are kept: rerun the same command to resume")
@@ -177,7 +177,12 @@ def search(
     from ragcap.images import IMAGE_EXTENSIONS
     from ragcap.report import emit_json
 
-    is_image = Path(query).suffix.lower() in IMAGE_EXTENSIONS and Path(query).exists()
+    # An image file name that names no file is a typo, not a text to search for: searched as the
+    # words 'photo.jpg' it would answer, exit 0, with captions unrelated to the photo.
+    names_image = Path(query).suffix.lower() in IMAGE_EXTENSIONS and not any(c.isspace() for c in query)
+    if names_image and not Path(query).exists():
+        raise SourceError(f"{query}: no such image file (to search for these words as text, put a space in the query)")
+    is_image = names_image or Path(query).is_file()  # an existing file is the image it names, as caption takes it
     with store(qdrant_url, qdrant_api_key, wait) as st:
         embedder = load_embedder(model, device) if model else None
         (found,) = api.search(st, collection, [Path(query) if is_image else query], k, embedder, device=device)

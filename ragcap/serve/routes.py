@@ -101,6 +101,9 @@ async def caption_text(svc: Svc, body: TextCaptionRequest) -> TextCaptionRespons
     if long:
         raise ApiError(422, "invalid_request", f"text {long[0]} has {len(body.texts[long[0]])} characters; "
                        f"at most {svc.config.max_text_chars} are read (CLIP reads 77 tokens)")
+    blank = [i for i, t in enumerate(body.texts) if not t.strip()]
+    if blank:  # refused here: in the model thread it would fail the other requests batched with it
+        raise ApiError(422, "invalid_request", f"text {blank[0]} is empty (or only spaces): send words to caption from")
     settings = svc.settings(body.modes, body.k, body.neighbours, body.num_captions)
     results, job = await svc.caption_texts(body.texts, settings)
     return TextCaptionResponse(collection=svc.collection, modes=list(settings.modes), timing=timing(started, job),
@@ -120,6 +123,8 @@ async def search_text(svc: Svc, body: SearchRequest) -> SearchResponse:
     started = time.perf_counter()
     if len(body.text) > svc.config.max_text_chars:
         raise ApiError(422, "invalid_request", f"the text has {len(body.text)} characters; at most {svc.config.max_text_chars} are read")
+    if not body.text.strip():
+        raise ApiError(422, "invalid_request", "the text is only spaces: send words to search for")
     found, job = await svc.search(body.text, body.k)
     return _search_response(svc, started, found, job, "text")
 
