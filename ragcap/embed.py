@@ -943,31 +943,79 @@ def save_random(arch: str | Path, out_dir: Path, seed: int = 0) -> Path:
     model_cfg + preprocess_cfg, and open_clip_model.safetensors), so everything downstream
     runs offline through the same loading path as real weights. The same arch and seed give
     the same weights. Returns the absolute directory.
+
+    The model is built in a temporary sibling and moved in only once whole; a directory that
+    already holds a model is left untouched: rewriting the same weights (a rerun) is a no-op,
+    other weights are refused, since collections made with them would no longer load.
     """
+    import shutil
+    import tempfile
+
     import open_clip
 
     model_cfg = arch_config(arch)
     out = Path(out_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / CONFIG_NAME
-    # open_clip builds from a local dir's config; write the model part first, the full config after.
-    config_path.write_text(json.dumps({"model_cfg": model_cfg}, indent=2), encoding="utf-8")
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"{out} is a file, not a directory: choose a directory for the model")
+    held = _held_model_cfg(out)
+    if held is not None and held != model_cfg:  # said before building (a large arch takes minutes)
+        _refuse_other_model(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        with torch.random.fork_rng(devices=[]), _quiet_open_clip():  # leave the caller's RNG stream alone
-            torch.manual_seed(seed)
-            model = open_clip.create_model(f"local-dir:{out}", load_weights=False, pretrained_text=False)
-        hf_tokenizer = model_cfg["text_cfg"].get("hf_tokenizer_name")
-        if hf_tokenizer:  # open_clip reads an HF tokenizer from the local dir itself
-            open_clip.tokenizer.HFTokenizer(hf_tokenizer).save_pretrained(out)
-    except Exception as e:
-        config_path.unlink(missing_ok=True)
-        raise ModelError(
-            f"cannot build {arch} offline: {e} (architectures with Hugging Face text towers or tokenizers "
-            "need those files in the local Hugging Face cache)"
-        ) from e
-    # Clone so tensors that share storage are saved separately (safetensors refuses shared ones).
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    return write_checkpoint(out, state, model_cfg, preprocess_config(model))
+        # open_clip builds from a local dir's config; write the model part first, the full config after.
+        (tmp / CONFIG_NAME).write_text(json.dumps({"model_cfg": model_cfg}, indent=2), encoding="utf-8")
+        try:
+            with torch.random.fork_rng(devices=[]), _quiet_open_clip():  # leave the caller's RNG stream alone
+                torch.manual_seed(seed)
+                model = open_clip.create_model(f"local-dir:{tmp}", load_weights=False, pretrained_text=False)
+            hf_tokenizer = model_cfg["text_cfg"].get("hf_tokenizer_name")
+            if hf_tokenizer:  # open_clip reads an HF tokenizer from the local dir itself
+                open_clip.tokenizer.HFTokenizer(hf_tokenizer).save_pretrained(tmp)
+        except Exception as e:
+            raise ModelError(
+                f"cannot build {arch} offline: {e} (architectures with Hugging Face text towers or tokenizers "
+                "need those files in the local Hugging Face cache)"
+            ) from e
+        # Clone so tensors that share storage are saved separately (safetensors refuses shared ones).
+        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        write_checkpoint(tmp, state, model_cfg, preprocess_config(model))
+        made = sorted(tmp.iterdir(), key=lambda f: f.name == CONFIG_NAME)  # the config last: it makes a model
+        if (out / CONFIG_NAME).exists() or (out / WEIGHTS_NAME).exists():
+            if all((out / f.name).is_file() and _same_bytes(f, out / f.name) for f in made):
+                return out
+            _refuse_other_model(out)
+        out.mkdir(exist_ok=True)
+        for f in made:
+            os.replace(f, out / f.name)
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _held_model_cfg(out: Path) -> dict | None:
+    """The model_cfg of the model `out` holds, None if it holds none; {} if its config is unreadable."""
+    if not (out / CONFIG_NAME).exists() and not (out / WEIGHTS_NAME).exists():
+        return None
+    try:
+        return json.loads((out / CONFIG_NAME).read_text(encoding="utf-8")).get("model_cfg") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _refuse_other_model(out: Path) -> None:
+    raise ModelError(f"{out} already holds a model with other weights or another architecture; choose another "
+                     "directory, or delete it first (collections filled with it will not load without it)")
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while block := fa.read(1 << 20):
+            if block != fb.read(1 << 20):
+                return False
+    return True
 
 
 def preprocess_config(model: torch.nn.Module) -> dict:

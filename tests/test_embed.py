@@ -89,6 +89,25 @@ def test_save_random_is_seeded(tmp_path, tiny_clip_dir):
     assert (make_tiny_clip(tmp_path / "other", seed=1) / embed.WEIGHTS_NAME).read_bytes() != weights.read_bytes()
 
 
+
+def test_save_random_never_overwrites_another_model(tmp_path):
+    """save-random into a directory holding a model used to overwrite it (a real checkpoint,
+    or the model a collection was filled with), and a failed build deleted its config."""
+    out = make_tiny_clip(tmp_path / "clip", seed=0)
+    before = {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in out.iterdir()}
+    assert make_tiny_clip(out, seed=0) == out  # a rerun of the same arch and seed: nothing to do
+    for other in ({"seed": 1}, {"seed": 0, "embed_dim": 16}):
+        with pytest.raises(ModelError, match="already holds a model with other weights or another architecture"):
+            make_tiny_clip(out, **other)
+    broken = tmp_path / "broken.json"  # an HF tokenizer that is not cached: the build fails midway
+    broken.write_text(json.dumps({**TINY_CLIP_CONFIG, "text_cfg": {**TINY_CLIP_CONFIG["text_cfg"], "hf_tokenizer_name": "no/such"}}))
+    with pytest.raises(ModelError, match="cannot build"):
+        save_random(broken, tmp_path / "new")
+    assert {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.json", "clip"]  # no temporary, no half-made "new"
+    with pytest.raises(ModelError, match="is a file, not a directory"):
+        save_random("ViT-B-32", tmp_path / "broken.json")
+
 def test_save_random_writes_open_clip_layout(tiny_clip_dir):
     config = open_clip.get_model_config(f"local-dir:{tiny_clip_dir}")
     assert config == TINY_CLIP_CONFIG
