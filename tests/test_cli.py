@@ -428,3 +428,9 @@ def test_captioning_an_image_imports_none_of_the_libraries_that_cost_a_cold_star
     lines = done.stdout.strip().splitlines()
     assert [json.loads(line)["mode"] for line in lines[:-1]] == ["pd", "clipre"]
     assert lines[-1] == "imported: []"
+
+
+def test_models_list_filters_and_says_when_nothing_matches():
+    assert "ViT-B-32:openai" in ragcap("models", "list", "vit-b-32").stdout.split()
+    assert ragcap("models", "list", "zzz").stdout == "no open_clip spec contains 'zzz'; `ragcap models list` shows all of them\n"
+    assert last_json(ragcap("models", "list", "zzz", "--json")) == []

@@ -22,6 +22,8 @@ def list_models(
     specs = [s for s in list_pretrained_specs() if contains is None or contains.lower() in s.lower()]
     if json_out:
         emit_json(specs)
+    elif not specs:  # a blank line alone read as a listing that failed
+        typer.echo(f"no open_clip spec contains {contains!r}; `ragcap models list` shows all of them")
     else:
         typer.echo("\n".join(specs))
 
