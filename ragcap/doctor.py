@@ -116,7 +116,16 @@ def _default_model() -> dict:
     from ragcap.api import default_model
     from ragcap.config import setting
 
-    return {"spec": default_model(), "from": setting("model")[1]}
+    from ragcap.embed import check_available
+    from ragcap.errors import RagcapError
+
+    spec = default_model()
+    try:  # loads nothing: a directory's files, or (offline) the cache
+        check_available(spec)
+        problem = None
+    except RagcapError as e:  # RAGCAP_MODEL with a typo surfaced only at the first ingest
+        problem = str(e)
+    return {"spec": spec, "from": setting("model")[1], "problem": problem}
 
 
 def _store(url: str | None) -> dict:
@@ -147,6 +156,9 @@ def _warnings(report: dict) -> list[str]:
     if not report["hub"]["reachable"] and not report["models"]:
         warnings.append("the hub is offline and no model is cached: use local model directories "
                         "(`ragcap models save-random ARCH DIR` makes one with random weights)")
+    model = report["default_model"]
+    if model["problem"]:
+        warnings.append(f"the default model (from {model['from']}) cannot be used: {model['problem']}")
     store = report["store"]
     if not store.get("reachable"):
         warnings.append(f"the store cannot be opened: {store.get('error')}")

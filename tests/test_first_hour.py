@@ -281,3 +281,16 @@ def test_doctor_reports_the_machine_and_the_store(memory, offline_hub, monkeypat
     assert (report["java"]["path"] is None) == (shutil.which("java") is None)
     text = ragcap("doctor")
     assert text.exit_code == 0 and "1 collections" in text.stdout and "offline (HF_HUB_OFFLINE is set)" in text.stdout
+
+
+def test_doctor_warns_when_the_default_model_cannot_be_used(tiny_clip_dir, tmp_path, offline_hub, monkeypatch):
+    """RAGCAP_MODEL with a typo, or the built-in default offline, used to pass doctor unremarked
+    and fail at the first ingest."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("RAGCAP_MODEL", str(tmp_path / "clip-randm"))
+    report = json.loads(ragcap("doctor", "--json").stdout)
+    assert report["default_model"]["from"] == "RAGCAP_MODEL" and "clip-randm" in report["default_model"]["problem"]
+    assert any(w.startswith("the default model (from RAGCAP_MODEL) cannot be used: ") for w in report["warnings"])
+    monkeypatch.setenv("RAGCAP_MODEL", str(tiny_clip_dir))
+    report = json.loads(ragcap("doctor", "--json").stdout)
+    assert report["default_model"]["problem"] is None and not any("default model" in w for w in report["warnings"])
