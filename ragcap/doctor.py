@@ -153,12 +153,12 @@ def _warnings(report: dict) -> list[str]:
         warnings.append("no Java: `ragcap eval` needs it for the COCO metrics (apt-get install default-jre-headless)")
     if not report["torch"]["cuda_available"]:
         warnings.append("no CUDA device: everything runs on the CPU; train decoders with `train-decoder --preset small`")
-    if not report["hub"]["reachable"] and not report["models"]:
+    model = report["default_model"]
+    if model["problem"]:  # its message already says what to do offline
+        warnings.append(f"the default model (from {model['from']}) cannot be used: {model['problem']}")
+    elif not report["hub"]["reachable"] and not report["models"]:
         warnings.append("the hub is offline and no model is cached: use local model directories "
                         "(`ragcap models save-random ARCH DIR` makes one with random weights)")
-    model = report["default_model"]
-    if model["problem"]:
-        warnings.append(f"the default model (from {model['from']}) cannot be used: {model['problem']}")
     store = report["store"]
     if not store.get("reachable"):
         warnings.append(f"the store cannot be opened: {store.get('error')}")

@@ -291,6 +291,7 @@ def test_doctor_warns_when_the_default_model_cannot_be_used(tiny_clip_dir, tmp_p
     report = json.loads(ragcap("doctor", "--json").stdout)
     assert report["default_model"]["from"] == "RAGCAP_MODEL" and "clip-randm" in report["default_model"]["problem"]
     assert any(w.startswith("the default model (from RAGCAP_MODEL) cannot be used: ") for w in report["warnings"])
+    assert not any("no model is cached" in w for w in report["warnings"])  # one warning for one problem
     monkeypatch.setenv("RAGCAP_MODEL", str(tiny_clip_dir))
     report = json.loads(ragcap("doctor", "--json").stdout)
     assert report["default_model"]["problem"] is None and not any("default model" in w for w in report["warnings"])

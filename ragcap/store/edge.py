@@ -180,7 +180,7 @@ class EdgeStore(Store):
         try:
             (self.root / "collections").mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StoreError(f"cannot create the ragcap store at {self.root}: {e}; set RAGCAP_HOME") from None
+            raise StoreError(f"cannot create the ragcap store at {self.root}: {e}; choose a writable folder (RAGCAP_HOME, or path= of open_store)") from None
 
     # ------------------------------------------------------------------ names and records
 
