@@ -140,7 +140,9 @@ def _store(url: str | None) -> dict:
             where["collections"] = [{"name": c.name, "points": c.points, "status": c.status} for c in store.collections()]
         where["reachable"] = True
     except Exception as e:  # noqa: BLE001 - a doctor reports every failure and goes on
-        where.update(reachable=False, error=f"{type(e).__name__}: {e}")
+        from ragcap.store.client import server_error
+
+        where.update(reachable=False, error=f"{type(e).__name__}: {server_error(e)}")
     if not url:
         existing = next(p for p in [Path(where["path"]), *Path(where["path"]).parents] if p.exists())
         where["free_gb"] = round(shutil.disk_usage(existing).free / 2**30, 1)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -323,6 +326,61 @@ def test_unreachable_url_names_it(written, shown):
     with pytest.raises(StoreError) as e:
         open_store(url=written.format(port=port))
     assert shown.format(port=port) in str(e.value) and "cannot reach Qdrant" in str(e.value)
+
+
+@contextlib.contextmanager
+def http_server(status: int, body: bytes, content_type: str = "application/json"):
+    """A server that answers every request alike: what a wrong port or a refused key looks like."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    "status,body,content_type,said",
+    [
+        (401, b"Must provide an API key or an Authorization bearer token", "text/plain", "refused the API key (HTTP 401 Unauthorized: Must provide"),
+        (403, b'{"status": {"error": "Forbidden"}, "time": 0}', "application/json", "refused the API key (HTTP 403"),
+        (404, b"<html>not found</html>", "text/html", "is not a Qdrant server's REST API (GET /collections: HTTP 404"),
+        (200, b"<html>hello</html>", "text/html", "is not a Qdrant server's REST API"),
+        (500, b'{"status": {"error": "boom"}, "time": 0}', "application/json", "failed to list collections (HTTP 500 Internal Server Error: boom)"),
+    ],
+)
+def test_a_url_that_answers_but_cannot_be_used_says_why(status, body, content_type, said):
+    with http_server(status, body, content_type) as url, pytest.raises(StoreError) as e:
+        open_store(url=url, api_key="key")
+    message = str(e.value)
+    assert url in message and said in message and "\n" not in message and "cannot reach" not in message
+
+
+def test_an_api_key_with_a_line_break_is_named_not_unreachable():
+    with http_server(200, b"{}") as url, pytest.raises(StoreError, match="API key has surrounding whitespace"):
+        open_store(url=url, api_key="secret\n")
+
+
+def test_a_server_error_is_one_line():
+    from qdrant_client.http.exceptions import UnexpectedResponse
+
+    from ragcap.cli.common import describe_error
+
+    err = UnexpectedResponse(400, "Bad Request", b'{"status": {"error": "Wrong input: Vector dimension error"}}', None)
+    assert describe_error(err) == "the Qdrant server failed: HTTP 400 Bad Request: Wrong input: Vector dimension error"
 
 
 def test_url_and_api_key_come_from_env(monkeypatch, tmp_path):

@@ -176,7 +176,9 @@ def describe_error(err: BaseException) -> str:
     if isinstance(err, RagcapError):
         return str(err)
     if isinstance(err, _server_errors()):
-        return f"the Qdrant server failed: {err}"
+        from ragcap.store.client import server_error
+
+        return f"the Qdrant server failed: {server_error(err)}"
     if isinstance(err, RecursionError):
         return "the input is nested too deeply to parse (Python's recursion limit); flatten it or skip it (--skip-bad)"
     if isinstance(err, MemoryError):

@@ -65,7 +65,9 @@ def install(app: FastAPI) -> None:
         return error_response(request, status, type_, HIDDEN.get(type_, str(exc) or type_), headers)
 
     async def store_failed(request: Request, exc: Exception) -> JSONResponse:
-        log.error("the Qdrant server failed: %s", exc)
+        from ragcap.store.client import server_error
+
+        log.error("the Qdrant server failed: %s", server_error(exc))
         return error_response(request, 503, "store_unavailable", HIDDEN["store_unavailable"], {"Retry-After": "1"})
 
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -11,12 +11,13 @@ not seen by it; write to a ragcap collection through ragcap.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from qdrant_client import QdrantClient, models
-from qdrant_client.http.exceptions import UnexpectedResponse
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import OptionError, StoreError
@@ -48,6 +49,37 @@ def _with_scheme(url: str) -> str:
     return url if "://" in url else f"http://{url}"
 
 
+def server_error(err: Exception) -> str:
+    """One line for a server's error answer: qdrant-client's own text spans lines (status, then the raw body)."""
+    if isinstance(err, UnexpectedResponse):
+        try:
+            detail = json.loads(err.content)["status"]["error"]
+        except (ValueError, KeyError, TypeError):
+            detail = err.content.decode("utf-8", "replace").strip().splitlines()[0][:200] if err.content.strip() else ""
+        return f"HTTP {err.status_code} {err.reason_phrase}" + (f": {detail}" if detail else "")
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _unusable(url: str, err: Exception) -> StoreError:
+    """Why the URL is no Qdrant ragcap can use, and what to do, from the probe's failure."""
+    keys = "--qdrant-api-key / RAGCAP_QDRANT_API_KEY"
+    if isinstance(err, UnexpectedResponse) and err.status_code in (401, 403):
+        return StoreError(f"Qdrant at {url} refused the API key ({server_error(err)}); pass the server's key with {keys}")
+    if isinstance(err, UnexpectedResponse) and err.status_code >= 500:
+        return StoreError(f"Qdrant at {url} failed to list collections ({server_error(err)}); see the server's log")
+    if isinstance(err, (ResponseHandlingException, OSError)):
+        tls = " (use http:// for a server without TLS)" if url.startswith("https:") and "SSL" in str(err) else ""
+        return StoreError(
+            f"cannot reach Qdrant at {url} ({server_error(err)}); start the server, or fix --qdrant-url / RAGCAP_QDRANT_URL{tls}"
+        )
+    # It answered, but not as Qdrant's REST API does: another service, or Qdrant's gRPC port.
+    return StoreError(
+        f"{url} is not a Qdrant server's REST API (GET /collections: {server_error(err)}); "
+        "point --qdrant-url / RAGCAP_QDRANT_URL at Qdrant's HTTP port (6333 by default)"
+    )
+
+
 class ClientStore(Store):
     def __init__(self, client: QdrantClient, where: str, api_key: str | None = None):
         self.client = client
@@ -65,16 +97,18 @@ class ClientStore(Store):
     @classmethod
     def connect(cls, url: str, api_key: str | None = None, timeout: int = 60) -> "ClientStore":
         url = _with_scheme(url)
+        if api_key is not None and (api_key != api_key.strip() or not api_key.isprintable()):
+            # httpx refuses such a header value, which read as "cannot reach" the server.
+            raise StoreError(
+                "the Qdrant API key has surrounding whitespace or control characters (a line break from a key file?); "
+                "pass the key alone in --qdrant-api-key / RAGCAP_QDRANT_API_KEY"
+            )
         try:
             probe = QdrantClient(url=url, api_key=api_key, timeout=CONNECT_TIMEOUT, check_compatibility=False)
             probe.get_collections()
             probe.close()
-        except Exception as e:  # connection refused, DNS, TLS, 401/403: all mean "cannot use it"
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise StoreError(
-                f"cannot reach Qdrant at {url} ({reason}); start the server, or fix --qdrant-url / "
-                f"RAGCAP_QDRANT_URL (and RAGCAP_QDRANT_API_KEY)"
-            ) from None
+        except Exception as e:  # noqa: BLE001 - every failure here means "cannot use this URL"
+            raise _unusable(url, e) from None
         return cls(QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False), url, api_key)
 
     def collections(self) -> list[CollectionInfo]:
