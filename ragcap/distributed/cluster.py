@@ -154,6 +154,9 @@ def ragcap_error(error: BaseException) -> RagcapError | None:
         if isinstance(error, RagcapError) and type(error).__module__.startswith("ragcap"):
             if hasattr(error, "__notes__"):
                 del error.__notes__  # Ray Data's notes on its retry settings: nothing a user can act on
+            message = str(error)
+            if "\n" in message:  # Ray Data appends the same advice to the message itself
+                error.args = (message.splitlines()[0],)
             return error
         error = getattr(error, "cause", None) or error.__cause__
     return None

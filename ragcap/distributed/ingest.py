@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -209,4 +210,7 @@ def _quiet_ray_data() -> None:
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # A task's error also reaches the driver as an exception, which ragcap reports in one line;
+    # Ray Data would log it first with its whole traceback (RAGCAP_DEBUG=1 prints that).
+    debug = os.environ.get("RAGCAP_DEBUG", "") not in ("", "0")
+    logging.getLogger("ray.data").setLevel(logging.ERROR if debug else logging.CRITICAL)
