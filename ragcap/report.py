@@ -112,12 +112,15 @@ def emit_json(data) -> None:
     sys.stdout.write("\n")
 
 
-def announce_runtime(runtime: dict[str, str]) -> None:
-    """One stderr line at start saying where the models run, so a CPU fallback is never silent."""
+def announce_runtime(runtime: dict[str, str], actors: int | None = None) -> None:
+    """One stderr line at start saying where the models run, so a CPU fallback is never silent.
+    actors: the models run in that many Ray actors, whose threads are their own."""
     import torch
 
     where = f"{runtime['device']}, {runtime['precision']}"
-    if runtime["device"] == "cpu":
+    if actors is not None:
+        where += f" ({actors} Ray actor{'s' if actors != 1 else ''})"
+    elif runtime["device"] == "cpu":
         where += f", {torch.get_num_threads()} threads" + ("" if torch.cuda.is_available() else " (no CUDA GPU found)")
     print(f"ragcap: running on {where}", file=sys.stderr, flush=True)
 

@@ -230,7 +230,8 @@ def test_caption_on_ray_gives_the_captions_of_one_process(ray_cluster, tmp_path,
     with open_store() as store:
         fill(store, embedder)
         settings = CaptionSettings(modes=("pd", "clipre"), neighbours=2, batch_size=3)
-        alone = list(api.load_captioner(store, "mem", settings, decoder).caption_images(images))
+        captioner = api.load_captioner(store, "mem", settings, decoder)
+        alone, runtime = list(captioner.caption_images(images)), captioner.runtime()
     out = tmp_path / "captions.jsonl"
     done = CliRunner().invoke(app, ["caption", *images, "-c", "mem", "--mode", "pd,clipre", "--neighbours", "2",
                                     "--batch-size", "3", "--decoder", str(decoder), "-o", str(out), "--format", "jsonl",
@@ -240,6 +241,9 @@ def test_caption_on_ray_gives_the_captions_of_one_process(ray_cluster, tmp_path,
     assert [(r["file"], r.get("mode"), r.get("caption"), r.get("error")) for r in spread] == [
         (r.source, r.mode, r.caption, r.error) for r in alone]
     assert "broken.png" in spread[8]["file"] and "not an image" in spread[8]["error"]
+    # Every record says where its models ran, as without Ray (README: a silent CPU fallback shows).
+    assert all((r["device"], r["precision"]) == (runtime["device"], runtime["precision"]) for r in spread)
+    assert f"running on {runtime['device']}, {runtime['precision']} (2 Ray actors)" in done.output
     for got, expected in zip(spread, alone):
         if expected.neighbours:
             assert [n["caption"] for n in got["neighbours"]] == [c for c, _ in expected.neighbours]

@@ -280,7 +280,7 @@ def caption(
     key = "text" if text else "file"
     with store(qdrant_url, qdrant_api_key, wait) as st, caption_output(output, fmt, settings.modes, key, resume) as out:
         text, paths = [t for t in text or [] if t not in out.done], [p for p in paths if p not in out.done]
-        runtime = None  # on Ray, each actor has its own device: no one line can say where
+        runtime = None  # on Ray, the actors say where they run once they have loaded (below)
         if engine_options is None:
             captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device, image_only=key == "file",
                                            precision=precision)
@@ -295,7 +295,13 @@ def caption(
                 else:
                     from ragcap.distributed.caption import caption_on_ray
 
-                    results = caption_on_ray(st, collection, settings, paths, engine_options, decoder, lm, model, device, precision)
+                    def on_runtime(runtime: dict[str, str], actors: int) -> None:
+                        with bar.external_write_mode():  # a line above the bar, not inside it
+                            announce_runtime(runtime, actors)
+                        writer.runtime = runtime
+
+                    results = caption_on_ray(st, collection, settings, paths, engine_options, decoder, lm, model, device,
+                                             precision, on_runtime)
                 failed += write_all(_counting(results, bar), writer)
     if failed:
         typer.echo(f"ragcap: {failed} input(s) failed; see the error lines", err=True)

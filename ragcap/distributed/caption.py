@@ -33,6 +33,9 @@ class CaptionActor:
             # first call raises it instead (an empty collection, a decoder of another embedder).
             self.error = e
 
+    def runtime(self) -> dict[str, str] | None:
+        return None if self.captioner is None else self.captioner.runtime()
+
     def caption(self, paths: list[str], names: list[str]) -> list[list[CaptionResult]]:
         if self.error is not None:
             raise self.error
@@ -50,8 +53,10 @@ def caption_on_ray(
     model: str | None = None,
     device: str | None = None,
     precision: str | None = None,
+    on_runtime: Callable[[dict[str, str], int], None] | None = None,
 ) -> Iterator[CaptionResult]:
-    """Caption the images at `paths` as Captioner.caption_images does, on a Ray cluster."""
+    """Caption the images at `paths` as Captioner.caption_images does, on a Ray cluster.
+    on_runtime(runtime, actors) is told where the actors' models run before the first result."""
     from ragcap.store.client import ClientStore
 
     open_store = worker_store(store)
@@ -67,8 +72,11 @@ def caption_on_ray(
 
         actor = ray.remote(CaptionActor).options(num_cpus=plan.cpus, num_gpus=plan.gpus)
         args = (open_store, collection, settings, decoder, lm, model, device, plan.threads, precision)
-        pool = ActorPool([actor.remote(*args) for _ in range(plan.actors)])
+        actors = [actor.remote(*args) for _ in range(plan.actors)]
+        pool = ActorPool(actors)
         try:
+            if on_runtime is not None:
+                on_runtime(_merged([r for r in ray.get([a.runtime.remote() for a in actors]) if r]), len(actors))
             # Absolute paths (a worker's directory is not this one), results named as given.
             calls = pool.map(lambda a, batch: a.caption.remote([str(Path(p).absolute()) for p in batch], batch),
                              chunks(paths, settings.batch_size))
@@ -78,3 +86,8 @@ def caption_on_ray(
         except Exception as e:
             raise ragcap_error(e) or e
 
+
+
+def _merged(runtimes: list[dict[str, str]]) -> dict[str, str]:
+    """Where every actor runs, as Captioner.runtime lists several models: comma-separated, each once."""
+    return {key: ",".join(sorted({part for r in runtimes for part in r[key].split(",")})) for key in ("device", "precision")}
