@@ -457,6 +457,22 @@ def test_cli_refuses_a_busy_port_and_a_missing_collection_in_one_line(tiny_clip_
         taken.close()
 
 
+def test_cli_refuses_a_busy_port_before_loading_the_models(tiny_clip_dir, monkeypatch):
+    """Issue row: a busy port was refused only after the models had loaded (minutes with large ones)."""
+    from ragcap import api
+    from ragcap.serve.server import bind
+
+    write_memory(tiny_clip_dir)
+    loaded = []
+    monkeypatch.setattr(api, "load_captioner", lambda *args, **kwargs: loaded.append(args) or pytest.fail("models loaded"))
+    taken = bind("127.0.0.1", 0)
+    try:
+        result = ragcap("serve", "-c", "mem", "--mode", "clipre", "--port", taken.getsockname()[1], ok=False)
+    finally:
+        taken.close()
+    assert result.exit_code == 1 and "cannot listen" in result.output and not loaded, result.output
+
+
 def test_cli_refuses_impossible_limits_before_loading_anything():
     for args, words in ((["--max-batch", "0"], "max-batch must be a positive number"), (["--max-wait-ms", "-1"], "max-wait-ms must be >= 0"),
                         (["--port", "70000"], "port must be in 0..65535"),

@@ -74,6 +74,10 @@ def serve(
     settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, search=search, prompt_k=prompt_k)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         typer.echo(f"ragcap: warning: listening on {host} without --api-key: anyone who reaches this address can use it", err=True)
+    if port != 0:  # a busy port is refused now, not after the models have loaded (minutes with large ones)
+        from ragcap.serve.server import bind
+
+        bind(host, port).close()
     with store(qdrant_url, qdrant_api_key) as st:
         # The text tower too: /v1/caption/text and /v1/search take texts.
         captioner = api.load_captioner(st, collection, settings, decoder, lm, model, device, image_only=False, precision=precision)
