@@ -314,6 +314,29 @@ def test_unreachable_ray_address_fails_fast_and_creates_nothing(tmp_path, ragcap
     assert not (ragcap_home / "collections" / "captions").exists()
 
 
+def test_a_port_that_is_not_ray_is_refused_at_once_and_a_real_head_is_accepted(ray_cluster):
+    """Issue row: --ray-address at a web port (the dashboard's 8265, Qdrant's 6333) hung in Ray's retries for minutes."""
+    import http.server
+    import socket
+    import threading
+
+    from ragcap.distributed.cluster import _probe
+    from ragcap.errors import RagcapError
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    try:
+        for port in (web.server_address[1], silent.getsockname()[1]):
+            with pytest.raises(RagcapError, match=f"127.0.0.1:{port} answers, but not as a Ray cluster does"):
+                _probe(f"127.0.0.1:{port}")
+    finally:
+        web.shutdown()
+        web.server_close()
+        silent.close()
+    _probe(ray_cluster.address)  # the session's own head: gRPC
+
+
 def test_in_memory_store_and_misplaced_ray_options_are_refused(tmp_path, tiny_clip_dir):
     corpus = write_lines(tmp_path / "a.jsonl", ["a dog"])
     with open_store(memory=True) as store, pytest.raises(StoreError, match="--qdrant-url"):

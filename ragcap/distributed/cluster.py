@@ -101,9 +101,35 @@ def _probe(address: str) -> None:
     if not host or not port.isdigit():
         raise OptionError(f"--ray-address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S) as conn:
+            grpc = _speaks_grpc(conn)
     except OSError as e:
         raise RagcapError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}); {_ADDRESS_HINT}") from None
+    if not grpc:
+        # Ray would retry such a port for minutes without a word (the dashboard's 8265, Qdrant's 6333, ...).
+        raise RagcapError(
+            f"{address} answers, but not as a Ray cluster does (its head's port, 6379, and ray://HOST:10001 speak "
+            f"gRPC; this one does not); {_ADDRESS_HINT}"
+        )
+
+
+# HTTP/2's connection preface and an empty SETTINGS frame: a gRPC server answers with its own SETTINGS.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _speaks_grpc(conn: socket.socket) -> bool:
+    """Whether the server on `conn` talks HTTP/2, as Ray's GCS and client servers (gRPC) do.
+    A cluster with TLS (RAY_USE_TLS) expects a TLS handshake first: not checked then."""
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return True
+    try:
+        conn.sendall(_H2_PREFACE)
+        frame = b""
+        while len(frame) < 9 and (chunk := conn.recv(9 - len(frame))):
+            frame += chunk
+    except OSError:  # silence (a timeout) or a reset: not a gRPC server
+        return False
+    return len(frame) == 9 and frame[3] == 4  # byte 3 of a frame header is its type; 4 is SETTINGS
 
 
 def _first_line(e: BaseException) -> str:
