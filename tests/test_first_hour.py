@@ -112,6 +112,12 @@ def test_help_shows_the_choices_the_commands_accept():
     assert f"--vector-dtype [{'|'.join(VECTOR_DTYPES)}]" in shown("ingest")
 
 
+def test_embed_images_help_names_its_own_default_model():
+    """Issue row: embed-images, which takes no collection, said -m defaults to "the collection's"."""
+    text = " ".join(ragcap("embed-images", "--help").stdout.split())
+    assert "the collection's" not in text and "the one --out records" in text and "$RAGCAP_MODEL" in text
+
+
 # ---------------------------------------------------------------------------- fail fast
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ragcap.cli.common import Actors, CpusPerActor, Device, Engine, GpusPerActor, Json, Model, RayAddress, app, command, ray_options
+from ragcap.cli.common import Actors, CpusPerActor, Device, Engine, GpusPerActor, Json, RayAddress, app, command, ray_options
 from ragcap.errors import RagcapError
 
 
@@ -16,7 +16,8 @@ def embed_images(
     references: Annotated[Path, typer.Argument(help="Human references: COCO JSON, Karpathy JSON, COCO by-image JSON, Flickr token/CSV, or a JSONL manifest.")],
     images: Annotated[Path, typer.Option("--images", help="Folder of the images (matched to references by id or file name).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write (rerun to resume or to follow a changed reference file).")],
-    model: Model = None,
+    # No collection here: the help of the shared -m option ("the collection's") would be wrong.
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Embedder [default: the one --out records when it exists, else $RAGCAP_MODEL, the config file's model, else ViT-B-32:openai].")] = None,
     ref_format: Annotated[Optional[str], typer.Option("--ref-format", help="Reference format (default: detected).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Karpathy or manifest split to encode (Karpathy default: test).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch (also the resume granularity).")] = 64,
