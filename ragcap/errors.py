@@ -56,3 +56,7 @@ class ConfigError(RagcapError):
 
 class OptionError(RagcapError, ValueError):
     """An option or argument is out of range or contradicts another one."""
+
+
+class RagcapWarning(UserWarning):
+    """Something to know that does not stop the work; the CLI prints it as one line."""

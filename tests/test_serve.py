@@ -474,16 +474,19 @@ def test_cli_refuses_a_busy_port_before_loading_the_models(tiny_clip_dir, monkey
 
 
 def test_cli_refuses_impossible_limits_before_loading_anything():
-    for args, words in ((["--max-batch", "0"], "max-batch must be a positive number"), (["--max-wait-ms", "-1"], "max-wait-ms must be >= 0"),
-                        (["--port", "70000"], "port must be in 0..65535"),
+    for args, words in ((["--max-batch", "0"], "--max-batch must be a positive number"), (["--max-wait-ms", "-1"], "--max-wait-ms must be >= 0"),
+                        (["--port", "70000"], "--port must be in 0..65535"),
                         # Issue rows: each started, then timed out every request, crashed, or told
                         # a 5-image request to retry forever, or no client could send the key.
-                        (["--timeout", "nan"], "timeout-s must be a positive number, got nan"),
+                        (["--timeout", "nan"], "--timeout must be a positive number, got nan"),
                         (["--max-upload-mb", "inf"], "--max-upload-mb must be a positive number, got inf"),
-                        (["--max-queue", "4"], "max-queue 4 is below what one request may send"),
+                        (["--max-queue", "4"], "--max-queue 4 is below --max-images 32, what one request may send; raise it to at least 32, or lower --max-images"),
                         (["--api-key", "KEY\r"], "the API key starts or ends with whitespace")):
         result = ragcap("serve", "-c", "nope", *args, ok=False)
         assert result.exit_code == 1 and words in result.output and "no collection" not in result.output, result.output
+    # A queue below the 256 texts a request may send admits fewer texts per request; it used to be refused.
+    result = ragcap("serve", "-c", "nope", "--max-queue", "100", "--port", "0", ok=False)
+    assert "no collection" in result.output and "max" not in result.output, result.output
 
 
 def ragcap(*args, ok: bool = True):

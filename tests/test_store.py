@@ -374,6 +374,29 @@ def test_an_api_key_with_a_line_break_is_named_not_unreachable():
         open_store(url=url, api_key="secret\n")
 
 
+def test_an_api_key_over_plain_http_is_one_warning_line(monkeypatch):
+    # Issue row: qdrant-client's two-line "insecure connection" warning came twice per command.
+    import warnings
+
+    from typer.testing import CliRunner
+
+    import ragcap.store.client as client
+    from ragcap.cli import app
+
+    listing = b'{"result": {"collections": []}, "status": "ok", "time": 0}'
+    with http_server(200, listing) as url:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            open_store(url=url, api_key="key").close()  # a loopback server: the key never crosses a network
+        assert [str(w.message) for w in seen] == []
+        monkeypatch.setattr(client, "LOOPBACK_HOSTS", ())  # as if the server were another machine
+        result = CliRunner().invoke(app, ["collections", "--qdrant-url", url, "--qdrant-api-key", "key"])
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.stderr.splitlines() if "warning" in line.lower()]
+    assert warned == [f"ragcap: warning: the Qdrant API key goes to {url} unencrypted; use https:// unless the network "
+                      "is private (as in docker/compose.yaml)"]
+
+
 def test_a_server_error_is_one_line():
     from qdrant_client.http.exceptions import UnexpectedResponse
 

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pickle
 import re
 import traceback
+import warnings
 from pathlib import Path
-from typing import Annotated, Callable, Optional, get_args
+from typing import Annotated, Callable, Iterator, Optional, get_args
 
 import click
 import typer
 
-from ragcap.errors import Interrupted, RagcapError
+from ragcap.errors import Interrupted, RagcapError, RagcapWarning
 from ragcap.precision import PRECISIONS
 from ragcap.store import DEFAULT_WAIT_S
 
@@ -105,7 +107,8 @@ def command(app_: typer.Typer, name: str | None = None, interrupted: str = "inte
         @functools.wraps(fn)
         def run(*args, **kwargs):
             try:
-                return fn(*args, **kwargs)
+                with _one_line_warnings():
+                    return fn(*args, **kwargs)
             except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
                 raise  # the command's own exit status, and usage errors
             except KeyboardInterrupt as err:
@@ -120,6 +123,24 @@ def command(app_: typer.Typer, name: str | None = None, interrupted: str = "inte
         return app_.command(name, cls=_Command)(run)
 
     return register
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """ragcap's own warnings as `ragcap: warning: ...`; other libraries' as Python shows them."""
+    shown = warnings.showwarning
+
+    def show(message, category, *args, **kwargs):
+        if issubclass(category, RagcapWarning):
+            typer.echo(f"ragcap: warning: {message}", err=True)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 class _Command(typer.core.TyperCommand):

@@ -69,6 +69,7 @@ def serve(
         host=host, port=port, api_key=api_key, cors_origins=tuple(cors_origin or ()), max_batch=max_batch,
         max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout, max_upload_bytes=int(max_upload_mb * 2**20),
         max_pixels=max_pixels, max_images=max_images, max_captions=max_captions, image_url_hosts=tuple(allow_image_host or ()),
+        max_texts=min(DEFAULTS.max_texts, max_queue),  # a smaller queue admits fewer texts per request, not no server
     )
     search = search_options(beam, num_captions, max_tokens, top_p, top_k, temperature, seed)
     settings = CaptionSettings(modes=parse_modes(mode), k=k, tau=tau, search=search, prompt_k=prompt_k)

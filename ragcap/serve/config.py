@@ -62,20 +62,30 @@ class ServeConfig:
         }
         for name, value in positive.items():
             if not (math.isfinite(value) and value > 0):  # NaN compares false with everything
-                raise OptionError(f"{name.replace('_', '-')} must be a positive number, got {value}")
+                raise OptionError(f"{_named(name)} must be a positive number, got {value}")
         if not (math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0):
-            raise OptionError(f"max-wait-ms must be >= 0, got {self.max_wait_ms}")
-        largest = max(self.max_images, self.max_texts)
-        if self.max_queue < largest:  # a request larger than the queue would be told to retry forever
-            raise OptionError(f"max-queue {self.max_queue} is below what one request may send (max-images {self.max_images}, "
-                              f"max-texts {self.max_texts}); raise it to at least {largest}")
+            raise OptionError(f"{_named('max_wait_ms')} must be >= 0, got {self.max_wait_ms}")
+        for field in ("max_images", "max_texts"):  # a request larger than the queue would be told to retry forever
+            if self.max_queue < (most := getattr(self, field)):
+                raise OptionError(f"{_named('max_queue')} {self.max_queue} is below {_named(field)} {most}, what one request "
+                                  f"may send; raise it to at least {most}, or lower {_named(field)}")
         if self.max_neighbours < 0:
-            raise OptionError(f"max-neighbours must be >= 0, got {self.max_neighbours}")
+            raise OptionError(f"{_named('max_neighbours')} must be >= 0, got {self.max_neighbours}")
         if not 0 <= self.port <= 65535:
-            raise OptionError(f"port must be in 0..65535, got {self.port}")
+            raise OptionError(f"{_named('port')} must be in 0..65535, got {self.port}")
         if self.api_key is not None and not self.api_key.strip():
             raise OptionError("the API key is empty: pass a non-empty --api-key (or RAGCAP_API_KEY), or none")
         if self.api_key is not None and self.api_key != self.api_key.strip():
             # HTTP strips a header value's surrounding whitespace: no client could send this key.
             raise OptionError("the API key starts or ends with whitespace (a CRLF .env file?), which no HTTP client can send; "
                               "remove it from --api-key (or RAGCAP_API_KEY)")
+
+
+# The `ragcap serve` option that sets a field, for messages; the others are set from Python only.
+CLI_OPTIONS = {"timeout_s": "--timeout", "max_upload_bytes": "--max-upload-mb", "port": "--port", "max_batch": "--max-batch",
+               "max_wait_ms": "--max-wait-ms", "max_queue": "--max-queue", "max_pixels": "--max-pixels",
+               "max_images": "--max-images", "max_captions": "--max-captions"}
+
+
+def _named(field: str) -> str:
+    return CLI_OPTIONS.get(field, f"ServeConfig.{field}")

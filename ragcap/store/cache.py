@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from ragcap.errors import RagcapError, StoreError
+from ragcap.errors import RagcapError, RagcapWarning, StoreError
 from ragcap.store import CollectionVersion, Store
 from ragcap.util import atomic_path, write_atomic
 
@@ -67,7 +67,7 @@ def load_vectors(store: Store, name: str, on_read: Callable[[int], None] | None 
         try:
             return _keep(directory, cache)
         except (OSError, RagcapError) as e:  # a full or read-only disk costs a re-read next time, not this run
-            warnings.warn(f"could not keep the vectors of collection '{name}' in {directory} ({e}); using them from memory", stacklevel=2)
+            warnings.warn(f"could not keep the vectors of collection '{name}' in {directory} ({e}); using them from memory", RagcapWarning, stacklevel=2)
     return cache
 
 

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit
 
 import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from ragcap.embedder_info import EmbedderInfo
-from ragcap.errors import OptionError, StoreError
+from ragcap.errors import OptionError, RagcapWarning, StoreError
 from ragcap.store import (
     RESCORE_OVERSAMPLING,
     CollectionInfo,
@@ -42,11 +44,19 @@ HNSW_M = 16
 HNSW_EF_CONSTRUCT = 128
 HNSW_EF = 256
 CONNECT_TIMEOUT = 5  # seconds for the reachability probe, so a wrong URL fails fast
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # an unencrypted key there never crosses a network
 
 
 def _with_scheme(url: str) -> str:
     # "localhost:6333" is a common way to write it; qdrant-client needs the scheme.
     return url if "://" in url else f"http://{url}"
+
+
+def _client(url: str, api_key: str | None, timeout: int) -> QdrantClient:
+    # qdrant-client warns of a key over http:// on every client, two lines each; connect says it once.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Api key is used with an insecure connection")
+        return QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False)
 
 
 def server_error(err: Exception) -> str:
@@ -104,12 +114,16 @@ class ClientStore(Store):
                 "pass the key alone in --qdrant-api-key / RAGCAP_QDRANT_API_KEY"
             )
         try:
-            probe = QdrantClient(url=url, api_key=api_key, timeout=CONNECT_TIMEOUT, check_compatibility=False)
+            probe = _client(url, api_key, CONNECT_TIMEOUT)
             probe.get_collections()
             probe.close()
         except Exception as e:  # noqa: BLE001 - every failure here means "cannot use this URL"
             raise _unusable(url, e) from None
-        return cls(QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False), url, api_key)
+        host = urlsplit(url).hostname or ""
+        if api_key and url.startswith("http://") and host not in LOOPBACK_HOSTS:
+            warnings.warn(f"the Qdrant API key goes to {url} unencrypted; use https:// unless the network is private "
+                          "(as in docker/compose.yaml)", RagcapWarning, stacklevel=2)
+        return cls(_client(url, api_key, timeout), url, api_key)
 
     def collections(self) -> list[CollectionInfo]:
         names = sorted(c.name for c in self.client.get_collections().collections)
