@@ -285,9 +285,11 @@ def find_leakage(eval_image_keys: set[str], stored_payloads: Iterable[Mapping[st
     texts = {normalise_caption(r).lower() for r in references}
     leaked = 0
     for payload in stored_payloads:
-        ids = (payload.get("image_id"), payload.get("file"))
-        leaked += (any(v is not None and normalise_image_id(v) in eval_image_keys for v in ids)
-                   or normalise_caption(str(payload.get("caption", ""))).lower() in texts)
+        ids = [v for v in (payload.get("image_id"), payload.get("file")) if v is not None]
+        if ids:  # its id says which image it describes; the same words under another id are not leakage
+            leaked += any(normalise_image_id(v) in eval_image_keys for v in ids)
+        else:  # generic captions ("a man riding a skateboard") recur across images, so only id-less ones are matched by text
+            leaked += normalise_caption(str(payload.get("caption", ""))).lower() in texts
     return leaked
 
 

@@ -310,3 +310,7 @@ def test_leakage_counts_stored_captions_of_evaluated_images():
     # A memory without ids (a text corpus) leaks by holding the references themselves.
     texts = [{"caption": "A man  riding a wave"}, {"caption": "a dog"}, {"caption": "a man riding a wave on a board"}]
     assert find_leakage({"73"}, texts, ["a man riding a wave", "two cats"]) == 1
+    # A memory with ids leaks by id only: another image's caption that happens to equal a
+    # reference ("a man riding a wave" is common) is not the evaluated image's own caption.
+    other = [{"caption": "a man riding a wave", "image_id": 999}, {"caption": "A man riding a wave", "file": "x.jpg"}]
+    assert find_leakage({"73"}, other, ["a man riding a wave"]) == 0
