@@ -131,12 +131,19 @@ def _detect(source: _Source) -> str:
 
 def _add(refs: References, where: str, key: Any, file: str | None, captions: Iterable[Any]) -> None:
     image = normalise_image_id(key)
+    captions = list(captions)
+    odd = next((c for c in captions if not isinstance(c, str)), "")
+    _require(isinstance(odd, str), where, f"image {key}: a reference caption is {odd!r}, not text; fix or remove it")
     ref = refs.get(image)
     if ref is None:
         ref = refs[image] = Reference(file, [])
     elif file and ref.file is None:
         ref = refs[image] = ref._replace(file=file)
-    ref.captions.extend(" ".join(c.split()) for c in captions if isinstance(c, str) and c.strip())
+    elif file and normalise_image_id(file) != normalise_image_id(ref.file or file):
+        # Merging would score one photo against another's captions and leave the other unmatched.
+        raise RagcapError(f"{where}: image {key} is listed again with another file ({ref.file}, then {file}); "
+                          "give each image one id")
+    ref.captions.extend(" ".join(c.split()) for c in captions if c.strip())
     if not ref.captions:
         raise RagcapError(f"{where}: image {key} has no reference captions; fix the file or drop the image")
 

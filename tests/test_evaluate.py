@@ -260,6 +260,29 @@ def test_an_empty_reference_file_says_so(tmp_path, content):
         load_references(path)
 
 
+@pytest.mark.parametrize("name, text, match", [
+    # Two photos under one id: merged, one would be scored against both photos' captions.
+    ("refs.jsonl", '{"file": "a.jpg", "image_id": 5, "references": ["a cat"]}\n'
+                   '{"file": "b.jpg", "image_id": 5, "references": ["a dog"]}\n', r"refs\.jsonl:2: image 5 is listed again with another file \(a\.jpg, then b\.jpg\)"),
+    # A caption that is not text was dropped, silently scoring against fewer references.
+    ("refs.jsonl", '{"file": "a.jpg", "references": ["a cat", 7]}\n', r"refs\.jsonl:1: image a\.jpg: a reference caption is 7, not text"),
+    ("coco.json", json.dumps({"images": [{"id": 7, "file_name": "seven.jpg"}], "annotations": [{"image_id": 7, "caption": "a"}, {"image_id": 7, "caption": None}]}),
+     r"image 7: a reference caption is None"),
+])
+def test_conflicting_or_non_text_references_are_errors(tmp_path, name, text, match):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(RagcapError, match=match):
+        load_references(path)
+
+
+def test_repeated_lines_of_one_image_merge(tmp_path):
+    path = tmp_path / "refs.jsonl"  # the same image in two lines (one file spelt two ways) is one image
+    path.write_text('{"file": "COCO_val2014_000000000073.jpg", "image_id": 73, "references": ["a"]}\n'
+                    '{"file": "000000000073.jpg", "image_id": 73, "references": ["b"]}\n')
+    assert load_references(path) == {"73": Reference("COCO_val2014_000000000073.jpg", ["a", "b"])}
+
+
 def test_unknown_format_lists_the_known_ones(tmp_path):
     path = tmp_path / "refs.txt"
     path.write_text("just some text\nand more\n")
