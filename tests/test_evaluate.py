@@ -242,6 +242,15 @@ def test_karpathy_split_selects_images(tmp_path):
         load_references(path, split="val")
 
 
+def test_manifest_split_selects_lines(tmp_path):
+    path = tmp_path / "manifest.jsonl"  # as the Flickr8k manifest: a "split" field per line
+    path.write_text('{"file": "a.jpg", "split": "dev", "references": ["a"]}\n{"file": "b.jpg", "split": "test", "references": ["b"]}\n')
+    assert list(load_references(path)) == ["a", "b"]
+    assert list(load_references(path, split="test")) == ["b"]
+    with pytest.raises(RagcapError, match=r"no images in split 'val'.*\['dev', 'test'\]"):
+        load_references(path, split="val")
+
+
 def test_real_reference_files_agree(tmp_path):
     coco = SHARED / "data" / "coco"
     if not (coco / "captions_val2014_by_image.json").exists():

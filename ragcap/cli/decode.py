@@ -330,7 +330,7 @@ def evaluate(
     decoder: Decoders = None,
     lm: CausalLM = "gpt2",
     ref_format: Annotated[Optional[str], typer.Option("--ref-format", help="Reference format (default: detected).")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Karpathy split to score (default: test).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split to score: Karpathy JSON's (default: test) or a JSONL manifest's \"split\" field (default: every line).")] = None,
     k: Annotated[Optional[int], typer.Option("--k", "-k", help="Neighbours in the pd projection when Qdrant searches the memory (--memory qdrant) [default: 1024, or the whole collection if smaller].")] = None,
     tau: Tau = 0.01,
     beam: Beam = None,
