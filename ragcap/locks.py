@@ -10,6 +10,7 @@ one else sees. The lock file says who holds it, so whoever waits can say for who
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -190,7 +191,7 @@ def hold_directory(directory: str | Path, what: str | None = None) -> Iterator[L
     what = what or f"output directory {directory}"
     if directory.exists() and not directory.is_dir():
         raise RagcapError(f"{what}: {directory} is a file; give a folder to write into (a new or a resumable one)")
-    made = not directory.exists()
+    made = [d for d in (directory, *directory.parents) if not d.exists()]  # --out a/b/c may make a and b too
     directory.mkdir(parents=True, exist_ok=True)
     lock = Lock(directory / LOCK_FILE, what)
     lock.acquire(0, hint="; wait for it to finish, or write to another directory")
@@ -200,3 +201,6 @@ def hold_directory(directory: str | Path, what: str | None = None) -> Iterator[L
         lock.release()
         if made and all(p.name == LOCK_FILE for p in directory.iterdir()):
             shutil.rmtree(directory, ignore_errors=True)
+            for parent in made[1:]:  # innermost first; rmdir leaves one that something else was put in
+                with contextlib.suppress(OSError):
+                    parent.rmdir()

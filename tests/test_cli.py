@@ -160,6 +160,9 @@ def test_a_training_run_that_fails_before_writing_leaves_no_out_folder(filled, t
     out = tmp_path / "decoder"
     result = ragcap("train-decoder", "-c", "nosuch", "--out", out, ok=False)
     assert result.exit_code == 1 and "no collection 'nosuch'" in result.output and not out.exists()
+    nested = tmp_path / "new" / "decoders" / "coco"  # the folders made above --out go too
+    result = ragcap("train-decoder", "-c", "nosuch", "--out", nested, ok=False)
+    assert result.exit_code == 1 and not (tmp_path / "new").exists()
     afile = tmp_path / "afile"
     afile.write_text("notes")
     result = ragcap("train-decoder", "-c", filled, "--out", afile, ok=False)
