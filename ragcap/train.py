@@ -467,12 +467,17 @@ def _fingerprint(kind: str, captions: list[str], vectors: np.ndarray | Condition
             "embedder": embedder.to_dict(), "config": settings}
 
 
-def _prepare_out_dir(out: Path, resume: bool) -> None:
+def check_out_dir(out: Path, resume: bool) -> None:
+    """Refuse an --out this run cannot write (called early by the CLI, before the data loads)."""
     if not resume and ((out / CHECKPOINT_FILE).exists() or (out / CONFIG_FILE).exists()):
         raise ModelError(f"{out} already holds a decoder or a training run; resume it with --resume, or choose another output directory")
     if resume and (out / CONFIG_FILE).exists() and not (out / CHECKPOINT_FILE).exists():
         raise ModelError(f"{out} holds a completed decoder and no checkpoint to resume (it is removed at the end unless "
                          "--keep-checkpoint); choose another output directory to train again")
+
+
+def _prepare_out_dir(out: Path, resume: bool) -> None:
+    check_out_dir(out, resume)
     out.mkdir(parents=True, exist_ok=True)
 
 

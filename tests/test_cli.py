@@ -168,6 +168,13 @@ def test_a_training_run_that_fails_before_writing_leaves_no_out_folder(filled, t
     result = ragcap("train-decoder", "-c", filled, "--out", afile, ok=False)
     assert result.exit_code == 1 and f"--out {afile}: {afile} is a file; give a folder" in result.output
     assert afile.read_text() == "notes"
+    # An --out holding a decoder is refused before the collection is read (which takes minutes
+    # on a large memory): "nosuch" would fail there.
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "config.json").write_text("{}")
+    result = ragcap("train-decoder", "-c", "nosuch", "--out", held, ok=False)
+    assert result.exit_code == 1 and "already holds a decoder" in result.output and "nosuch" not in result.output
 
 
 def test_missing_file_is_a_clear_error(tmp_path, tiny_clip_dir):

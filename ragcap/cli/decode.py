@@ -55,7 +55,7 @@ def train_decoder(
     from ragcap.embed import check_decoder_length
     from ragcap.report import emit_json
     from ragcap.train import preset as preset_config
-    from ragcap.train import with_overrides
+    from ragcap.train import check_out_dir, with_overrides
 
     from ragcap import api
     from ragcap.locks import hold_directory
@@ -66,6 +66,7 @@ def train_decoder(
                             label_smoothing=label_smoothing, dropout=dropout, warmup_steps=warmup_steps, prune_vocab=prune_vocab,
                             device=device)
     with hold_directory(out, f"--out {out}"):  # a second run into --out is refused before any work
+        check_out_dir(out, resume)  # as is an --out holding another run, before the data loads
         with store(qdrant_url, qdrant_api_key, wait) as st:
             captions, vectors, info = api.training_data(st, collection, parquet)
         if max_tokens is not None:  # up to the encoder's context (248 for a Long-CLIP model), not beyond
@@ -109,7 +110,7 @@ def train_clipcap(
     """Train ClipCap: paired on image features (--features), text-only on caption embeddings
     (-c/--parquet; with --noise this is CapDec), or both."""
     from ragcap.report import emit_json
-    from ragcap.train import ClipCapTrainConfig, with_overrides
+    from ragcap.train import ClipCapTrainConfig, check_out_dir, with_overrides
 
     from ragcap import api
     from ragcap.locks import hold_directory
@@ -121,6 +122,7 @@ def train_clipcap(
                             max_tokens=max_tokens, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                             val_fraction=val_fraction, seed=seed, device=device)
     with hold_directory(out, f"--out {out}"):  # a second run into --out is refused before any work
+        check_out_dir(out, resume)  # as is an --out holding another run, before the data loads
         if collection is not None:
             with store(qdrant_url, qdrant_api_key, wait) as st:
                 data = api.training_examples(st, collection, parquet, features)
@@ -163,7 +165,7 @@ def train_smallcap(
     from ragcap.decoders.tokenizers import load_gpt2_tokenizer
     from ragcap.report import emit_json, progress
     from ragcap.smallcap_train import smallcap_data
-    from ragcap.train import SmallCapTrainConfig, with_overrides
+    from ragcap.train import SmallCapTrainConfig, check_out_dir, with_overrides
 
     from ragcap.locks import hold_directory
 
@@ -171,6 +173,7 @@ def train_smallcap(
                             epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, val_fraction=val_fraction, seed=seed,
                             device=device)
     with hold_directory(out, f"--out {out}"):  # a second run into --out is refused before any work
+        check_out_dir(out, resume)  # as is an --out holding another run, before the data loads
         tokenizer = load_gpt2_tokenizer(config.lm)
         with store(qdrant_url, qdrant_api_key, wait) as st, progress(None, "retrieve", "images") as bar:
             data = smallcap_data(st, collection, features, tokenizer, config.k, MAX_CAPTION_TOKENS, query_features, bar.update)
