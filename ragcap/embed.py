@@ -43,7 +43,7 @@ from PIL import Image
 
 from ragcap import vit
 from ragcap.embedder_info import EmbedderInfo
-from ragcap.errors import DiskFullError, ModelError
+from ragcap.errors import DiskFullError, ModelError, brief
 from ragcap.precision import autocast, prepare, resolve_precision
 from ragcap.util import default_device, write_atomic
 
@@ -735,7 +735,7 @@ def _load_open_clip(spec: ModelSpec, device: torch.device, image_only: bool = Fa
             "elsewhere and pass its directory",
             "local": "the directory's config or weights are damaged or from another open_clip version",
         }[spec.kind]
-        raise ModelError(f"cannot load model {spec.canonical}: {e} ({way_out})") from e
+        raise ModelError(f"cannot load model {spec.canonical}: {brief(e)} ({way_out})") from e
     model.eval().requires_grad_(False)
     return OpenClipEmbedder(spec, model, preprocess, tokenizer, device)
 

@@ -60,3 +60,10 @@ class OptionError(RagcapError, ValueError):
 
 class RagcapWarning(UserWarning):
     """Something to know that does not stop the work; the CLI prints it as one line."""
+
+
+def brief(err: BaseException, limit: int = 300) -> str:
+    """Another library's error message on one line, cut to `limit` characters: torch's
+    load_state_dict, for one, lists every mismatched key over many lines."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."

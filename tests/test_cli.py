@@ -182,6 +182,21 @@ def test_missing_file_is_a_clear_error(tmp_path, tiny_clip_dir):
     assert result.exit_code == 1 and "nope.txt" in result.output and "Traceback" not in result.output
 
 
+def test_a_model_folder_holding_another_models_weights_is_one_line(corpus, tiny_clip_dir, tmp_path):
+    # torch's load_state_dict error spans lines; the CLI promises one line on stderr.
+    import shutil
+
+    from tests.helpers import make_tiny_clip
+
+    wider = make_tiny_clip(tmp_path / "wider", embed_dim=48)
+    mixed = shutil.copytree(tiny_clip_dir, tmp_path / "mixed")
+    shutil.copy(wider / "open_clip_model.safetensors", mixed / "open_clip_model.safetensors")
+    result = ragcap("ingest", "text", corpus, "-c", "mixed", "-m", mixed, ok=False)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("ragcap: error:") or line.startswith("\t")]
+    assert result.exit_code == 1 and len(lines) == 1 and "size mismatch" in lines[0] and "Traceback" not in result.output
+    assert last_json(ragcap("collections", "--json")) == []
+
+
 def test_empty_corpus_leaves_no_collection(tmp_path, tiny_clip_dir):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")

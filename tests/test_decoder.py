@@ -132,6 +132,17 @@ def test_load_reports_missing_corrupt_unknown_and_foreign_directories(model, tmp
         load_decoder(tmp_path / "dec")
 
 
+def test_weights_of_another_size_are_named_on_one_short_line(model, tmp_path):
+    # torch lists every mismatched key over many lines; the error a user sees is one line.
+    model.save(tmp_path / "dec")
+    other = DeCapDecoder(DeCapConfig(embed_dim=16, n_layer=3, n_head=2, n_embd=32, max_tokens=8), EMBEDDER)
+    other.save(tmp_path / "other")
+    (tmp_path / "other" / "model.safetensors").replace(tmp_path / "dec" / "model.safetensors")
+    with pytest.raises(ModelError, match="model.safetensors cannot be loaded.*Unexpected key") as err:
+        load_decoder(tmp_path / "dec")
+    assert "\n" not in str(err.value) and len(str(err.value)) < 600
+
+
 def test_compatibility_message_names_both_embedders(model, tmp_path):
     model.save(tmp_path / "dec")
     loaded = load_decoder(tmp_path / "dec")

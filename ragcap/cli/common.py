@@ -186,7 +186,9 @@ def _fail(err: BaseException, line: str, code: int) -> None:
     if os.environ.get("RAGCAP_DEBUG", "") not in ("", "0"):
         traceback.print_exception(err)
     notes = getattr(err, "__notes__", ())
-    typer.echo("; ".join([line, *notes]), err=True)
+    # One line whatever the message holds: a wrapped library error may span several.
+    text = "; ".join([line, *notes])
+    typer.echo(" ".join(part.strip() for part in text.splitlines() if part.strip()), err=True)
     raise typer.Exit(code) from None
 
 

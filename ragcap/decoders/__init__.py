@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from ragcap.decoders.base import CONFIG_FILE, WEIGHTS_FILE, Caption, Decoder
 from ragcap.embedder_info import EmbedderInfo
-from ragcap.errors import ModelError
+from ragcap.errors import ModelError, brief
 from ragcap.precision import prepare, resolve_precision
 from ragcap.util import default_device
 
@@ -100,7 +100,7 @@ def load_decoder(directory: str | Path, device: str | torch.device | None = None
         _untie(model, state)
         model.load_state_dict(state, strict=True, assign=True)
     except (SafetensorError, RuntimeError, OSError) as e:
-        raise ModelError(f"{src / WEIGHTS_FILE} cannot be loaded ({e}); {HINT}") from e
+        raise ModelError(f"{src / WEIGHTS_FILE} cannot be loaded ({brief(e)}); {HINT}") from e
     _retie(model)
     model.source = src
     model.precision = resolve_precision(precision)
