@@ -133,6 +133,19 @@ def test_saved_directory_loads_on_its_own(decoder, tmp_path, lm_dir):
         assert loaded.generate(x, options) == decoder.generate(x, options)
 
 
+def test_a_decoder_without_its_lm_files_says_what_is_missing(lm_dir, tmp_path):
+    # Before: no lm/ gave a hub "Repo id must be in the form" error; no tokenizer files, a
+    # tokenizer of special tokens only and "no token for the stop token '.'".
+    make(lm_dir).save(tmp_path / "clipcap")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "clipcap" / "lm" / name).unlink(missing_ok=True)
+    with pytest.raises(ModelError, match="tokenizer in '.*lm' is empty"):
+        load_decoder(tmp_path / "clipcap")
+    shutil.rmtree(tmp_path / "clipcap" / "lm")
+    with pytest.raises(ModelError, match="clipcap is incomplete: lm/config.json is missing"):
+        load_decoder(tmp_path / "clipcap")
+
+
 @pytest.mark.parametrize("mapping", ["mlp", "transformer"])
 def test_int8_captions_and_stays_near_fp32(lm_dir, mapping, tmp_path):
     from ragcap.int8 import ProjectedAttention

@@ -134,6 +134,13 @@ def test_dir_without_weights_is_a_model_error(tmp_path):
         PromptCaptioner(str(tmp_path))
 
 
+def test_dir_without_tokenizer_files_is_a_model_error(captioner, tmp_path):
+    # Before: a tokenizer of special tokens only, then an IndexError while captioning.
+    captioner.model.save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="tokenizer in .* is empty"):
+        PromptCaptioner(str(tmp_path))
+
+
 def test_the_prompt_lm_takes_batches_whole_on_a_gpu_and_in_pieces_on_a_cpu(captioner, tiny_clip_dir):
     """On a GPU one LM call per batch of images (--batch-size): a batch of 256 images is 256
     prompts at once. On a CPU at most CPU_LM_BATCH prompts at once (their beams' caches)."""

@@ -81,8 +81,9 @@ def check_decoder(directory: str | Path) -> tuple[type[Decoder], object, Embedde
     directory is not a complete decoder): cheap, so callers check before loading models."""
     src = Path(directory)
     found = _read_config(src, HINT)
-    if not (src / WEIGHTS_FILE).is_file():
-        raise ModelError(f"{src} is incomplete: {WEIGHTS_FILE} is missing; {HINT}")
+    for name in (WEIGHTS_FILE, *found[0].required_files):
+        if not (src / name).is_file():
+            raise ModelError(f"{src} is incomplete: {name} is missing; {HINT}")
     return found
 
 

@@ -47,6 +47,8 @@ class Decoder(nn.Module):
     # "embedding": one CLIP vector per caption (modes pd, nnd, vd); other kinds say what they read.
     conditioning: ClassVar[str] = "embedding"
     train_hint: ClassVar[str] = "train one with `ragcap train-decoder`"
+    # Files besides config and weights that loading reads (checked before any model loads).
+    required_files: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any, embedder: EmbedderInfo):
         super().__init__()

@@ -107,6 +107,7 @@ class ClipCapDecoder(Decoder):
     kind = "clipcap"
     config_class = ClipCapConfig
     train_hint = "train one with `ragcap train-clipcap`"
+    required_files = (f"{LM_DIR}/config.json",)  # the LM's config; its tokenizer files sit beside it
 
     def __init__(self, config: ClipCapConfig, embedder: EmbedderInfo, lm: nn.Module, tokenizer):
         super().__init__(config, embedder)

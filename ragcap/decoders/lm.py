@@ -91,7 +91,9 @@ def load_causal_lm(name: str | Path):
     except (OSError, ValueError) as err:
         # Offline with nothing cached, or a directory missing weights/tokenizer files.
         raise ModelError(f"language model {name!r} could not be loaded: {MISSING_LM_HINT}. Cause: {err}") from err
-    return tokenizer, model.eval()
+    from ragcap.decoders.tokenizers import check_not_empty
+
+    return check_not_empty(tokenizer, name), model.eval()
 
 
 @dataclass

@@ -135,6 +135,7 @@ class SmallCapDecoder(Decoder):
     config_class = SmallCapConfig
     conditioning = "patches"
     train_hint = "train one with `ragcap train-smallcap`"
+    required_files = (f"{LM_DIR}/config.json",)  # the LM's config; its tokenizer files sit beside it
 
     def __init__(self, config: SmallCapConfig, embedder: EmbedderInfo, lm: nn.Module, tokenizer):
         """embedder: the encoder whose patch features the model reads (its retrieval embedder is in config)."""

@@ -121,7 +121,12 @@ def load_gpt2_tokenizer(source: str | Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load a tokenizer from {source!r} ({err}); pass a directory with the LM's tokenizer files") from err
-    if len(tokenizer) == 0:
-        raise ModelError(f"the tokenizer in {source!r} is empty; it needs vocab.json and merges.txt (or tokenizer.json)")
+        raise ModelError(f"cannot load a tokenizer from {str(source)!r} ({err}); pass a directory with the LM's tokenizer files") from err
+    return check_not_empty(tokenizer, source)
+
+
+def check_not_empty(tokenizer, source: str | Path):
+    """`tokenizer`, unless it was built without its vocabulary files (ModelError)."""
+    if len(tokenizer) == 0 or tokenizer.vocab_size == 0:  # without vocab files only special tokens remain
+        raise ModelError(f"the tokenizer in {str(source)!r} is empty; it needs vocab.json and merges.txt (or tokenizer.json)")
     return tokenizer
