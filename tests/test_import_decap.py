@@ -199,3 +199,28 @@ def test_an_existing_decoder_is_kept(saved, tiny_clip_dir, tmp_path):
     with pytest.raises(ModelError, match="already holds a decoder"):
         import_decap(saved, out, heads=HEADS, model=str(tiny_clip_dir))
     assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_checkpoint_is_read(tiny_clip_dir, tmp_path):
+    # Before: the checkpoint was read and converted, then "File exists: OUT".
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "notes").write_text("keep")
+    for kind, extra in (("decap", []), ("clipcap", ["--lm", tmp_path]), ("smallcap", ["--lm", tmp_path])):
+        result = ragcap("models", "import", kind, tmp_path / "garbage.pt", tmp_path / "notes", *extra)
+        assert result.exit_code == 1 and f"{tmp_path / 'notes'} is a file; give a directory" in result.output, (kind, result.output)
+    assert (tmp_path / "notes").read_text() == "keep"
+
+
+def test_a_save_cut_short_leaves_no_decoder_and_a_rerun_completes(saved, tiny_clip_dir, tmp_path, monkeypatch):
+    # config.json marks a complete decoder: it used to be written first, so a save that failed
+    # at the weights or assets left a folder refused as "already holds a decoder".
+    def full_disk(self, out):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(DeCapDecoder, "save_assets", full_disk)
+    with pytest.raises(OSError):
+        import_decap(saved, tmp_path / "dec", heads=HEADS, model=str(tiny_clip_dir))
+    assert not (tmp_path / "dec" / "config.json").exists()
+    monkeypatch.undo()
+    out = import_decap(saved, tmp_path / "dec", heads=HEADS, model=str(tiny_clip_dir))
+    assert load_decoder(out).config.writes_sot

@@ -122,10 +122,12 @@ class Decoder(nn.Module):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "kind": self.kind, "config": asdict(self.config), "embedder": self.embedder.to_dict()}
-        write_atomic(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
         # save_model (not save_file): GPT-2 ties its output layer to the token embedding.
         write_atomic(out / WEIGHTS_FILE, lambda p: save_model(self, str(p)))
         self.save_assets(out)
+        # The config marks a complete decoder, so it comes last: a save cut short (disk full,
+        # Ctrl-C) leaves a folder that is not taken for a decoder and that a rerun may fill.
+        write_atomic(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
         return out
 
     @classmethod

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 
-from ragcap.decoders.base import CONFIG_FILE
 from ragcap.decoders.clipcap import MAPPINGS, ClipCapConfig, ClipCapDecoder, lm_skeleton
 from ragcap.decoders.tokenizers import load_gpt2_tokenizer
 from ragcap.errors import ModelError
-from ragcap.importers.state import key_problems, read_state_dict, recorded_embedder, without_legacy_buffers
+from ragcap.importers.state import key_problems, read_state_dict, recorded_embedder, require_new_decoder_dir, without_legacy_buffers
 
 # The CLIPs the published checkpoints were trained on, told apart by their embedding width:
 # ViT-B/32 (512) for the MLP models, RN50x4 (640) for the transformer model.
@@ -56,8 +55,7 @@ def import_clipcap(checkpoint: str | Path, out: str | Path, source: str | None =
     where = source or str(checkpoint)  # how messages name it
     if mapping not in MAPPINGS:
         raise ModelError(f"unknown ClipCap mapping {mapping!r}; choose from {', '.join(MAPPINGS)}")
-    if (out / CONFIG_FILE).exists():
-        raise ModelError(f"{out} already holds a decoder; choose another directory")
+    require_new_decoder_dir(out)
     # Without the legacy GPT-2 buffers, which are not weights.
     state = without_legacy_buffers(read_state_dict(checkpoint), "gpt.")
     tokenizer = load_gpt2_tokenizer(lm)

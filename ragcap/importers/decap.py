@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 
-from ragcap.decoders.base import CONFIG_FILE
 from ragcap.decoders.decap import DeCapConfig, DeCapDecoder
 from ragcap.errors import ModelError
-from ragcap.importers.state import key_problems, read_state_dict, recorded_embedder, without_legacy_buffers
+from ragcap.importers.state import key_problems, read_state_dict, recorded_embedder, require_new_decoder_dir, without_legacy_buffers
 
 DEFAULT_EMBEDDERS = {512: "ViT-B-32:openai"}  # DeCap trained on OpenAI's ViT-B/32 text embeddings
 HEADS = 4  # decoder_config.pkl's n_head for the published decoders
@@ -47,8 +46,7 @@ def import_decap(checkpoint: str | Path, out: str | Path, source: str | None = N
     """
     checkpoint, out = Path(checkpoint), Path(out)
     where = source or str(checkpoint)
-    if (out / CONFIG_FILE).exists():
-        raise ModelError(f"{out} already holds a decoder; choose another directory")
+    require_new_decoder_dir(out)
     state = without_legacy_buffers(read_state_dict(checkpoint), "decoder.")
     config = config_from_checkpoint(where, state, heads)
     with torch.device("meta"):  # shapes only: the checkpoint supplies every weight

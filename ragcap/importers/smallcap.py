@@ -30,12 +30,11 @@ from pathlib import Path
 
 import torch
 
-from ragcap.decoders.base import CONFIG_FILE
 from ragcap.decoders.smallcap import SmallCapConfig, SmallCapDecoder, cross_attention_lm, lm_config
 from ragcap.decoders.tokenizers import load_gpt2_tokenizer
 from ragcap.embedder_info import EmbedderInfo
 from ragcap.errors import ModelError
-from ragcap.importers.state import read_state_dict
+from ragcap.importers.state import read_state_dict, require_new_decoder_dir
 
 DEFAULT_ENCODER = "ViT-B-32:openai"  # SmallCap's openai/clip-vit-base-patch32
 DEFAULT_RETRIEVAL = "RN50x64"  # SmallCap's --retrieval_encoder
@@ -54,8 +53,7 @@ def import_smallcap(checkpoint: str | Path, out: str | Path, source: str | None 
     """
     checkpoint, out = Path(checkpoint), Path(out)
     where = source or str(checkpoint)
-    if (out / CONFIG_FILE).exists():
-        raise ModelError(f"{out} already holds a decoder; choose another directory")
+    require_new_decoder_dir(out)
     published = _published_config(checkpoint)
     state = {k: v for k, v in read_state_dict(checkpoint).items() if not LEGACY_BUFFERS.fullmatch(k) and not k.startswith("encoder.")}
     for key in ("q_attn.weight", "c_attn.weight"):

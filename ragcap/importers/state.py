@@ -35,6 +35,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in data.items()}  # DistributedDataParallel's prefix
 
 
+def require_new_decoder_dir(out: Path) -> None:
+    """Refuse, before any checkpoint is read, an `out` that is a file or already a decoder."""
+    from ragcap.decoders.base import CONFIG_FILE
+
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"{out} is a file; give a directory to write the decoder into")
+    if (out / CONFIG_FILE).exists():
+        raise ModelError(f"{out} already holds a decoder; choose another directory")
+
+
 # transformers 4.x before 2023 saved each GPT-2 attention's causal-mask buffers with the weights.
 LEGACY_GPT2_BUFFERS = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)")
 
