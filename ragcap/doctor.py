@@ -158,7 +158,8 @@ def _warnings(report: dict) -> list[str]:
     model = report["default_model"]
     if model["problem"]:  # its message already says what to do offline
         warnings.append(f"the default model (from {model['from']}) cannot be used: {model['problem']}")
-    elif not report["hub"]["reachable"] and not report["models"]:
+    # A usable local folder as the default needs neither the hub nor the cache.
+    elif not report["hub"]["reachable"] and not report["models"] and not Path(model["spec"].removeprefix("local:")).expanduser().is_dir():
         warnings.append("the hub is offline and no model is cached: use local model directories "
                         "(`ragcap models save-random ARCH DIR` makes one with random weights)")
     store = report["store"]

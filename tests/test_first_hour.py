@@ -290,14 +290,19 @@ def test_doctor_reports_the_machine_and_the_store(memory, offline_hub, monkeypat
 
 
 def test_doctor_warns_when_the_default_model_cannot_be_used(tiny_clip_dir, tmp_path, offline_hub, monkeypatch):
-    """RAGCAP_MODEL with a typo, or the built-in default offline, used to pass doctor unremarked
-    and fail at the first ingest."""
+    """RAGCAP_MODEL with a typo or without weights, or the built-in default offline, used to pass
+    doctor unremarked and fail at the first ingest."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("RAGCAP_MODEL", str(tmp_path / "clip-randm"))
     report = json.loads(ragcap("doctor", "--json").stdout)
     assert report["default_model"]["from"] == "RAGCAP_MODEL" and "clip-randm" in report["default_model"]["problem"]
     assert any(w.startswith("the default model (from RAGCAP_MODEL) cannot be used: ") for w in report["warnings"])
     assert not any("no model is cached" in w for w in report["warnings"])  # one warning for one problem
-    monkeypatch.setenv("RAGCAP_MODEL", str(tiny_clip_dir))
+    (tmp_path / "half").mkdir()
+    shutil.copy(tiny_clip_dir / "open_clip_config.json", tmp_path / "half")
+    monkeypatch.setenv("RAGCAP_MODEL", str(tmp_path / "half"))
+    assert "no weights" in json.loads(ragcap("doctor", "--json").stdout)["default_model"]["problem"]
+    monkeypatch.setenv("RAGCAP_MODEL", str(tiny_clip_dir))  # a usable local model: offline is no problem
     report = json.loads(ragcap("doctor", "--json").stdout)
-    assert report["default_model"]["problem"] is None and not any("default model" in w for w in report["warnings"])
+    assert report["default_model"]["problem"] is None
+    assert not any("default model" in w or "no model is cached" in w for w in report["warnings"])
