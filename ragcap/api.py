@@ -308,9 +308,11 @@ def embed_images(
     their patch features if asked, in this process or (`engine`) on a Ray cluster's actors. The
     embedder is, in order: the one asked for, the one an existing `out` records, default_model()."""
     from ragcap import features
-    from ragcap.embed import describe_embedder, load_embedder
+    from ragcap.embed import describe_embedder, load_embedder, parse_spec, text_only_error
 
     spec = model or (features.read_features(out).embedder.spec if Path(out).is_file() else default_model())
+    if parse_spec(spec).kind == "st":  # refused by name, before seconds of loading it
+        raise text_only_error(parse_spec(spec).canonical)
     if engine is not None:
         from ragcap.distributed.images import encode_on_ray
 

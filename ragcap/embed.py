@@ -200,10 +200,7 @@ class Embedder:
 
     def prepare_image(self, image: Image.Image):
         """The model's input for one image: the part of encode_images that other threads can run."""
-        raise ModelError(
-            f"model {self.info.spec} is a text-only embedder; image commands need an open_clip model "
-            "(ARCH:TAG, hf-hub:ORG/NAME or a local open_clip directory)"
-        )
+        raise text_only_error(self.info.spec)
 
     def encode_prepared(self, prepared: Sequence, batch_size: int = 64) -> np.ndarray:
         """Embeddings of images already passed through prepare_image."""
@@ -822,6 +819,12 @@ def load_embedder(spec: str, device: str | None = None, image_only: bool = False
         embedder.precision = precision
         _CACHE[key] = embedder
     return _CACHE[key]
+
+
+def text_only_error(spec: str) -> ModelError:
+    """What an image command says of a sentence-transformers (text-only) model."""
+    return ModelError(f"model {spec} is a text-only embedder; image commands need an open_clip model "
+                      "(ARCH:TAG, hf-hub:ORG/NAME or a local open_clip directory)")
 
 
 def describe_embedder(spec: str) -> EmbedderInfo:

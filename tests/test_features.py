@@ -115,6 +115,19 @@ def test_a_file_of_another_embedder_is_not_extended(photos, tiny_clip_dir, tmp_p
     assert out.read_bytes() == before
 
 
+def test_a_text_only_model_is_refused_before_it_loads(photos, tmp_path, monkeypatch):
+    # Before: the sentence-transformers model loaded (seconds) and was refused at the first image.
+    import ragcap.embed
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before it was refused")
+
+    monkeypatch.setattr(ragcap.embed, "_load_sentence_transformer", refuse)
+    result = embed(photos, tmp_path / "features.parquet", "-m", "st:all-MiniLM-L6-v2")
+    assert result.exit_code == 1 and "st:all-MiniLM-L6-v2 is a text-only embedder" in result.output
+    assert not (tmp_path / "features.parquet").exists()
+
+
 def test_no_matching_image_and_not_a_features_file_are_clear_errors(photos, tiny_clip_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
