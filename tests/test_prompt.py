@@ -159,3 +159,15 @@ def test_the_prompt_lm_takes_batches_whole_on_a_gpu_and_in_pieces_on_a_cpu(capti
             loaded = load_captioner(store, "mem", settings, lm=str(captioner.model.name_or_path), image_only=False)
             assert loaded.prompter.batch_size == on_cpu == lm_batch(batch_size, torch.device("cpu"))
             assert lm_batch(batch_size, torch.device("cuda")) == batch_size
+
+
+def test_save_random_lm_refuses_bad_sizes_and_a_missing_tokenizer_folder(tmp_path):
+    # Before: a width the heads do not divide was "unexpected ValueError ... a bug in ragcap",
+    # and a missing --tokenizer folder a hub "Repo id must use alphanumeric chars" error.
+    from ragcap.errors import OptionError
+
+    with pytest.raises(OptionError, match="--width 30, --heads 4.*multiple of the heads"):
+        save_random_lm(tmp_path / "lm", TOKENIZER_DIR, n_layer=1, n_embd=30, n_head=4)
+    with pytest.raises(ModelError, match="--tokenizer .*no-such-folder: no such directory"):
+        save_random_lm(tmp_path / "lm", tmp_path / "no-such-folder", n_layer=1, n_embd=32, n_head=2)
+    assert not (tmp_path / "lm").exists()

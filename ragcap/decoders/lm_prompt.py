@@ -18,7 +18,7 @@ import torch
 
 from ragcap.decoders.base import Caption
 from ragcap.decoders.lm import LMInput, LMStepper, lm_batch, load_causal_lm
-from ragcap.errors import ModelError
+from ragcap.errors import ModelError, OptionError
 from ragcap.generation import SearchOptions, search
 from ragcap.precision import autocast, prepare, resolve_precision
 from ragcap.util import default_device
@@ -175,11 +175,17 @@ def save_random_lm(
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
     out_dir = Path(out_dir)
+    # Checked first: GPT-2's own checks raise a bare ValueError, after the tokenizer has loaded.
+    if min(n_layer, n_embd, n_head) < 1 or n_embd % n_head:
+        raise OptionError(f"--layers {n_layer}, --width {n_embd}, --heads {n_head}: each must be at least 1 "
+                          "and the width a multiple of the heads (GPT-2 small: 12, 768, 12)")
+    if not Path(tokenizer_dir).is_dir():
+        raise ModelError(f"--tokenizer {tokenizer_dir}: no such directory; give the folder holding GPT-2's vocab.json and merges.txt")
     try:
         tokenizer = GPT2TokenizerFast.from_pretrained(str(tokenizer_dir))
     except (OSError, ValueError) as err:
         raise ModelError(f"GPT-2 tokenizer not found in {tokenizer_dir} (needs vocab.json + merges.txt): {err}") from err
-    if len(tokenizer) == 0:
+    if len(tokenizer) == 0 or tokenizer.vocab_size == 0:
         raise ModelError(f"GPT-2 tokenizer not found in {tokenizer_dir} (needs vocab.json + merges.txt)")
     tokenizer.model_max_length = 1024  # GPT-2's context; the bare files leave it unbounded
     config = GPT2Config(
