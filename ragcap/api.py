@@ -368,7 +368,7 @@ def load_captioner(
     spec = collection_model(store, collection, model)
     kinds = {directory: check_decoder(directory)[0].kind for directory in directories}
     require_resources(settings.modes, next((d for d, k in kinds.items() if k != "smallcap"), None), lm,
-                      next((d for d, k in kinds.items() if k == "smallcap"), None))
+                      next((d for d, k in kinds.items() if k == "smallcap"), None), kinds)
     if modes_needing("lm", settings.modes):
         check_causal_lm(lm)
     check_available(spec)

@@ -168,14 +168,18 @@ def _sorted_walk(top: str):
         yield root, dirs, files
 
 
-def require_resources(modes, decoder, lm, smallcap) -> None:
+def require_resources(modes, decoder, lm, smallcap, given: dict | None = None) -> None:
     """Every mode's resource is given (an embedding decoder, a SmallCap model, a language model),
-    else an error naming the flag."""
+    else an error naming the flag. given: each --decoder DIR -> its kind, named when it is the
+    wrong one for the modes (a --decoder was passed, just not of the kind they need)."""
+    wrong = "".join(f"; {d} is a {k} decoder, for --mode {'smallcap' if k == 'smallcap' else 'pd, nnd or vd'}"
+                    for d, k in (given or {}).items())
     if modes_needing("decoder", modes) and decoder is None:
         names = ", ".join(modes_needing("decoder", modes))
-        raise RagcapError(f"mode {names} needs a trained decoder: pass --decoder DIR (make one with `ragcap train-decoder`)")
+        raise RagcapError(f"mode {names} needs a trained decoder: pass --decoder DIR (make one with `ragcap train-decoder`){wrong}")
     if modes_needing("smallcap", modes) and smallcap is None:
-        raise RagcapError("mode smallcap needs a SmallCap model: pass --decoder DIR (see `ragcap train-smallcap`, `ragcap models import smallcap`)")
+        raise RagcapError("mode smallcap needs a SmallCap model: pass --decoder DIR "
+                          f"(see `ragcap train-smallcap`, `ragcap models import smallcap`){wrong}")
     if modes_needing("lm", modes) and lm is None:
         raise RagcapError("mode prompt needs a language model: pass --lm NAME_OR_DIR")
 

@@ -156,3 +156,14 @@ def test_default_k_is_capped_by_a_small_collection(store, embedder):
     list(captioner.caption_texts(["a dog"]))
     query = embedder.encode_text(["a dog"]).vectors[0]
     np.testing.assert_allclose(decoder.prefixes[0][0], decap_formula(query, memory_of(store), 0.01), atol=1e-5)
+
+
+def test_a_decoder_of_the_wrong_kind_is_named_with_the_modes_it_serves():
+    # Before: "--mode pd --decoder SMALLCAP_DIR" said "pass --decoder DIR", which the user had done.
+    from ragcap.caption import require_resources
+    from ragcap.errors import RagcapError
+
+    with pytest.raises(RagcapError, match="mode pd needs a trained decoder.*; models/sc is a smallcap decoder, for --mode smallcap$"):
+        require_resources(["pd"], None, None, "models/sc", {"models/sc": "smallcap"})
+    with pytest.raises(RagcapError, match="needs a SmallCap model.*; dec is a decap decoder, for --mode pd, nnd or vd$"):
+        require_resources(["smallcap"], "dec", None, None, {"dec": "decap"})
