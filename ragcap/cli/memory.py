@@ -180,9 +180,9 @@ def search(
     # An image file name that names no file is a typo, not a text to search for: searched as the
     # words 'photo.jpg' it would answer, exit 0, with captions unrelated to the photo.
     names_image = Path(query).suffix.lower() in IMAGE_EXTENSIONS and not any(c.isspace() for c in query)
-    if names_image and not Path(query).exists():
+    if names_image and not _is_file(query):
         raise SourceError(f"{query}: no such image file (to search for these words as text, put a space in the query)")
-    is_image = names_image or Path(query).is_file()  # an existing file is the image it names, as caption takes it
+    is_image = names_image or _is_file(query)  # an existing file is the image it names, as caption takes it
     with store(qdrant_url, qdrant_api_key, wait) as st:
         embedder = load_embedder(model, device) if model else None
         (found,) = api.search(st, collection, [Path(query) if is_image else query], k, embedder, device=device)
@@ -194,6 +194,15 @@ def search(
     else:
         for row in rows:
             typer.echo(f"{row['score']:.4f}  {row['caption']}")
+
+
+def _is_file(text: str) -> bool:
+    """Whether a query names an existing file; a long text (over the OS's 255-byte name limit) or
+    one holding a NUL names none, rather than failing."""
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 @command(app)
