@@ -93,6 +93,7 @@ def test_missing_images_are_reported_and_the_rest_scored(eval_set, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(eval_set["images"], partial)
     removed = sorted(partial.iterdir())[0]
+    shutil.copy(removed, partial / "stray.png")  # an image without references: said, not scored
     removed.unlink()
     result = ragcap("eval", eval_set["refs"], "--images", partial, "-c", "clean", "--mode", "clipre", "--json")
     assert result.exit_code == 1
@@ -102,6 +103,14 @@ def test_missing_images_are_reported_and_the_rest_scored(eval_set, tmp_path):
     assert subset.exit_code == 0, subset.output
     assert json.loads(subset.stdout)["images_missing"] == [json.loads(result.stdout)["images_missing"][0]]
     assert "referenced images are not in" in subset.stderr  # still said, no longer an error
+    assert json.loads(subset.stdout)["images_unreferenced"] == ["stray.png"]
+    assert "1 images in" in subset.stderr and "have no references" in subset.stderr and "stray.png" in subset.stderr
+
+
+def test_missing_images_are_listed_in_numeric_order():
+    from ragcap.cli.decode import _image_order
+
+    assert sorted(["100000", "1000", "99", "b.jpg", "a.jpg"], key=_image_order) == ["99", "1000", "100000", "a.jpg", "b.jpg"]
 
 
 def test_unknown_reference_format_lists_known_ones(eval_set, tmp_path):

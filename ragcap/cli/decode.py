@@ -367,7 +367,8 @@ def evaluate(
     precision = resolve_precision(precision)
     refs = ev.load_references(references, ref_format, split)
     matched = ev.match_images(refs, images)
-    absent = sorted(set(refs) - set(matched.pairs))
+    absent = sorted(set(refs) - set(matched.pairs), key=_image_order)
+    unreferenced = [p.name for p in matched.missing]  # said, not scored
     if not matched.pairs:
         raise RagcapError(f"none of the {len(refs)} images in {references} is in {images}; check --images and --split")
     search = search_options(beam, 1, max_tokens, top_p, top_k, temperature, seed)
@@ -402,7 +403,7 @@ def evaluate(
     if json_out:
         emit_json({
             "references": str(references), "collection": collection, "images_scored": len(next(iter(captions.values()))),
-            "images_missing": absent, "images_failed": failed,
+            "images_missing": absent, "images_failed": failed, "images_unreferenced": unreferenced,
             "scores": {m: s.to_dict() for m, s in scores.items()},
             "captions": {key: {m: captions[m].get(key) for m in settings.modes} for key in sorted(matched.pairs)},
         })
@@ -413,5 +414,13 @@ def evaluate(
     if absent:
         hint = "" if allow_missing else "; pass --allow-missing if a subset is intended"
         typer.echo(f"ragcap: {len(absent)} referenced images are not in {images} (e.g. {', '.join(absent[:3])}); scored the rest{hint}", err=True)
+    if unreferenced:
+        typer.echo(f"ragcap: {len(unreferenced)} images in {images} have no references in {references} "
+                   f"(e.g. {', '.join(unreferenced[:3])}); they were not scored", err=True)
     if failed or (absent and not allow_missing):
         raise typer.Exit(1)
+
+
+def _image_order(key: str) -> tuple:
+    """COCO ids in numeric order (100 before 1000), names in text order after them."""
+    return (0, int(key), "") if key.isdigit() else (1, 0, key)
