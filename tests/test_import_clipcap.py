@@ -217,7 +217,13 @@ def test_wrong_mapping_foreign_pickles_and_code_are_refused(lm_dir, saved, tmp_p
     message = import_error(saved(clipcap_checkpoint(lm_dir, "transformer")), tmp_path / "out", lm_dir, mapping="mlp")
     assert "holds a transformer mapping network; pass --mapping transformer" in message
     assert "expected a state dict" in import_error(saved({"epoch": 3}), tmp_path / "out", lm_dir)
+    # Issue row: a file that is no checkpoint at all said "not a readable state dict (KeyError: 110)".
     (tmp_path / "weights.pt").write_bytes(b"not a checkpoint")
+    assert "weights.pt is not a checkpoint file (it starts with b'not a ch'" in import_error(tmp_path / "weights.pt", tmp_path / "out", lm_dir)
+    (tmp_path / "weights.pt").write_bytes(b"")
+    assert "weights.pt is empty" in import_error(tmp_path / "weights.pt", tmp_path / "out", lm_dir)
+    torch.save({"a": torch.zeros(64)}, tmp_path / "weights.pt")
+    (tmp_path / "weights.pt").write_bytes((tmp_path / "weights.pt").read_bytes()[:200])  # a download cut short
     assert "not a readable state dict" in import_error(tmp_path / "weights.pt", tmp_path / "out", lm_dir)
     torch.save({"model": Payload()}, tmp_path / "weights.pt")  # an object whose unpickling would run code
     message = import_error(tmp_path / "weights.pt", tmp_path / "out", lm_dir)

@@ -162,7 +162,7 @@ def test_wrong_shapes_keys_encoders_and_files_are_refused(hub_dir, lm_dir, tiny_
     assert "64-wide patch features, but ViT-B-32:openai's vision tower is 768 wide" in import_error(weights, tmp_path / "out", lm_dir)
     assert "a ResNet" in import_error(weights, tmp_path / "out", lm_dir, model="RN50:openai")
     weights.write_bytes(b"not a checkpoint")
-    assert "not a readable state dict" in import_error(weights, tmp_path / "out", lm_dir, **model)
+    assert "is not a checkpoint file" in import_error(weights, tmp_path / "out", lm_dir, **model)
     (tmp_path / "two").mkdir()
     for name in ("pytorch_model.bin", "model.safetensors"):
         (tmp_path / "two" / name).write_bytes(b"")

@@ -14,6 +14,7 @@ from ragcap.errors import ModelError
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, read without unpickling code (torch.load weights_only=True)."""
+    _require_checkpoint_file(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -33,6 +34,27 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ModelError(f"{path}: expected a state dict (tensor names to tensors), found {type(data).__name__}")
     return {k.removeprefix("module."): v for k, v in data.items()}  # DistributedDataParallel's prefix
+
+
+# How a file torch.save or safetensors wrote begins: a zip archive, a pickle (protocol 2+), or
+# safetensors' 8-byte header length (little-endian, far below 2^32, so bytes 4-7 are zero).
+def _is_checkpoint_head(head: bytes) -> bool:
+    return head.startswith((b"PK\x03\x04", b"\x80")) or (len(head) == 8 and head[4:] == b"\0\0\0\0")
+
+
+def _require_checkpoint_file(path: Path) -> None:
+    """A file that is no checkpoint at all (a text, an HTML error page saved as .pt) is named as
+    such; torch.load's own error for one reads like a bug (KeyError: 104)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from None
+    if not head:
+        raise ModelError(f"{path} is empty (a download cut short?); give the published checkpoint file")
+    if not _is_checkpoint_head(head):
+        raise ModelError(f"{path} is not a checkpoint file (it starts with {head!r}, not as torch.save or safetensors "
+                         "write one); give the published .pt/.pth/.ckpt or .safetensors file")
 
 
 def require_new_decoder_dir(out: Path) -> None:
