@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from ragcap.embedder_info import EmbedderInfo
-from ragcap.errors import DamagedCollection, EmbedderMismatch, StoreError
+from ragcap.errors import DamagedCollection, EmbedderMismatch, RagcapWarning, StoreError
 from ragcap.store import open_store, point_id
 from ragcap.store.edge import RECORD, EdgeIndexConfig, EdgeStore
 
@@ -427,7 +427,8 @@ def test_url_and_api_key_come_from_env(monkeypatch, tmp_path):
     s = open_store()
     assert isinstance(s, client.ClientStore) and s.where == "https://qdrant.example:6333"
     assert all(k["url"] == "https://qdrant.example:6333" and k["api_key"] == "secret" for k in seen)
-    open_store(url="http://other:6333", api_key="k2")
+    with pytest.warns(RagcapWarning, match="API key goes to http://other:6333 unencrypted"):  # https above: none
+        open_store(url="http://other:6333", api_key="k2")
     assert seen[-1]["url"] == "http://other:6333" and seen[-1]["api_key"] == "k2"
     # An explicit path means the embedded store even when a server is configured.
     with open_store(path=tmp_path) as edge:
