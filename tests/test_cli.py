@@ -121,8 +121,28 @@ def test_drop(filled):
     assert unanswered.exit_code == 1 and "not confirmed (nothing answered on stdin); pass --yes" in unanswered.output
     declined = runner.invoke(app, ["drop", filled], input="n\n")
     assert declined.exit_code == 1 and [c["name"] for c in last_json(ragcap("collections", "--json"))] == [filled]
+    assert "not confirmed; collection 'things' was not dropped" in declined.output
     ragcap("drop", filled, "--yes")
     assert last_json(ragcap("collections", "--json")) == []
+
+
+def test_drop_of_a_missing_collection_says_so_without_asking():
+    """`drop nope` asked 'delete collection 'nope' (? points)? [y/N]' and, answered, said 'not confirmed'."""
+    result = runner.invoke(app, ["drop", "nope"], input="y\n")
+    assert result.exit_code == 1 and "[y/N]" not in result.output
+    assert "no collection 'nope'; `ragcap collections` lists them" in result.output
+
+
+def test_collections_json_gives_null_for_what_a_damaged_collection_does_not_say(filled, ragcap_home):
+    """A collection without its record was listed with "vectors": "?" and "on_disk": "?" (truthy to a script)."""
+    (ragcap_home / "collections" / "stray").mkdir()
+    result = ragcap("collections", "--json", ok=False)
+    assert result.exit_code == 1
+    stray = next(c for c in last_json(result) if c["name"] == "stray")
+    assert stray["status"] == "damaged"
+    assert [stray[k] for k in ("points", "vectors", "shards", "replicas", "write_consistency", "on_disk", "quantization")] == [None] * 7
+    table = ragcap("collections", ok=False).stdout.splitlines()
+    assert next(line for line in table if line.startswith("stray")).split()[1:-1] == ["?"] * 9
 
 
 def test_unknown_source_lists_the_sources(corpus):

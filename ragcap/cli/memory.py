@@ -122,26 +122,32 @@ def collections(qdrant_url: QdrantUrl = None, qdrant_api_key: QdrantKey = None, 
     A collection another process is using is listed as busy, a damaged one as damaged (with
     what is wrong); the exit status is 1 if any is damaged."""
     from ragcap.report import emit_json, print_table
+    from ragcap.store import VECTOR_DTYPES
 
     with store(qdrant_url, qdrant_api_key) as st:
-        rows = [
-            {
-                "name": c.name,
-                "points": c.points,  # None (JSON null; "?" in the table): unknown, the collection is damaged or busy
-                "embedder": c.embedder.spec if c.embedder else None,
-                "dim": c.embedder.dim if c.embedder else None,
-                "vectors": c.vector_dtype,
-                **_layout_columns(c.layout),
-                "status": c.status,
-                "problem": c.problem,
-            }
-            for c in st.collections()
-        ]
+        listed = st.collections()
+    # Unknown values (a damaged or busy collection) are JSON null, "?" in the table; a layout
+    # value that does not apply (a server's shards in the embedded store) is null, "-".
+    rows = [
+        {
+            "name": c.name,
+            "points": c.points,
+            "embedder": c.embedder.spec if c.embedder else None,
+            "dim": c.embedder.dim if c.embedder else None,
+            "vectors": c.vector_dtype if c.vector_dtype in VECTOR_DTYPES else None,
+            **_layout_columns(c.layout),
+            "status": c.status,
+            "problem": c.problem,
+        }
+        for c in listed
+    ]
     if json_out:
         emit_json(rows)
     elif rows:
-        unknown = {"points", "embedder", "dim"}
-        shown = [{k: ("?" if k in unknown else "-") if v is None else v for k, v in row.items()} for row in rows]
+        shown = [
+            {k: ("?" if k in {"points", "embedder", "dim", "vectors"} or c.layout is None else "-") if v is None else v for k, v in row.items()}
+            for c, row in zip(listed, rows)
+        ]
         print_table(shown, ["name", "points", "embedder", "dim", "vectors", "on_disk", "quantization", "shards", "replicas", "write_consistency", "status"])
         for row in rows:
             if row["problem"]:
@@ -154,8 +160,8 @@ def collections(qdrant_url: QdrantUrl = None, qdrant_api_key: QdrantKey = None, 
 
 def _layout_columns(layout) -> dict:
     names = ("shards", "replicas", "write_consistency", "on_disk", "quantization")
-    if layout is None:
-        return dict.fromkeys(names, "?")
+    if layout is None:  # unreadable: unknown
+        return dict.fromkeys(names)
     return {name: getattr(layout, name) for name in names}  # None: not a server's collection
 
 
@@ -214,13 +220,18 @@ def drop(
     wait: Wait = DEFAULT_WAIT_S,
 ):
     """Delete a collection, also a damaged one (it is not opened)."""
+    from ragcap.store import check_name, missing_collection
+
+    check_name(name)
     with store(qdrant_url, qdrant_api_key, wait) as st:
         listed = {c.name: c for c in st.collections()}
         info = listed.get(name)
-        what = "?" if info is None or info.points is None else info.points
-        state = f", {info.status}" if info is not None and info.status != "ok" else ""
+        if info is None:  # said before asking, not after a question about a collection that is not there
+            raise missing_collection(name)
+        what = "?" if info.points is None else info.points
+        state = f", {info.status}" if info.status != "ok" else ""
         if not yes and not _confirmed(f"delete collection '{name}' ({what} points{state})?"):
-            raise typer.Exit(1)
+            raise RagcapError(f"not confirmed; collection '{name}' was not dropped")
         st.drop(name)
     typer.echo(f"dropped {name} ({what} points)")
 
