@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import re
 import stat
 import tempfile
 from contextlib import contextmanager
@@ -104,7 +105,21 @@ def not_a_file(path: str | Path) -> bool:
         mode = os.stat(path).st_mode
     except OSError:
         return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) or _names_an_open_descriptor(path)
+
+
+def _names_an_open_descriptor(path: str | Path) -> bool:
+    """Whether `path` is, or links to, /proc/PID/fd/N (/dev/stdout, /dev/fd/3): a file the shell
+    opened for this process (`> out.parquet`). Such a path is a regular file to stat, but a
+    temporary renamed over it would replace the /dev/stdout link itself, not write the file."""
+    hop = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit on links followed
+        if re.fullmatch(r"/proc/[^/]+/fd", os.path.realpath(os.path.dirname(hop))):
+            return True
+        if not os.path.islink(hop):
+            return False
+        hop = os.path.join(os.path.dirname(hop), os.readlink(hop))
+    return False
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None], need_bytes: int = 0) -> None:

@@ -481,3 +481,15 @@ def test_models_list_filters_and_says_when_nothing_matches():
     assert "ViT-B-32:openai" in ragcap("models", "list", "vit-b-32").stdout.split()
     assert ragcap("models", "list", "zzz").stdout == "no open_clip spec contains 'zzz'; `ragcap models list` shows all of them\n"
     assert last_json(ragcap("models", "list", "zzz", "--json")) == []
+
+
+def test_export_to_a_descriptor_link_writes_the_file_it_names(filled, tmp_path):
+    """`ragcap export C /dev/stdout > out.parquet` (stdout a regular file) renamed a temporary over
+    /dev/stdout, replacing the system's link with a file, and left out.parquet empty. Here a link
+    to /proc/self/fd/N stands for /dev/stdout."""
+    out = tmp_path / "out.parquet"
+    link = tmp_path / "stdout"
+    with open(out, "wb") as opened:
+        link.symlink_to(f"/proc/self/fd/{opened.fileno()}")
+        ragcap("export", filled, link)
+    assert link.is_symlink() and pq.read_table(out).num_rows == 20
