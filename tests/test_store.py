@@ -449,6 +449,17 @@ def test_check_passes_a_sound_collection_and_finds_a_bad_point(store):
     assert deleted == 1 and repaired.ok and store.count("mem") == 50
 
 
+def test_search_refuses_a_point_whose_payload_lost_its_caption(store):
+    """A truncated payload tracker reads back payloads as {}: `ragcap search` and `caption` then
+    ended in "unexpected KeyError: 'caption' (a bug in ragcap)" instead of pointing to check."""
+    ids, vectors = fill(store, n=20)
+    store.upsert("mem", ids[:1], vectors[:1], [{}])
+    with pytest.raises(DamagedCollection, match=f"point {ids[0]} without its caption.*ragcap check mem"):
+        store.search("mem", vectors[:1], k=3)
+    with pytest.raises(DamagedCollection, match=f"point {ids[0]} without its caption"):
+        store.payloads("mem", ids[:2])
+
+
 def test_search_refuses_similarities_outside_the_unit_interval(store, monkeypatch):
     from ragcap.store import Hit
 

@@ -188,6 +188,15 @@ def check_name(name: str) -> None:
         raise StoreError(f"bad collection name {name!r}: use {NAME_RULE}")
 
 
+def _check_payload(name: str, pid: str, payload: dict) -> None:
+    """Every stored point has its caption: a payload without one (damaged payload files read back
+    as {}) would otherwise fail later as a KeyError far from its cause."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("caption"), str):
+        raise DamagedCollection(
+            f"collection '{name}' returned point {pid} without its caption: its payloads are damaged; run `ragcap check {name}`"
+        )
+
+
 class Store(ABC):
     """A set of named collections of L2-normalised vectors with payloads (at least "caption")."""
 
@@ -245,6 +254,7 @@ class Store(ABC):
                         f"collection '{name}' returned a similarity of {hit.score:.4g} for point {hit.id}, "
                         f"outside [-1, 1]: its stored vectors are damaged; run `ragcap check {name}`"
                     )
+                _check_payload(name, hit.id, hit.payload)
         return results
 
     @abstractmethod
@@ -276,6 +286,8 @@ class Store(ABC):
                 f"collection '{name}' has no point {missing[0]} although its version lists it: its files are "
                 f"damaged; run `ragcap check {name}`"
             )
+        for pid in ids:
+            _check_payload(name, pid, found[pid])
         return [found[pid] for pid in ids]
 
     @abstractmethod
