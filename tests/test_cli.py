@@ -493,3 +493,12 @@ def test_export_to_a_descriptor_link_writes_the_file_it_names(filled, tmp_path):
         link.symlink_to(f"/proc/self/fd/{opened.fileno()}")
         ragcap("export", filled, link)
     assert link.is_symlink() and pq.read_table(out).num_rows == 20
+
+
+def test_check_of_a_lost_record_points_to_restore_record_not_to_a_backup(filled, ragcap_home):
+    """check said a collection without its record 'cannot be repaired in place' (restore a backup),
+    although `--restore-record --model SPEC` rebuilds it with every point kept."""
+    (ragcap_home / "collections" / filled / "ragcap.json").unlink()
+    result = ragcap("check", filled, ok=False)
+    assert result.exit_code == 1 and "cannot be repaired in place" not in result.output
+    assert f"ragcap: `ragcap check {filled} --restore-record --model SPEC` rebuilds the record" in result.output

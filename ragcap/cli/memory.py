@@ -277,6 +277,9 @@ def check(
         fixes = [f"deletes the {len(report.damaged_ids)} damaged points"] if report.damaged_ids else []
         fixes += [f"accepts the loss of {report.lost} points"] if report.lost else []
         hint = f"`ragcap check {name} --repair` {' and '.join(fixes)}; rerunning the ingest then re-embeds exactly the missing ones"
+    elif report.record_lost:  # the points may be intact: only the record names their embedder
+        hint = (f"`ragcap check {name} --restore-record --model SPEC` rebuilds the record once SPEC reproduces the "
+                f"stored vectors; without the model, restore a `ragcap export` backup or drop it and re-ingest")
     else:
         hint = (f"this cannot be repaired in place: restore a `ragcap export` backup (`ragcap drop {name}`, then "
                 f"`ragcap ingest parquet FILE --vector-field vector -c {name}`), or drop it and re-ingest")

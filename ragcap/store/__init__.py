@@ -152,6 +152,7 @@ class CheckReport:
     damaged_ids: list[str] = field(default_factory=list)
     lost: int = 0  # points stored once that are gone (embedded store: counted in its record)
     repairable: bool = True  # whether deleting damaged_ids (then re-ingesting) fixes it
+    record_lost: bool = False  # the record is missing or unreadable: --restore-record rebuilds it
 
     @property
     def ok(self) -> bool:

@@ -638,6 +638,7 @@ class EdgeStore(Store):
             files.read_record(d, name)
         except DamagedCollection as e:
             report.problems.append(str(e))
+            report.record_lost = True
             return report
         report.problems += files.metadata_problems(d / "shard")
         lease = self._lease(name)
