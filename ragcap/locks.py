@@ -100,8 +100,18 @@ class Lock:
         called once when the wait has lasted NOTICE_AFTER_S, saying for whom it waits."""
         if self._fd is not None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            # Said plainly: the bare "Read-only file system: .../.NAME.lock" named a file the user never made.
+            raise RagcapError(
+                f"cannot use {self.what}: {self.path.parent} is not writable ({e.strerror}), and ragcap keeps "
+                f"its lock file {self.path.name} there, even to read; make the folder writable, or copy it "
+                f"to one that is (for the embedded store, point RAGCAP_HOME at the copy)"
+            ) from None
         queue = None
         start = time.monotonic()
         told = False

@@ -467,3 +467,27 @@ def test_search_refuses_similarities_outside_the_unit_interval(store, monkeypatc
     monkeypatch.setattr(type(store), "_search", lambda self, *a, **k: [[Hit("x", 15.6, {"caption": "?"})]])
     with pytest.raises(DamagedCollection, match=r"15.6 .*outside \[-1, 1\].*ragcap check mem"):
         store.search("mem", unit_vectors(1), k=1)
+
+
+def test_a_read_only_store_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
+    """A read-only RAGCAP_HOME made search, check, export and drop fail with the bare
+    'Read-only file system: .../collections/.NAME.lock'."""
+    import errno
+    import os
+
+    from ragcap.errors import RagcapError
+
+    store = open_store(path=tmp_path / "home")
+    fill(store, n=5)
+    store.close()
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    store = open_store(path=tmp_path / "home")
+    with pytest.raises(RagcapError, match=r"cannot use collection 'mem': .*collections is not writable \(Read-only file system\).*RAGCAP_HOME"):
+        store.count("mem")
