@@ -228,7 +228,10 @@ def finetune_longclip(
     kept = objective.tower.positional_embedding.detach()[:keep].clone()
 
     train_idx, val_idx = _split(len(triples), config.val_fraction, config.seed)
-    steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
+    if len(train_idx) < 2:
+        raise ModelError(f"{len(train_idx)} of {len(triples)} triples left to train on after holding out --val-fraction "
+                         f"{config.val_fraction}; a contrastive step needs at least 2: lower --val-fraction or add triples")
+    steps_per_epoch = _steps(len(train_idx), config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     params = [p for p in objective.parameters() if p.requires_grad]
     # One group, as Long-CLIP's AdamW over all parameters (betas 0.9/0.999, eps 1e-8: torch's defaults).
@@ -252,7 +255,8 @@ def finetune_longclip(
         # The order depends only on (seed, epoch), so a resumed run sees the same batches.
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         order = train_idx[torch.randperm(len(train_idx), generator=generator).numpy()]
-        batches = (order[i * config.batch_size : (i + 1) * config.batch_size] for i in range(steps_per_epoch))
+        batches = (order[i * config.batch_size : (i + 1) * config.batch_size if i + 1 < steps_per_epoch else None]
+                   for i in range(steps_per_epoch))
         on_step = lambda i, loss, first=epoch * steps_per_epoch: progress(first + i + 1, total_steps, loss)  # noqa: E731
         long_loss, short_loss = _train_epoch(objective, optimizer, scheduler, map(batch_of, batches), kept, on_step)
         row = {"epoch": epoch + 1, "train_loss": long_loss + short_loss, "train_loss_long": long_loss,
@@ -268,6 +272,13 @@ def finetune_longclip(
         (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     last = log[-1] if log else {"train_loss": None, "val_loss": None}
     return {"epochs": log, "train_loss": last["train_loss"], "val_loss": last["val_loss"], "steps": total_steps, "out_dir": str(out)}
+
+
+def _steps(n: int, batch_size: int) -> int:
+    """Steps per epoch over n triples. A last batch of one triple joins the one before: alone it
+    has no negatives, and the SVD of its one centred (zero) row has a NaN gradient that would
+    turn every weight into NaN."""
+    return max(1, n // batch_size if n % batch_size == 1 else math.ceil(n / batch_size))
 
 
 def _train_epoch(objective: PrimaryComponentMatching, optimizer, scheduler, batches, kept: torch.Tensor, on_step) -> tuple[float, float]:

@@ -449,3 +449,20 @@ def test_long_caption_memory_end_to_end(tiny_pair, triples_dir, tmp_path):
     done = json.loads(run.stdout)
     assert done["triples"] == 12 and done["steps"] == 2 and done["skipped_bad"] == 1
     load_embedder(str(tmp_path / "ft"), "cpu")
+
+
+def test_a_last_batch_of_one_triple_joins_the_one_before(tiny_pair, triples_dir, tmp_path):
+    """12 triples at batch 11 would leave one alone in a batch: its PCA gradient is NaN, which
+    used to turn every weight into NaN in a run that then exited 0."""
+    triples, _ = read_triples(triples_dir / "manifest.jsonl", triples_dir)
+    config = FinetuneConfig(**{**FAST.__dict__, "epochs": 1, "batch_size": 11, "val_fraction": 0.0})
+    assert finetune_longclip(triples, str(tiny_pair[1]), tmp_path / "ft", config)["steps"] == 1
+    assert all(torch.isfinite(v).all() for v in _weights(tmp_path / "ft").values())
+
+
+def test_too_few_triples_left_to_train_on_are_refused(tiny_pair, triples_dir, tmp_path):
+    triples, _ = read_triples(triples_dir / "manifest.jsonl", triples_dir)
+    config = FinetuneConfig(**{**FAST.__dict__, "epochs": 1, "val_fraction": 0.95})
+    with pytest.raises(ModelError, match="lower --val-fraction"):
+        finetune_longclip(triples, str(tiny_pair[1]), tmp_path / "ft", config)
+    assert not (tmp_path / "ft").exists()
