@@ -45,7 +45,7 @@ from ragcap.embedder_info import CLIP_CONTEXT
 from ragcap.errors import ModelError, OptionError, SourceError
 from ragcap.images import load_image
 from ragcap.longclip import KEEP
-from ragcap.train import CHECKPOINT_FILE, LOG_FILE, _checkpoint, _restore, _split
+from ragcap.train import CHECKPOINT_FILE, LOG_FILE, _at_least, _checkpoint, _restore, _split, _within
 from ragcap.util import write_atomic
 
 
@@ -73,8 +73,10 @@ class FinetuneConfig:
         # A contrastive loss over one triple has no negatives: it is 0 whatever the model.
         if self.batch_size < 2:
             raise OptionError(f"--batch-size must be at least 2 (each triple's negatives are the batch's others), not {self.batch_size}")
-        if self.epochs < 1:
-            raise OptionError(f"--epochs must be at least 1, not {self.epochs}")
+        # The rest fail here, before the model loads, not as an optimiser's "a bug in ragcap" error
+        # or, for a negative warm-up or --pca-dim, as a run that trains something else.
+        _at_least(self, epochs=1, warmup_steps=0, pca_dim=1, seed=0)
+        _within(self, lr=(0, None, False), weight_decay=(0, None, True), val_fraction=(0, 1, True))
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ class TrainSettings:
     def __post_init__(self):
         """Out-of-range settings fail here, before any data loads, not as a division by zero or
         an optimiser's error minutes later (or, for epochs 0, as an untrained decoder written)."""
-        _at_least(self, epochs=1, batch_size=1, warmup_steps=0)
+        _at_least(self, epochs=1, batch_size=1, warmup_steps=0, seed=0)  # numpy and torch refuse negative seeds
         _within(self, lr=(0, None, False), weight_decay=(0, None, True), label_smoothing=(0, 1, True), noise_std=(0, None, True),
                 val_fraction=(0, 1, True))
 
@@ -182,9 +182,11 @@ class ClipCapTrainConfig(TrainSettings):
         super().__post_init__()
         if self.mapping not in MAPPINGS:  # before minutes of loading data and the LM
             raise ModelError(f"unknown ClipCap mapping {self.mapping!r}; choose from {', '.join(MAPPINGS)}")
+        # Named by flag, and before the LM loads; a --prefix-length of 0 used to mean the default.
+        _at_least(self, clip_length=1, mapping_layers=1, max_tokens=1, **({} if self.prefix_length is None else {"prefix_length": 1}))
 
     def decoder_config(self, embed_dim: int) -> ClipCapConfig:
-        prefix_length = self.prefix_length or (10 if self.mapping == "mlp" else 40)
+        prefix_length = self.prefix_length if self.prefix_length is not None else (10 if self.mapping == "mlp" else 40)
         return ClipCapConfig(embed_dim=embed_dim, mapping=self.mapping, prefix_length=prefix_length, clip_length=self.clip_length,
                              mapping_layers=self.mapping_layers, max_tokens=self.max_tokens)
 
@@ -222,12 +224,18 @@ class SmallCapTrainConfig(TrainSettings):
     retrieval_spec: str = ""
     retrieval_dim: int = 0
 
+    def __post_init__(self):
+        super().__post_init__()
+        # Named by flag, before the retrieval; a --cross-attention-width of 0 used to mean the default.
+        given = {} if self.cross_attention_width is None else {"cross_attention_width": 1}
+        _at_least(self, k=1, max_tokens=1, **given)
+
     def build(self, embedder: EmbedderInfo, captions: list[str]) -> SmallCapDecoder:
         from ragcap.decoders.lm import load_causal_lm
         from ragcap.decoders.smallcap import cross_attention_lm
 
         tokenizer, pretrained = load_causal_lm(self.lm)
-        width = self.cross_attention_width or pretrained.config.n_embd // 4
+        width = self.cross_attention_width if self.cross_attention_width is not None else pretrained.config.n_embd // 4
         config = SmallCapConfig(encoder_width=self.encoder_width, cross_attention_width=width, retrieval_spec=self.retrieval_spec,
                                 retrieval_dim=self.retrieval_dim, k=self.k, max_tokens=self.max_tokens)
         # The LM's weights, and SmallCap's new cross-attention layers (GPT-2's initialisation) around them.

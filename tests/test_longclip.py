@@ -466,3 +466,16 @@ def test_too_few_triples_left_to_train_on_are_refused(tiny_pair, triples_dir, tm
     with pytest.raises(ModelError, match="lower --val-fraction"):
         finetune_longclip(triples, str(tiny_pair[1]), tmp_path / "ft", config)
     assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("given,message", [
+    ({"lr": -1.0}, "--lr must be above 0, not -1.0"),  # these two were 'unexpected ValueError ... a bug in ragcap'
+    ({"weight_decay": -1.0}, "--weight-decay must be at least 0, not -1.0"),
+    ({"seed": -1}, "--seed must be at least 0, not -1"),
+    ({"warmup_steps": -5}, "--warmup-steps must be at least 0, not -5"),  # these two trained, exit 0
+    ({"pca_dim": 0}, "--pca-dim must be at least 1, not 0"),
+    ({"val_fraction": 1.5}, "--val-fraction must be at least 0 and below 1, not 1.5"),
+])
+def test_finetune_settings_out_of_range_are_refused_before_the_model_loads(given, message):
+    with pytest.raises(OptionError, match=message):
+        FinetuneConfig(**given)

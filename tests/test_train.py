@@ -122,6 +122,7 @@ def test_a_completed_run_removes_its_checkpoint_and_reports_each_epoch(tmp_path)
     ({"label_smoothing": -1.0}, "--label-smoothing must be at least 0 and below 1, not -1.0"),
     ({"warmup_steps": -5}, "--warmup-steps must be at least 0, not -5"),
     ({"val_fraction": 1.0}, "--val-fraction must be at least 0 and below 1, not 1.0"),
+    ({"seed": -1}, "--seed must be at least 0, not -1"),  # was 'unexpected ValueError ... a bug in ragcap'
 ])
 def test_settings_out_of_range_are_refused_before_training(given, message):
     """Issue rows: --batch-size 0 died dividing by zero, --heads 3 of width 64 in a reshape, and
@@ -152,3 +153,20 @@ def test_pruned_vocabulary_covers_the_captions_and_decodes_to_the_same_text(tmp_
         pruned.tokenizer.encode("zebra xylophone quantum")
     train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "full", TrainConfig(**{**TINY.__dict__, "prune_vocab": False}))
     assert load_decoder(tmp_path / "full").config.vocab_size == full.vocab_size
+
+
+@pytest.mark.parametrize("kind,given,message", [
+    # A 0 used to be taken as "the default" and trained, exit 0; the others failed after the LM
+    # loaded, naming no flag ('ClipCap prefix_length, clip_length, ... must be >= 1').
+    ("clipcap", {"prefix_length": 0}, "--prefix-length must be at least 1, not 0"),
+    ("clipcap", {"mapping_layers": 0}, "--mapping-layers must be at least 1, not 0"),
+    ("clipcap", {"max_tokens": 0}, "--max-tokens must be at least 1, not 0"),
+    ("smallcap", {"cross_attention_width": 0}, "--cross-attention-width must be at least 1, not 0"),
+    ("smallcap", {"k": 0}, "--k must be at least 1, not 0"),
+])
+def test_clipcap_and_smallcap_sizes_out_of_range_are_refused_by_flag(kind, given, message):
+    from ragcap.train import ClipCapTrainConfig, SmallCapTrainConfig, with_overrides
+
+    config = ClipCapTrainConfig() if kind == "clipcap" else SmallCapTrainConfig()
+    with pytest.raises(OptionError, match=message):
+        with_overrides(config, **given)
