@@ -47,11 +47,18 @@ LOG_FILE = "train_log.jsonl"
 
 
 # The flags of settings whose flag is not their name (--noise is a variance: see the CLI).
-FLAGS = {"n_layer": "--layers", "n_head": "--heads", "n_embd": "--width", "noise_std": "--noise (as a standard deviation)"}
+FLAGS = {"n_layer": "--layers", "n_head": "--heads", "n_embd": "--width", "noise_std": "--noise"}
 
 
 def _flag(name: str) -> str:
     return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _shown(name: str, value) -> str:
+    """A setting's value as its flag takes it: --noise is a variance, kept as its standard deviation."""
+    if name != "noise_std" or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value ** 2:g}" if value >= 0 else f"{value} (a standard deviation)"  # nan, below 0: only from the API
 
 
 def _at_least(settings, **least: int) -> None:
@@ -67,7 +74,7 @@ def _within(settings, **bounds: tuple[float, float | None, bool]) -> None:
         value = getattr(settings, name)
         if not (math.isfinite(value) and (value >= low if low_allowed else value > low) and (high is None or value < high)):
             above = f"{'at least' if low_allowed else 'above'} {low}" + (f" and below {high}" if high is not None else "")
-            raise OptionError(f"{_flag(name)} must be {above}, not {value}")
+            raise OptionError(f"{_flag(name)} must be {above}, not {_shown(name, value)}")
 
 
 @dataclass(frozen=True)
@@ -492,7 +499,7 @@ def _prepare_out_dir(out: Path, resume: bool) -> None:
 def _differences(theirs: dict, ours: dict) -> str:
     """What a checkpoint's fingerprint has that this run's does not: the settings by flag, else the data."""
     before, now = theirs.get("config", {}), ours.get("config", {})
-    changed = [f"{_flag(k)} {before.get(k)}, now {v}" for k, v in now.items() if before.get(k) != v]
+    changed = [f"{_flag(k)} {_shown(k, before.get(k))}, now {_shown(k, v)}" for k, v in now.items() if before.get(k) != v]
     return "; ".join(changed) if changed else "the same settings, other data"
 
 

@@ -99,6 +99,11 @@ def test_refuses_to_overwrite_or_resume_a_different_run(tmp_path):
         train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "dec", TINY, resume=True)
     with pytest.raises(ModelError, match=r"other captions or settings \(the same settings, other data\)"):
         train_decoder(CAPTIONS[:-1], VECTORS[:-1], EMBEDDER, tmp_path / "dec", one_epoch, resume=True)
+    # --noise is given as a variance: the change is named as one (it said "--noise (as a
+    # standard deviation) 0.0, now 0.1264..." to a user who had typed --noise 0.016).
+    noisy = TrainConfig(**{**one_epoch.__dict__, "noise_std": 0.016 ** 0.5})
+    with pytest.raises(ModelError, match=r"other captions or settings \(--noise 0, now 0.016\)"):
+        train_decoder(CAPTIONS, VECTORS, EMBEDDER, tmp_path / "dec", noisy, resume=True)
 
 
 def test_a_completed_run_removes_its_checkpoint_and_reports_each_epoch(tmp_path):

@@ -249,3 +249,9 @@ def test_every_decoding_option_through_caption_and_eval(kind, decoders, tiny, ti
         assert set(report["scores"]) == {"vd"} and report["images_scored"] == 3
         captioned = captions_by_image(ragcap("caption", *paths, *eval_args, *option))
         assert {files[key]: modes for key, modes in report["captions"].items()} == captioned
+
+
+def test_noise_that_is_not_a_number_is_refused_as_a_variance(tmp_path):
+    result = ragcap("train-clipcap", "-c", "nothing", "-o", tmp_path / "out", "--noise", "nan", ok=False)
+    assert result.exit_code == 1 and "--noise is a variance and must be >= 0, got nan" in result.output
+    assert not (tmp_path / "out").exists()

@@ -194,7 +194,7 @@ def _noise_std(variance: float | None) -> float | None:
     """--noise is a variance, as CapDec states it (0.016); the loop adds noise of this std."""
     if variance is None:
         return None
-    if variance < 0:
+    if not (math.isfinite(variance) and variance >= 0):  # nan passes `< 0`
         raise RagcapError(f"--noise is a variance and must be >= 0, got {variance}")
     return math.sqrt(variance)
 
