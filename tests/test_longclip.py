@@ -468,6 +468,30 @@ def test_too_few_triples_left_to_train_on_are_refused(tiny_pair, triples_dir, tm
     assert not (tmp_path / "ft").exists()
 
 
+def test_finetune_locks_its_out_against_a_second_run(tiny_pair, triples_dir, tmp_path):
+    # Issue row: finetune-longclip took no lock, so two runs into one --out wrote over each other.
+    import subprocess
+    import sys
+    import time
+
+    out, held = tmp_path / "ft", tmp_path / "held"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom ragcap.locks import hold_directory\n"
+                               "with hold_directory(sys.argv[1]):\n    open(sys.argv[2], 'w').close()\n    time.sleep(600)\n",
+                               str(out), str(held)])
+    try:
+        deadline = time.monotonic() + 120  # not a timing target: only so a broken build fails instead of hanging
+        while not held.exists():
+            assert holder.poll() is None and time.monotonic() < deadline, "the holder did not start"
+            time.sleep(0.05)
+        run = ragcap("finetune-longclip", triples_dir / "manifest.jsonl", "--images", triples_dir, "-m", tiny_pair[1],
+                     "-o", out, "--epochs", "1", ok=False)
+        assert run.exit_code == 1 and f"in use by pid {holder.pid}" in run.output, run.output
+        assert sorted(p.name for p in out.iterdir()) == [".ragcap.lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 @pytest.mark.parametrize("given,message", [
     ({"lr": -1.0}, "--lr must be above 0, not -1.0"),  # these two were 'unexpected ValueError ... a bug in ragcap'
     ({"weight_decay": -1.0}, "--weight-decay must be at least 0, not -1.0"),

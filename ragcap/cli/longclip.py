@@ -32,6 +32,7 @@ def finetune_longclip(
     json_out: Json = False,
 ):
     """Fine-tune a stretched CLIP on long and short captions of the same images (Long-CLIP)."""
+    from ragcap.locks import hold_directory
     from ragcap.longclip_train import FinetuneConfig, finetune_longclip as train, read_triples
     from ragcap.report import StepProgress, emit_json
 
@@ -39,7 +40,8 @@ def finetune_longclip(
     given = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                  pca_dim=pca_dim, val_fraction=val_fraction, seed=seed, device=device)
     config = FinetuneConfig(lock_image=lock_image, **{k: v for k, v in given.items() if v is not None})
-    with StepProgress("finetune-longclip") as report:
+    # A second run into --out is refused at once; a run that fails before writing leaves no --out.
+    with hold_directory(out, f"--out {out}"), StepProgress("finetune-longclip") as report:
         result = train(triples, model, out, config, resume=resume, progress=report, keep_checkpoint=keep_checkpoint)
     if json_out:
         emit_json({"out": str(out), "model": model, "triples": len(triples), "skipped_bad": len(bad), **result})
