@@ -80,6 +80,8 @@ def test_search_refuses_a_missing_image_and_an_empty_query(filled, tmp_path, mon
     (tmp_path / "notes.txt").write_text("a red car")
     result = ragcap("search", "notes.txt", "-c", filled, ok=False)
     assert result.exit_code == 1 and "notes.txt: not an image" in result.output
+    result = ragcap("search", "a red car", "-c", filled, "--k", "0", ok=False)
+    assert result.exit_code == 1 and "--k must be at least 1, got 0" in result.output
     long_text = " ".join(["a red car next to a window"] * 20)  # over the OS's 255-byte file name limit
     assert last_json(ragcap("search", long_text, "-c", filled, "--json"))["kind"] == "text"
 

@@ -178,7 +178,7 @@ def train_smallcap(
         with store(qdrant_url, qdrant_api_key, wait) as st, progress(None, "retrieve", "images") as bar:
             data = smallcap_data(st, collection, features, tokenizer, config.k, MAX_CAPTION_TOKENS, query_features, bar.update)
         typer.echo(f"ragcap: left {data.excluded} of the training images' own captions out of their prompts "
-                   f"({data.images_with_own} of {len(data.neighbours)} images had some in the memory)", err=True)
+                   f"({data.images_with_own} of {len(data.neighbours)} images met some of their own among their neighbours)", err=True)
         config = with_overrides(config, encoder_width=int(data.examples.patches.shape[2]), retrieval_spec=data.retrieval.spec,
                                 retrieval_dim=data.retrieval.dim)
         result = _train("train-smallcap", data.captions, data.examples, data.encoder, out, config, resume, keep_checkpoint, groups=data.groups)

@@ -12,7 +12,7 @@ from ragcap.cli.common import (
     DEFAULT_WAIT_S, Actors, Collection, CpusPerActor, Device, Engine, GpusPerActor, Json, Model, Precision, QdrantKey, QdrantUrl, RayAddress,
     Wait, app, command, one_of, ray_options, store,
 )
-from ragcap.errors import RagcapError, SourceError
+from ragcap.errors import OptionError, RagcapError, SourceError
 
 
 @command(app, interrupted="interrupted; the batches stored so far are kept: rerun the same command to resume")
@@ -178,6 +178,8 @@ def search(
     json_out: Json = False,
 ):
     """Show the captions nearest to a text or an image."""
+    if k < 1:  # before any model loads
+        raise OptionError(f"--k must be at least 1, got {k}")
     from ragcap import api
     from ragcap.embed import load_embedder
     from ragcap.images import IMAGE_EXTENSIONS
