@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -42,7 +43,7 @@ from ragcap.embed import (
     write_checkpoint,
 )
 from ragcap.embedder_info import CLIP_CONTEXT
-from ragcap.errors import ModelError, OptionError, SourceError
+from ragcap.errors import ModelError, OptionError, RagcapWarning, SourceError
 from ragcap.images import load_image
 from ragcap.longclip import KEEP
 from ragcap.train import CHECKPOINT_FILE, LOG_FILE, _at_least, _checkpoint, _restore, _split, _within
@@ -233,6 +234,10 @@ def finetune_longclip(
     if len(train_idx) < 2:
         raise ModelError(f"{len(train_idx)} of {len(triples)} triples left to train on after holding out --val-fraction "
                          f"{config.val_fraction}; a contrastive step needs at least 2: lower --val-fraction or add triples")
+    if config.val_fraction > 0 and len(val_idx) < 2:  # else val_loss is null every epoch, unexplained
+        warnings.warn(f"--val-fraction {config.val_fraction} holds out {len(val_idx)} of {len(triples)} triples and a held-out "
+                      f"loss needs 2, so none is reported; raise it to {math.ceil(2 / len(triples) * 1000) / 1000:g} for one",
+                      RagcapWarning, stacklevel=2)
     steps_per_epoch = _steps(len(train_idx), config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     params = [p for p in objective.parameters() if p.requires_grad]

@@ -460,6 +460,17 @@ def test_a_last_batch_of_one_triple_joins_the_one_before(tiny_pair, triples_dir,
     assert all(torch.isfinite(v).all() for v in _weights(tmp_path / "ft").values())
 
 
+def test_a_held_out_set_too_small_for_a_loss_is_said(tiny_pair, triples_dir, tmp_path):
+    # Issue row: the default --val-fraction 0.01 of a small manifest held out one triple, and
+    # every epoch reported val_loss null without a word.
+    from ragcap.errors import RagcapWarning
+
+    triples, _ = read_triples(triples_dir / "manifest.jsonl", triples_dir)
+    config = FinetuneConfig(**{**FAST.__dict__, "epochs": 1, "val_fraction": 0.01})
+    with pytest.warns(RagcapWarning, match=f"holds out 1 of {len(triples)} triples .* raise it to 0.167"):
+        assert finetune_longclip(triples, str(tiny_pair[1]), tmp_path / "ft", config)["val_loss"] is None
+
+
 def test_too_few_triples_left_to_train_on_are_refused(tiny_pair, triples_dir, tmp_path):
     triples, _ = read_triples(triples_dir / "manifest.jsonl", triples_dir)
     config = FinetuneConfig(**{**FAST.__dict__, "epochs": 1, "val_fraction": 0.95})
