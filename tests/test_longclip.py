@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from ragcap import embed
 from ragcap.embed import load_embedder
-from ragcap.errors import ModelError, OptionError, SourceError
+from ragcap.errors import ModelError, OptionError, RagcapWarning, SourceError
 from ragcap.importers import import_model
 from ragcap.importers.longclip import match_architecture
 from ragcap.longclip import stretch_model, stretch_positions
@@ -356,7 +356,8 @@ def test_locked_image_tower_stays_as_it_was(tiny_pair, triples_dir, tmp_path):
     triples, _ = read_triples(triples_dir / "manifest.jsonl", triples_dir)
     # 5% of 12 holds out one triple, whose contrastive loss would be 0 for want of negatives.
     config = FinetuneConfig(**{**FAST.__dict__, "epochs": 1, "lock_image": True, "val_fraction": 0.05})
-    assert finetune_longclip(triples, str(tiny_pair[1]), tmp_path / "ft", config)["val_loss"] is None
+    with pytest.warns(RagcapWarning, match="holds out 1 of 12 triples"):
+        assert finetune_longclip(triples, str(tiny_pair[1]), tmp_path / "ft", config)["val_loss"] is None
     before, after = _weights(tiny_pair[1]), _weights(tmp_path / "ft")
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
     assert not torch.equal(before["text_projection"], after["text_projection"])
@@ -463,8 +464,6 @@ def test_a_last_batch_of_one_triple_joins_the_one_before(tiny_pair, triples_dir,
 def test_a_held_out_set_too_small_for_a_loss_is_said(tiny_pair, triples_dir, tmp_path):
     # Issue row: the default --val-fraction 0.01 of a small manifest held out one triple, and
     # every epoch reported val_loss null without a word.
-    from ragcap.errors import RagcapWarning
-
     triples, _ = read_triples(triples_dir / "manifest.jsonl", triples_dir)
     config = FinetuneConfig(**{**FAST.__dict__, "epochs": 1, "val_fraction": 0.01})
     with pytest.warns(RagcapWarning, match=f"holds out 1 of {len(triples)} triples .* raise it to 0.167"):
