@@ -104,7 +104,7 @@ def test_missing_images_are_reported_and_the_rest_scored(eval_set, tmp_path):
     assert json.loads(subset.stdout)["images_missing"] == [json.loads(result.stdout)["images_missing"][0]]
     assert "referenced images are not in" in subset.stderr  # still said, no longer an error
     assert json.loads(subset.stdout)["images_unreferenced"] == ["stray.png"]
-    assert "1 images in" in subset.stderr and "have no references" in subset.stderr and "stray.png" in subset.stderr
+    assert "1 image in" in subset.stderr and "has no references" in subset.stderr and "stray.png" in subset.stderr
 
 
 def test_missing_images_are_listed_in_numeric_order():

@@ -415,7 +415,8 @@ def evaluate(
         hint = "" if allow_missing else "; pass --allow-missing if a subset is intended"
         typer.echo(f"ragcap: {len(absent)} referenced images are not in {images} (e.g. {', '.join(absent[:3])}); scored the rest{hint}", err=True)
     if unreferenced:
-        typer.echo(f"ragcap: {len(unreferenced)} images in {images} have no references in {references} "
+        some = f"1 image in {images} has" if len(unreferenced) == 1 else f"{len(unreferenced)} images in {images} have"
+        typer.echo(f"ragcap: {some} no references in {references} "
                    f"(e.g. {', '.join(unreferenced[:3])}); they were not scored", err=True)
     if failed or (absent and not allow_missing):
         raise typer.Exit(1)
