@@ -150,6 +150,8 @@ def _store(url: str | None) -> dict:
 
 
 def _warnings(report: dict) -> list[str]:
+    from ragcap.embed import parse_spec
+
     warnings = []
     if report["java"]["path"] is None:
         warnings.append("no Java: `ragcap eval` needs it for the COCO metrics (apt-get install default-jre-headless)")
@@ -159,7 +161,7 @@ def _warnings(report: dict) -> list[str]:
     if model["problem"]:  # its message already says what to do offline
         warnings.append(f"the default model (from {model['from']}) cannot be used: {model['problem']}")
     # A usable local folder as the default needs neither the hub nor the cache.
-    elif not report["hub"]["reachable"] and not report["models"] and not Path(model["spec"].removeprefix("local:")).expanduser().is_dir():
+    elif not report["hub"]["reachable"] and not report["models"] and parse_spec(model["spec"]).kind != "local":
         warnings.append("the hub is offline and no model is cached: use local model directories "
                         "(`ragcap models save-random ARCH DIR` makes one with random weights)")
     store = report["store"]
